@@ -1,0 +1,1066 @@
+"""PyTorch REALM models on transformers 5.
+
+A port of the transformers 4.x REALM classes (removed in transformers 5, PR #42235): same class names, forward
+arguments, output dataclasses and state-dict key names, with the BERT encoders built on transformers 5's own
+`BertModel` (SDPA / flash attention, bf16 and gradient checkpointing come with it). This file holds nn code only:
+the corpus, the index and the search live in `retrieval_realm.py`.
+
+Fixed relative to 4.x:
+- `RealmKnowledgeAugEncoder`'s loss averaged over *every* position when `mlm_mask` was omitted (positions with label
+  -100 counted as zero loss), so it shrank with the sequence length; it now averages over the labelled positions.
+- `RealmForOpenQA` accepted batch size 1 only; batches now work and give the same answers as one-by-one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import CrossEntropyLoss
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import MaskedLMOutput
+from transformers.modeling_utils import AttentionInterface
+from transformers.models.bert.modeling_bert import BertEmbeddings, BertModel, eager_attention_forward
+from transformers.utils import ModelOutput, logging
+
+from .configuration_realm import RealmConfig
+
+
+logger = logging.get_logger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# head_mask: transformers 5 dropped head masking from BERT; 4.x REALM code passes `head_mask`, so it is kept here by
+# an eager attention function that multiplies the attention probabilities by the layer's mask, as 4.x did.
+# ------------------------------------------------------------------------------------------------------------------
+
+_HEAD_MASK_ATTENTION = "realm_eager_head_mask"
+
+
+def _head_mask_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    head_mask = kwargs.pop("realm_head_mask")
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    weights = weights * head_mask[module.layer_idx]
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+AttentionInterface.register(_HEAD_MASK_ATTENTION, _head_mask_attention_forward)
+
+
+def _expand_head_mask(head_mask: torch.Tensor, num_layers: int, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """4.x `get_head_mask`: `(heads,)` or `(layers, heads)` -> `(layers, 1, heads, 1, 1)`."""
+    if head_mask.dim() == 1:
+        head_mask = head_mask.unsqueeze(0).expand(num_layers, -1)
+    if head_mask.dim() != 2 or head_mask.shape != (num_layers, num_heads):
+        raise ValueError(
+            f"head_mask must have shape ({num_heads},) or ({num_layers}, {num_heads}), got {tuple(head_mask.shape)}"
+        )
+    return head_mask[:, None, :, None, None].to(dtype)
+
+
+@contextlib.contextmanager
+def _attention_for_head_mask(config: RealmConfig, head_mask):
+    if head_mask is None:
+        yield {}
+        return
+    previous = config._attn_implementation
+    config._attn_implementation = _HEAD_MASK_ATTENTION
+    try:
+        yield {"realm_head_mask": head_mask}
+    finally:
+        config._attn_implementation = previous
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Output dataclasses (4.x names and fields)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RealmEmbedderOutput(ModelOutput):
+    """
+    Outputs of [`RealmEmbedder`].
+
+    Args:
+        projected_score (`torch.FloatTensor` of shape `(batch_size, config.retriever_proj_size)`):
+            Projected score.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            Hidden states of the embeddings and of every layer, each `(batch_size, sequence_length, hidden_size)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+            Attention probabilities of every layer, each `(batch_size, num_heads, sequence_length, sequence_length)`.
+    """
+
+    projected_score: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class RealmScorerOutput(ModelOutput):
+    """
+    Outputs of [`RealmScorer`].
+
+    Args:
+        relevance_score (`torch.FloatTensor` of shape `(batch_size, config.num_candidates)`):
+            The relevance score of document candidates (before softmax).
+        query_score (`torch.FloatTensor` of shape `(batch_size, config.retriever_proj_size)`):
+            Query score derived from the query embedder.
+        candidate_score (`torch.FloatTensor` of shape `(batch_size, config.num_candidates, config.retriever_proj_size)`):
+            Candidate score derived from the embedder.
+    """
+
+    relevance_score: torch.FloatTensor | None = None
+    query_score: torch.FloatTensor | None = None
+    candidate_score: torch.FloatTensor | None = None
+
+
+@dataclass
+class RealmReaderOutput(ModelOutput):
+    """
+    Outputs of [`RealmReader`] (and `reader_output` of [`RealmForOpenQA`]).
+
+    With a batch of `B > 1` questions in [`RealmForOpenQA`], `retriever_loss`, `reader_loss`, `block_idx`,
+    `candidate`, `start_pos` and `end_pos` get a leading batch dimension, `retriever_correct` is `(B, searcher_beam)`
+    and `reader_correct` is a tuple of `B` tensors (each question's span candidates depend on its own length).
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Total loss (mean over the batch).
+        retriever_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Retriever loss.
+        reader_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Reader loss.
+        retriever_correct (`torch.BoolTensor` of shape `(config.searcher_beam_size,)`, *optional*):
+            Whether or not an evidence block contains the answer.
+        reader_correct (`torch.BoolTensor` of shape `(config.reader_beam_size, num_candidates)`, *optional*):
+            Whether or not a span candidate contains the answer.
+        block_idx (`torch.LongTensor` of shape `()`):
+            Index of the retrieved evidence block holding the predicted answer.
+        candidate (`torch.LongTensor` of shape `()`):
+            Index of the predicted span candidate.
+        start_pos (`torch.LongTensor` of shape `(1,)`):
+            Predicted answer start position in the reader's inputs.
+        end_pos (`torch.LongTensor` of shape `(1,)`):
+            Predicted answer end position in the reader's inputs.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            Reader hidden states.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+            Reader attention probabilities.
+    """
+
+    loss: torch.FloatTensor | None = None
+    retriever_loss: torch.FloatTensor | None = None
+    reader_loss: torch.FloatTensor | None = None
+    retriever_correct: torch.BoolTensor | None = None
+    reader_correct: torch.BoolTensor | tuple[torch.BoolTensor, ...] | None = None
+    block_idx: torch.LongTensor | None = None
+    candidate: torch.LongTensor | None = None
+    start_pos: torch.LongTensor | None = None
+    end_pos: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class RealmForOpenQAOutput(ModelOutput):
+    """
+    Outputs of [`RealmForOpenQA`].
+
+    Args:
+        reader_output (`RealmReaderOutput`):
+            Reader output.
+        predicted_answer_ids (`torch.LongTensor` of shape `(answer_sequence_length,)`):
+            Predicted answer ids; with a batch of `B > 1` questions, a list of `B` such tensors.
+    """
+
+    reader_output: RealmReaderOutput | None = None
+    predicted_answer_ids: torch.LongTensor | list[torch.LongTensor] | None = None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Heads (4.x module names, so 4.x state dicts load unchanged)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class RealmPredictionHeadTransform(nn.Module):
+    def __init__(self, config: RealmConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform_act_fn = ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) else config.hidden_act
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.transform_act_fn(self.dense(hidden_states)))
+
+
+class RealmLMPredictionHead(nn.Module):
+    def __init__(self, config: RealmConfig):
+        super().__init__()
+        self.transform = RealmPredictionHeadTransform(config)
+        # The decoder bias is tied to `bias` (`_tied_weights_keys`), as in 4.x and transformers 5's BERT.
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden_states))
+
+
+class RealmOnlyMLMHead(nn.Module):
+    def __init__(self, config: RealmConfig):
+        super().__init__()
+        self.predictions = RealmLMPredictionHead(config)
+
+    def forward(self, sequence_output: torch.Tensor) -> torch.Tensor:
+        return self.predictions(sequence_output)
+
+
+class RealmScorerProjection(nn.Module):
+    def __init__(self, config: RealmConfig):
+        super().__init__()
+        # Unused by the forward pass; kept because every 4.x embedder checkpoint carries these weights.
+        self.predictions = RealmLMPredictionHead(config)
+        self.dense = nn.Linear(config.hidden_size, config.retriever_proj_size)
+        self.LayerNorm = nn.LayerNorm(config.retriever_proj_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dense(hidden_states))
+
+
+def _mask_to_score(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (1.0 - mask.type(dtype)) * torch.finfo(dtype).min
+
+
+def span_candidates(masks: torch.Tensor, max_span_width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All spans of width 1..`max_span_width` over `masks` `(num_blocks, seq_len)`: starts, ends and a
+    `(num_blocks, num_spans)` mask of spans lying inside the evidence block (4.x enumeration order)."""
+    max_sequence_len = masks.shape[1]
+    starts, ends = [], []
+    for width in range(1, max_span_width + 1):
+        starts.append(torch.arange(max_sequence_len - width + 1, device=masks.device))
+        ends.append(torch.arange(width - 1, max_sequence_len, device=masks.device))
+    starts, ends = torch.cat(starts), torch.cat(ends)
+    span_masks = masks.index_select(-1, starts) * masks.index_select(-1, ends)
+    return starts, ends, span_masks
+
+
+class RealmReaderProjection(nn.Module):
+    def __init__(self, config: RealmConfig):
+        super().__init__()
+        self.config = config
+        self.dense_intermediate = nn.Linear(config.hidden_size, config.span_hidden_size * 2)
+        self.dense_output = nn.Linear(config.span_hidden_size, 1)
+        self.layer_normalization = nn.LayerNorm(config.span_hidden_size, eps=config.reader_layer_norm_eps)
+        self.relu = nn.ReLU()
+
+    def forward(self, hidden_states: torch.Tensor, block_mask: torch.Tensor):
+        start_projection, end_projection = self.dense_intermediate(hidden_states).chunk(2, dim=-1)
+        candidate_starts, candidate_ends, candidate_mask = span_candidates(block_mask, self.config.max_span_width)
+        candidate_hidden = start_projection.index_select(1, candidate_starts) + end_projection.index_select(
+            1, candidate_ends
+        )
+        candidate_hidden = self.layer_normalization(self.relu(candidate_hidden))
+        reader_logits = self.dense_output(candidate_hidden).squeeze(-1)
+        reader_logits = reader_logits + _mask_to_score(candidate_mask, dtype=reader_logits.dtype)
+        return reader_logits, candidate_starts, candidate_ends
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Base class and encoders
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class RealmPreTrainedModel(PreTrainedModel):
+    """Base class of the REALM models: weight initialisation, checkpoint loading, the shared config."""
+
+    config_class = RealmConfig
+    config: RealmConfig
+    base_model_prefix = "realm"
+    supports_gradient_checkpointing = True
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # Buffers that older (transformers < 4.31) REALM checkpoints saved; 4.x's `query_embedder.*` copies when the scorer
+    # shares its embedder (see `RealmScorer`).
+    _keys_to_ignore_on_load_unexpected = [r"position_ids$", r"embeddings\.token_type_ids$"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, RealmLMPredictionHead):
+            init.zeros_(module.bias)
+        elif isinstance(module, BertEmbeddings):
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+            init.zeros_(module.token_type_ids)
+
+    @staticmethod
+    def _flatten_inputs(*inputs):
+        """Flatten inputs' shape to `(-1, input_shape[-1])`."""
+        return [t if t is None or t.dim() <= 2 else t.reshape(-1, t.shape[-1]) for t in inputs]
+
+    def _encode(
+        self,
+        encoder: BertModel,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        inputs_embeds=None,
+        output_attentions=None,
+        output_hidden_states=None,
+    ):
+        """Run a BERT encoder with the 4.x arguments (`head_mask` included)."""
+        kwargs = {}
+        if output_attentions is not None:
+            kwargs["output_attentions"] = output_attentions
+        if output_hidden_states is not None:
+            kwargs["output_hidden_states"] = output_hidden_states
+        if head_mask is not None:
+            head_mask = _expand_head_mask(
+                head_mask, self.config.num_hidden_layers, self.config.num_attention_heads, encoder.dtype
+            )
+        with _attention_for_head_mask(encoder.config, head_mask) as extra:
+            return encoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                return_dict=True,
+                **kwargs,
+                **extra,
+            )
+
+
+def _bert(config: RealmConfig) -> BertModel:
+    # The BERT shares the REALM config object, so the attention implementation, dtype and gradient checkpointing set
+    # on the REALM model apply to it.
+    return BertModel(config, add_pooling_layer=True)
+
+
+def _return(output: ModelOutput, return_dict: bool | None, config: RealmConfig):
+    return_dict = return_dict if return_dict is not None else config.return_dict
+    return output if return_dict else output.to_tuple()
+
+
+class RealmEmbedder(RealmPreTrainedModel):
+    """
+    The embedder of REALM: BERT's pooled `[CLS]` output projected to `config.retriever_proj_size` dimensions, used to
+    score the relevance of a document to a query by inner product.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_realm import RealmConfig, RealmEmbedder
+    >>> config = RealmConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    ...                      intermediate_size=37, retriever_proj_size=16)
+    >>> model = RealmEmbedder(config).eval()
+    >>> model(torch.tensor([[2, 10, 11, 3]])).projected_score.shape
+    torch.Size([1, 16])
+    ```
+    """
+
+    _tied_weights_keys = {"cls.predictions.decoder.bias": "cls.predictions.bias"}
+
+    def __init__(self, config: RealmConfig):
+        super().__init__(config)
+        self.realm = _bert(config)
+        self.cls = RealmScorerProjection(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.realm.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.realm.embeddings.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.FloatTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        head_mask: torch.FloatTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> tuple | RealmEmbedderOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Token ids (`[CLS] text [SEP]` or `[CLS] title [SEP] body [SEP]`).
+            attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds, output_attentions,
+            output_hidden_states, return_dict: as in 4.x / BERT.
+        """
+        outputs = self._encode(
+            self.realm,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            head_mask,
+            inputs_embeds,
+            output_attentions,
+            output_hidden_states,
+        )
+        projected_score = self.cls(outputs.pooler_output)
+        output = RealmEmbedderOutput(
+            projected_score=projected_score, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return _return(output, return_dict, self.config)
+
+
+class RealmScorer(RealmPreTrainedModel):
+    r"""
+    The scorer of REALM: relevance scores (before softmax) of `num_candidates` documents per query.
+
+    Args:
+        config ([`RealmConfig`]): Model configuration.
+        query_embedder ([`RealmEmbedder`], *optional*):
+            Embedder for the queries. If not given, the candidates' embedder also embeds the queries (4.x default).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_realm import RealmConfig, RealmScorer
+    >>> config = RealmConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    ...                      intermediate_size=37, num_candidates=3)
+    >>> model = RealmScorer(config).eval()
+    >>> out = model(torch.tensor([[2, 10, 3]]), candidate_input_ids=torch.randint(5, 99, (1, 3, 6)))
+    >>> out.relevance_score.shape
+    torch.Size([1, 3])
+    ```
+    """
+
+    # 4.x saved the shared query embedder twice (`query_embedder.*` = `embedder.*`).
+    _keys_to_ignore_on_load_unexpected = RealmPreTrainedModel._keys_to_ignore_on_load_unexpected + [r"^query_embedder\."]
+
+    def __init__(self, config: RealmConfig, query_embedder: RealmEmbedder | None = None):
+        super().__init__(config)
+        self.embedder = RealmEmbedder(config)
+        if query_embedder is not None:
+            self.query_embedder = query_embedder
+            # `from_pretrained` re-creates non-persistent buffers (position ids) and fills them through
+            # `_init_weights`, which skips modules already initialised: let it reach the passed embedder's buffers.
+            for module in query_embedder.modules():
+                if isinstance(module, BertEmbeddings):
+                    module._is_hf_initialized = False
+        self.post_init()
+
+    def __getattr__(self, name):
+        if name == "query_embedder":
+            modules = self.__dict__["_modules"]
+            return modules["query_embedder"] if "query_embedder" in modules else modules["embedder"]
+        return super().__getattr__(name)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.FloatTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        candidate_input_ids: torch.LongTensor | None = None,
+        candidate_attention_mask: torch.FloatTensor | None = None,
+        candidate_token_type_ids: torch.LongTensor | None = None,
+        candidate_inputs_embeds: torch.FloatTensor | None = None,
+        head_mask: torch.FloatTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> tuple | RealmScorerOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Query token ids.
+            candidate_input_ids (`torch.LongTensor` of shape `(batch_size, num_candidates, candidate_length)`):
+                Candidate token ids; `candidate_attention_mask` / `candidate_token_type_ids` have the same shape.
+            candidate_inputs_embeds (`torch.FloatTensor` of shape `(batch_size * num_candidates, candidate_length,
+            hidden_size)`, *optional*):
+                Embedded candidates instead of `candidate_input_ids`.
+        """
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("You have to specify either input_ids or input_embeds.")
+        if candidate_input_ids is None and candidate_inputs_embeds is None:
+            raise ValueError("You have to specify either candidate_input_ids or candidate_inputs_embeds.")
+        num_candidates = self.config.num_candidates
+        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        if candidate_input_ids is not None and tuple(candidate_input_ids.shape[:2]) != (batch_size, num_candidates):
+            raise ValueError(
+                f"candidate_input_ids must have shape (batch_size={batch_size}, num_candidates={num_candidates}, "
+                f"length), got {tuple(candidate_input_ids.shape)}"
+            )
+        if candidate_inputs_embeds is not None and candidate_inputs_embeds.shape[0] != batch_size * num_candidates:
+            raise ValueError(
+                f"candidate_inputs_embeds must have {batch_size * num_candidates} rows (batch_size * num_candidates), "
+                f"got {candidate_inputs_embeds.shape[0]}"
+            )
+        for name, tensor in (("candidate_attention_mask", candidate_attention_mask),
+                             ("candidate_token_type_ids", candidate_token_type_ids)):
+            if tensor is not None and candidate_input_ids is not None and tensor.shape != candidate_input_ids.shape:
+                raise ValueError(
+                    f"{name} must have the shape of candidate_input_ids {tuple(candidate_input_ids.shape)}, "
+                    f"got {tuple(tensor.shape)}"
+                )
+
+        query_outputs = self.query_embedder(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        flat_ids, flat_mask, flat_types = self._flatten_inputs(
+            candidate_input_ids, candidate_attention_mask, candidate_token_type_ids
+        )
+        candidate_outputs = self.embedder(
+            flat_ids,
+            attention_mask=flat_mask,
+            token_type_ids=flat_types,
+            position_ids=position_ids,
+            head_mask=head_mask,
+            inputs_embeds=candidate_inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        query_score = query_outputs.projected_score
+        candidate_score = candidate_outputs.projected_score.view(-1, num_candidates, self.config.retriever_proj_size)
+        relevance_score = torch.einsum("bd,bnd->bn", query_score, candidate_score)
+        output = RealmScorerOutput(
+            relevance_score=relevance_score, query_score=query_score, candidate_score=candidate_score
+        )
+        return _return(output, return_dict, self.config)
+
+
+class RealmKnowledgeAugEncoder(RealmPreTrainedModel):
+    """
+    The knowledge-augmented encoder of REALM: a BERT with an MLM head over `[CLS] x [SEP] z [SEP]` for each of
+    `num_candidates` retrieved documents `z`, trained with the marginal log-likelihood
+    `log sum_z p(z|x) p(y|z,x)` over the masked positions.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_realm import RealmConfig, RealmKnowledgeAugEncoder
+    >>> config = RealmConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    ...                      intermediate_size=37, num_candidates=2)
+    >>> model = RealmKnowledgeAugEncoder(config).eval()
+    >>> ids = torch.randint(5, 99, (1, 2, 8))
+    >>> labels = torch.full((1, 8), -100)
+    >>> labels[0, 3] = 42
+    >>> out = model(ids, relevance_score=torch.zeros(1, 2), labels=labels)
+    >>> out.logits.shape
+    torch.Size([2, 8, 99])
+    ```
+    """
+
+    _tied_weights_keys = {
+        "cls.predictions.decoder.weight": "realm.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.bias": "cls.predictions.bias",
+    }
+
+    def __init__(self, config: RealmConfig):
+        super().__init__(config)
+        self.realm = _bert(config)
+        self.cls = RealmOnlyMLMHead(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.realm.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.realm.embeddings.word_embeddings = value
+
+    def get_output_embeddings(self):
+        return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings):
+        self.cls.predictions.decoder = new_embeddings
+        self.cls.predictions.bias = new_embeddings.bias
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.FloatTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        head_mask: torch.FloatTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        relevance_score: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        mlm_mask: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> tuple | MaskedLMOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, num_candidates, sequence_length)`):
+                Joint `[CLS] x [SEP] z [SEP]` token ids for every candidate.
+            relevance_score (`torch.FloatTensor` of shape `(batch_size, num_candidates)`, *optional*):
+                Retrieval logits from [`RealmScorer`]; required with `labels`.
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                MLM labels, -100 where no loss is computed.
+            mlm_mask (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Positions (1) that count in the loss. Defaults to the labelled positions (`labels != -100`); 4.x
+                defaulted to all positions, diluting the loss by the share of unlabelled ones.
+        """
+        if labels is not None and relevance_score is None:
+            raise ValueError(
+                "You have to specify `relevance_score` when `labels` is specified in order to compute loss."
+            )
+        flat_ids, flat_mask, flat_types = self._flatten_inputs(input_ids, attention_mask, token_type_ids)
+        outputs = self._encode(
+            self.realm,
+            flat_ids,
+            flat_mask,
+            flat_types,
+            position_ids,
+            head_mask,
+            inputs_embeds,
+            output_attentions,
+            output_hidden_states,
+        )
+        prediction_scores = self.cls(outputs.last_hidden_state)
+
+        masked_lm_loss = None
+        if labels is not None:
+            batch_size, seq_length = labels.shape
+            num_candidates = self.config.num_candidates
+            if tuple(relevance_score.shape) != (batch_size, num_candidates):
+                raise ValueError(
+                    f"relevance_score must have shape (batch_size={batch_size}, num_candidates={num_candidates}), "
+                    f"got {tuple(relevance_score.shape)}"
+                )
+            if prediction_scores.shape[:2] != (batch_size * num_candidates, seq_length):
+                raise ValueError(
+                    f"input_ids must hold batch_size * num_candidates = {batch_size * num_candidates} sequences of "
+                    f"length {seq_length} (the labels' length), got {tuple(prediction_scores.shape[:2])}"
+                )
+            mlm_mask = (labels != -100) if mlm_mask is None else mlm_mask
+            mlm_mask = mlm_mask.to(torch.float32)
+            masked_lm_log_prob = -CrossEntropyLoss(reduction="none")(
+                prediction_scores.view(-1, self.config.vocab_size).float(),
+                labels.tile(1, num_candidates).view(-1),
+            ).view(batch_size, num_candidates, seq_length)
+            candidate_log_prob = relevance_score.float().log_softmax(-1).unsqueeze(-1)
+            marginal_gold_log_probs = (candidate_log_prob + masked_lm_log_prob).logsumexp(1)
+            masked_lm_loss = -torch.nansum(torch.sum(marginal_gold_log_probs * mlm_mask) / torch.sum(mlm_mask))
+
+        output = MaskedLMOutput(
+            loss=masked_lm_loss,
+            logits=prediction_scores,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return _return(output, return_dict, self.config)
+
+
+def _marginal_log_loss(logits: torch.Tensor, is_correct: torch.Tensor) -> torch.Tensor:
+    """Negative marginal log-likelihood of the correct entries of `logits` (last dim)."""
+    log_numerator = torch.logsumexp(logits + _mask_to_score(is_correct, dtype=logits.dtype), dim=-1)
+    log_denominator = torch.logsumexp(logits, dim=-1)
+    return log_denominator - log_numerator
+
+
+class RealmReader(RealmPreTrainedModel):
+    """
+    The reader of REALM: scores answer spans (up to `max_span_width` wordpieces) inside the evidence part of
+    `[CLS] question [SEP] block [SEP]` for the top `reader_beam_size` retrieved blocks, adds each block's retrieval
+    logit, and trains with the marginal losses of ORQA (retriever over `searcher_beam_size` blocks, reader over spans).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_realm import RealmConfig, RealmReader
+    >>> config = RealmConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    ...                      intermediate_size=37, reader_beam_size=2, searcher_beam_size=3, max_span_width=3)
+    >>> model = RealmReader(config).eval()
+    >>> block_mask = torch.zeros(3, 10, dtype=torch.bool)
+    >>> block_mask[:, 5:9] = True
+    >>> out = model(torch.randint(5, 99, (2, 10)), relevance_score=torch.zeros(3), block_mask=block_mask)
+    >>> bool(block_mask[0, out.start_pos]) and bool(out.end_pos - out.start_pos < 3)
+    True
+    ```
+    """
+
+    _tied_weights_keys = {"cls.predictions.decoder.bias": "cls.predictions.bias"}
+
+    def __init__(self, config: RealmConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.realm = _bert(config)
+        # Unused by the forward pass; kept because 4.x reader checkpoints carry these weights.
+        self.cls = RealmOnlyMLMHead(config)
+        self.qa_outputs = RealmReaderProjection(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.realm.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.realm.embeddings.word_embeddings = value
+
+    def _check_reader_inputs(self, num_read, seq_len, relevance_score, block_mask, start_positions, end_positions,
+                             has_answers):
+        if relevance_score is None:
+            raise ValueError("You have to specify `relevance_score` to calculate logits and loss.")
+        if block_mask is None:
+            raise ValueError("You have to specify `block_mask` to separate question block and evidence block.")
+        if seq_len < self.config.max_span_width:
+            raise ValueError(
+                f"The input sequence length ({seq_len}) must be greater than or equal to config.max_span_width "
+                f"({self.config.max_span_width})."
+            )
+        if num_read > self.config.reader_beam_size:
+            raise ValueError(
+                f"The reader reads at most config.reader_beam_size = {self.config.reader_beam_size} blocks, got "
+                f"input_ids for {num_read}"
+            )
+        if relevance_score.dim() != 1 or relevance_score.shape[0] < num_read:
+            raise ValueError(
+                f"relevance_score must have shape (searcher_beam_size,) with at least {num_read} entries (one per "
+                f"block read), got {tuple(relevance_score.shape)}"
+            )
+        num_searched = relevance_score.shape[0]
+        if block_mask.dim() != 2 or block_mask.shape[0] < num_read or block_mask.shape[1] != seq_len:
+            raise ValueError(
+                f"block_mask must have shape (>= {num_read}, {seq_len}) (blocks, the input length), got "
+                f"{tuple(block_mask.shape)}"
+            )
+        if has_answers is not None and has_answers.shape[0] != num_searched:
+            raise ValueError(
+                f"has_answers must have one entry per searched block ({num_searched}, the length of "
+                f"relevance_score), got {tuple(has_answers.shape)}"
+            )
+        for name, positions in (("start_positions", start_positions), ("end_positions", end_positions)):
+            if positions is not None and positions.shape[0] < num_read:
+                raise ValueError(
+                    f"{name} must have at least {num_read} rows (one per block read), got {tuple(positions.shape)}"
+                )
+
+    def _read(self, sequence_output, relevance_score, block_mask, start_positions, end_positions, has_answers):
+        """Span scoring and ORQA losses for one question's `num_read` blocks (4.x semantics)."""
+        num_read = sequence_output.shape[0]
+        reader_logits, candidate_starts, candidate_ends = self.qa_outputs(sequence_output, block_mask[:num_read])
+        reader_logits = reader_logits + relevance_score[:num_read].unsqueeze(-1).to(reader_logits.dtype)
+        predicted_block_index = torch.argmax(torch.max(reader_logits, dim=1).values)
+        predicted_candidate = torch.argmax(torch.max(reader_logits, dim=0).values)
+        predicted_start = candidate_starts.index_select(0, predicted_candidate.view(1))
+        predicted_end = candidate_ends.index_select(0, predicted_candidate.view(1))
+
+        total_loss = retriever_loss = reader_loss = retriever_correct = reader_correct = None
+        if start_positions is not None and end_positions is not None and has_answers is not None:
+            # -1 marks "no answer"; positions outside the inputs are ignored.
+            ignored_index = sequence_output.size(1)
+            start_positions = start_positions.clamp(-1, ignored_index)
+            end_positions = end_positions.clamp(-1, ignored_index)
+            retriever_correct = has_answers
+            is_gold_start = candidate_starts[None, None, :] == start_positions[:num_read].unsqueeze(-1)
+            is_gold_end = candidate_ends[None, None, :] == end_positions[:num_read].unsqueeze(-1)
+            reader_correct = (is_gold_start & is_gold_end).any(1)
+            retriever_loss = _marginal_log_loss(relevance_score, retriever_correct)
+            reader_loss = _marginal_log_loss(reader_logits.view(-1), reader_correct.view(-1))
+            retriever_loss = retriever_loss * retriever_correct.any().to(retriever_loss.dtype)
+            reader_loss = reader_loss * reader_correct.any().to(reader_loss.dtype)
+            total_loss = (retriever_loss + reader_loss).mean()
+        return RealmReaderOutput(
+            loss=total_loss,
+            retriever_loss=retriever_loss,
+            reader_loss=reader_loss,
+            retriever_correct=retriever_correct,
+            reader_correct=reader_correct,
+            block_idx=predicted_block_index,
+            candidate=predicted_candidate,
+            start_pos=predicted_start,
+            end_pos=predicted_end,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.FloatTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        head_mask: torch.FloatTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        relevance_score: torch.FloatTensor | None = None,
+        block_mask: torch.BoolTensor | None = None,
+        start_positions: torch.LongTensor | None = None,
+        end_positions: torch.LongTensor | None = None,
+        has_answers: torch.BoolTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> tuple | RealmReaderOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(reader_beam_size, sequence_length)`):
+                `[CLS] question [SEP] block [SEP]` for the blocks read.
+            relevance_score (`torch.FloatTensor` of shape `(searcher_beam_size,)`):
+                Retrieval logits of the searched blocks (the first ones are those read).
+            block_mask (`torch.BoolTensor` of shape `(searcher_beam_size, sequence_length)`):
+                True on the evidence-block tokens, where answer spans may lie.
+            start_positions / end_positions (`torch.LongTensor` of shape `(searcher_beam_size, num_answers)`, *optional*):
+                Gold span positions per block, -1 for none.
+            has_answers (`torch.BoolTensor` of shape `(searcher_beam_size,)`, *optional*):
+                Whether each searched block contains an answer.
+        """
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if ref is None:
+            raise ValueError("You have to specify either input_ids or inputs_embeds.")
+        self._check_reader_inputs(
+            ref.shape[0], ref.shape[1], relevance_score, block_mask, start_positions, end_positions, has_answers
+        )
+        outputs = self._encode(
+            self.realm,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            head_mask,
+            inputs_embeds,
+            output_attentions,
+            output_hidden_states,
+        )
+        output = self._read(
+            outputs.last_hidden_state, relevance_score, block_mask, start_positions, end_positions, has_answers
+        )
+        output.hidden_states = outputs.hidden_states
+        output.attentions = outputs.attentions
+        return _return(output, return_dict, self.config)
+
+
+class RealmForOpenQA(RealmPreTrainedModel):
+    r"""
+    `RealmForOpenQA` for end-to-end open-domain question answering: embed the question, search the cached block
+    embeddings (`block_emb`), tokenize question + retrieved blocks with the [`RealmRetriever`], read answer spans.
+
+    Args:
+        config ([`RealmConfig`]): Model configuration.
+        retriever ([`RealmRetriever`], *optional*):
+            Holds the block texts and the tokenizer; required by `forward`.
+
+    Example:
+
+    ```python
+    >>> import numpy as np, torch
+    >>> from hf_realm import RealmConfig, RealmForOpenQA, RealmRetriever, RealmTokenizer
+    >>> vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "who", "wrote", "hamlet", "shakespeare", "did", "?"]
+    >>> tokenizer = RealmTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+    >>> retriever = RealmRetriever(np.array([b"shakespeare wrote hamlet", b"who did ?"], dtype=object), tokenizer)
+    >>> config = RealmConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    ...                      intermediate_size=37, num_block_records=2, reader_beam_size=1, searcher_beam_size=2,
+    ...                      max_span_width=2, retriever_proj_size=8)
+    >>> model = RealmForOpenQA(config, retriever=retriever).eval()
+    >>> with torch.no_grad():
+    ...     _ = model.block_emb.normal_()
+    >>> out = model(**tokenizer(["who wrote hamlet ?"], return_tensors="pt"))
+    >>> out.predicted_answer_ids.dim()
+    1
+    ```
+    """
+
+    _tied_weights_keys = {
+        "embedder.cls.predictions.decoder.bias": "embedder.cls.predictions.bias",
+        "reader.cls.predictions.decoder.bias": "reader.cls.predictions.bias",
+    }
+
+    def __init__(self, config: RealmConfig, retriever=None):
+        super().__init__(config)
+        self.embedder = RealmEmbedder(config)
+        self.reader = RealmReader(config)
+        self.register_buffer(
+            "block_emb",
+            torch.zeros(()).new_empty(
+                size=(config.num_block_records, config.retriever_proj_size),
+                dtype=torch.float32,
+                device=torch.device("cpu"),
+            ),
+        )
+        self.retriever = retriever
+        self.post_init()
+
+    @property
+    def searcher_beam_size(self) -> int:
+        return self.config.searcher_beam_size if self.training else self.config.reader_beam_size
+
+    def block_embedding_to(self, device):
+        """Send `self.block_emb` to a specific device (4.x API)."""
+        self.block_emb = self.block_emb.to(device)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if module is self:
+            init.zeros_(self.block_emb)
+
+    def _split_answers(self, answer_ids, batch_size: int):
+        """4.x takes one question's answers `[[ids], ...]`; a batch takes one such list per question."""
+        if answer_ids is None:
+            return [None] * batch_size
+        if isinstance(answer_ids, torch.Tensor):
+            answer_ids = answer_ids.tolist()
+        if batch_size == 1 and (len(answer_ids) == 0 or not isinstance(answer_ids[0][0], list)):
+            answer_ids = [answer_ids]
+        if len(answer_ids) != batch_size:
+            raise ValueError(
+                f"answer_ids must hold one list of answers per question (batch size {batch_size}), got "
+                f"{len(answer_ids)}"
+            )
+        for i, answers in enumerate(answer_ids):
+            if len(answers) == 0 or any(len(a) == 0 for a in answers):
+                raise ValueError(f"question {i}: answer_ids holds an empty answer list or an empty answer")
+        return answer_ids
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.FloatTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        answer_ids: torch.LongTensor | list | None = None,
+        return_dict: bool | None = None,
+    ) -> tuple | RealmForOpenQAOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Tokenized questions (`[CLS] question [SEP]`).
+            answer_ids (`list` of shape `(num_answers, answer_length)`, *optional*):
+                Answer ids of one question (4.x), or with `batch_size > 1` a list holding one such list per question.
+
+        Returns:
+            [`RealmForOpenQAOutput`]; `return_dict=False` gives `(reader_output, predicted_answer_ids)` as in 4.x.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if self.retriever is None:
+            raise ValueError(
+                "RealmForOpenQA needs a retriever: RealmForOpenQA.from_pretrained(path, retriever=RealmRetriever...)"
+            )
+        if input_ids is None or input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must be (batch_size, sequence_length), got "
+                f"{None if input_ids is None else tuple(input_ids.shape)}"
+            )
+        batch_size = input_ids.shape[0]
+        answers = self._split_answers(answer_ids, batch_size)
+
+        question_projection = self.embedder(
+            input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask, return_dict=True
+        ).projected_score
+        # Search runs where `block_emb` lives (the CPU by default, as in 4.x).
+        batch_scores = question_projection.to(self.block_emb.device) @ self.block_emb.T
+        _, retrieved_block_ids = torch.topk(batch_scores, k=self.searcher_beam_size, dim=-1)
+
+        device = self.reader.device
+        reader_beam = min(self.config.reader_beam_size, self.searcher_beam_size)
+        per_question = []
+        for b in range(batch_size):
+            ids_b = retrieved_block_ids[b]
+            has_answers, start_pos, end_pos, concat = self.retriever(
+                ids_b.cpu(), input_ids[b : b + 1], answers[b], max_length=self.config.reader_seq_len
+            )
+            block_mask = concat.special_tokens_mask.to(torch.bool).logical_not() & concat.token_type_ids.to(torch.bool)
+            relevance = question_projection[b] @ self.block_emb[ids_b].to(question_projection.device).T
+            per_question.append((concat, block_mask, relevance, has_answers, start_pos, end_pos))
+
+        # One reader pass over every question's blocks, padded to the longest; each question's spans are then read
+        # over its own length, so the answers equal those of one-by-one calls.
+        max_len = max(q[0].input_ids.shape[1] for q in per_question)
+        pad_id = self.retriever.tokenizer.pad_token_id
+
+        def pad(t, value):
+            return nn.functional.pad(t[:reader_beam], (0, max_len - t.shape[1]), value=value)
+
+        joint = {
+            "input_ids": torch.cat([pad(q[0].input_ids, pad_id) for q in per_question]).to(device),
+            "attention_mask": torch.cat([pad(q[0].attention_mask, 0) for q in per_question]).to(device),
+            "token_type_ids": torch.cat([pad(q[0].token_type_ids, 0) for q in per_question]).to(device),
+        }
+        sequence_output = self.reader._encode(self.reader.realm, **joint).last_hidden_state
+
+        outputs, predicted = [], []
+        for b, (concat, block_mask, relevance, has_answers, start_pos, end_pos) in enumerate(per_question):
+            length = concat.input_ids.shape[1]
+            if has_answers is not None:
+                has_answers = torch.tensor(has_answers, dtype=torch.bool, device=device)
+                start_pos = torch.tensor(start_pos, dtype=torch.long, device=device)
+                end_pos = torch.tensor(end_pos, dtype=torch.long, device=device)
+            self.reader._check_reader_inputs(
+                reader_beam, length, relevance, block_mask, start_pos, end_pos, has_answers
+            )
+            out = self.reader._read(
+                sequence_output[b * reader_beam : (b + 1) * reader_beam, :length],
+                relevance.to(device),
+                block_mask.to(device),
+                start_pos,
+                end_pos,
+                has_answers,
+            )
+            block = concat.input_ids[out.block_idx]
+            predicted.append(block[out.start_pos : out.end_pos + 1])
+            outputs.append(out)
+
+        if batch_size == 1:
+            reader_output, predicted_answer_ids = outputs[0], predicted[0]
+        else:
+            reader_output, predicted_answer_ids = _stack_reader_outputs(outputs), predicted
+        if not return_dict:
+            return reader_output, predicted_answer_ids
+        return RealmForOpenQAOutput(reader_output=reader_output, predicted_answer_ids=predicted_answer_ids)
+
+
+def _stack_reader_outputs(outputs: list[RealmReaderOutput]) -> RealmReaderOutput:
+    first = outputs[0]
+    if first.loss is None:
+        losses = {}
+    else:
+        losses = {
+            "loss": torch.stack([o.loss for o in outputs]).mean(),
+            "retriever_loss": torch.stack([o.retriever_loss for o in outputs]),
+            "reader_loss": torch.stack([o.reader_loss for o in outputs]),
+            "retriever_correct": torch.stack([o.retriever_correct for o in outputs]),
+            "reader_correct": tuple(o.reader_correct for o in outputs),
+        }
+    return RealmReaderOutput(
+        **losses,
+        block_idx=torch.stack([o.block_idx for o in outputs]),
+        candidate=torch.stack([o.candidate for o in outputs]),
+        start_pos=torch.cat([o.start_pos for o in outputs]),
+        end_pos=torch.cat([o.end_pos for o in outputs]),
+    )
+
+
+__all__ = [
+    "RealmEmbedder",
+    "RealmEmbedderOutput",
+    "RealmForOpenQA",
+    "RealmForOpenQAOutput",
+    "RealmKnowledgeAugEncoder",
+    "RealmPreTrainedModel",
+    "RealmReader",
+    "RealmReaderOutput",
+    "RealmScorer",
+    "RealmScorerOutput",
+]

@@ -1,0 +1,205 @@
+"""REALM retrieval: the block records, the corpus, its embeddings and the MIPS index.
+
+`RealmRetriever` is the transformers 4.x class (same constructor, `__call__`, `from_pretrained`,
+`save_pretrained`), with one change: block records are saved as Parquet (through `datasets`), and a 4.x pickled
+`block_records.npy` loads only with an explicit opt-in (`allow_pickle=True`, or 4.x's `TRUST_REMOTE_CODE=True`
+environment variable).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+from transformers import AutoTokenizer
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+_REALM_BLOCK_RECORDS_FILENAME = "block_records.npy"  # 4.x: a pickled numpy object array of bytes
+BLOCK_RECORDS_PARQUET = "block_records.parquet"
+
+
+def _truthy(value: str | None) -> bool:
+    return str(value).strip().lower() in {"1", "true", "yes", "y", "on", "t"}
+
+
+def load_legacy_block_records(path: str, allow_pickle: bool | None = None) -> np.ndarray:
+    """Load a 4.x `block_records.npy` (a pickle: it can run arbitrary code, so it needs an explicit opt-in).
+
+    Args:
+        path (`str`): Path of the `.npy` file.
+        allow_pickle (`bool`, *optional*):
+            Opt in to unpickling. When not given, the 4.x environment variable `TRUST_REMOTE_CODE=True` opts in.
+    """
+    if allow_pickle is None:
+        allow_pickle = _truthy(os.environ.get("TRUST_REMOTE_CODE"))
+    if not allow_pickle:
+        raise ValueError(
+            f"{path} is a pickled numpy array (transformers 4.x REALM block records): unpickling can execute "
+            "arbitrary code. If you trust its source, pass `allow_pickle=True` (or set the environment variable "
+            "`TRUST_REMOTE_CODE=True` as in 4.x); then save it again with `save_pretrained` to get the safe Parquet "
+            "format."
+        )
+    return np.load(path, allow_pickle=True)
+
+
+def _save_block_records(block_records, path: str) -> None:
+    import datasets
+
+    texts = [b.decode() if isinstance(b, bytes) else str(b) for b in block_records]
+    datasets.Dataset.from_dict({"text": texts}).to_parquet(path)
+
+
+def _load_block_records(path: str) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    return np.array([t.encode() for t in texts], dtype=object)
+
+
+class RealmRetriever:
+    """
+    The retriever of REALM: takes retrieved block ids, builds the reader inputs `[CLS] question [SEP] block [SEP]`,
+    and finds the answers' positions in them.
+
+    Args:
+        block_records (`np.ndarray`):
+            The evidence texts (`bytes` or `str`), indexed by block id.
+        tokenizer ([`RealmTokenizer`]):
+            Encodes the retrieved texts.
+
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> from hf_realm import RealmRetriever, RealmTokenizer
+    >>> vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "paris", "is", "in", "france", "where", "?"]
+    >>> tokenizer = RealmTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+    >>> retriever = RealmRetriever(np.array([b"paris is in france", b"where is paris ?"], dtype=object), tokenizer)
+    >>> question = tokenizer(["where is paris ?"]).input_ids
+    >>> has_answers, starts, ends, inputs = retriever([0, 1], question, answer_ids=[[8]])
+    >>> has_answers, starts, ends
+    ([True, False], [[10]], [[10]])
+    ```
+    """
+
+    def __init__(self, block_records, tokenizer):
+        super().__init__()
+        self.block_records = block_records
+        self.tokenizer = tokenizer
+
+    def __call__(self, retrieved_block_ids, question_input_ids, answer_ids, max_length=None, return_tensors="pt"):
+        retrieved_blocks = np.take(self.block_records, indices=np.asarray(retrieved_block_ids), axis=0)
+        question = self.tokenizer.decode(question_input_ids[0], skip_special_tokens=True)
+        text = [question] * len(retrieved_blocks)
+        text_pair = [b.decode() if isinstance(b, bytes) else str(b) for b in retrieved_blocks]
+        concat_inputs = self.tokenizer(
+            text, text_pair, padding=True, truncation=True, return_special_tokens_mask=True, max_length=max_length
+        )
+        concat_inputs_tensors = concat_inputs.convert_to_tensors(return_tensors)
+        if answer_ids is not None:
+            return self.block_has_answer(concat_inputs, answer_ids) + (concat_inputs_tensors,)
+        return (None, None, None, concat_inputs_tensors)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *init_inputs,
+        allow_pickle: bool | None = None,
+        **kwargs,
+    ) -> RealmRetriever:
+        """Load block records (Parquet, or a 4.x pickle with opt-in) and the tokenizer from a directory or Hub repo.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): Local directory or Hub repo id.
+            allow_pickle (`bool`, *optional*):
+                Allow loading a 4.x pickled `block_records.npy` (see [`load_legacy_block_records`]).
+            kwargs: Passed to `hf_hub_download` and `AutoTokenizer.from_pretrained` (e.g. `revision`, `token`).
+        """
+        path = str(pretrained_model_name_or_path)
+        if os.path.isdir(path):
+            parquet = os.path.join(path, BLOCK_RECORDS_PARQUET)
+            legacy = os.path.join(path, _REALM_BLOCK_RECORDS_FILENAME)
+            if not os.path.isfile(parquet):
+                parquet = None
+            if not os.path.isfile(legacy):
+                legacy = None
+        else:
+            hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
+            try:
+                parquet, legacy = hf_hub_download(path, BLOCK_RECORDS_PARQUET, **hub_kwargs), None
+            except EntryNotFoundError:
+                parquet, legacy = None, hf_hub_download(path, _REALM_BLOCK_RECORDS_FILENAME, **hub_kwargs)
+        if parquet is not None:
+            block_records = _load_block_records(parquet)
+        elif legacy is not None:
+            block_records = load_legacy_block_records(legacy, allow_pickle)
+        else:
+            raise FileNotFoundError(
+                f"{path} holds neither {BLOCK_RECORDS_PARQUET} nor a 4.x {_REALM_BLOCK_RECORDS_FILENAME}"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(path, *init_inputs, **kwargs)
+        return cls(block_records, tokenizer)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Save the block records (Parquet) and the tokenizer; the directory is replaced only once both are written."""
+        save_directory = str(save_directory)
+        os.makedirs(save_directory, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=save_directory, prefix=".tmp-") as tmp:
+            _save_block_records(self.block_records, os.path.join(tmp, BLOCK_RECORDS_PARQUET))
+            self.tokenizer.save_pretrained(tmp)
+            for name in os.listdir(tmp):
+                os.replace(os.path.join(tmp, name), os.path.join(save_directory, name))
+
+    def push_to_hub(self, repo_id: str, commit_message: str = "Upload RealmRetriever", **kwargs) -> str:
+        """Save to a temporary directory and upload it to the Hub repo `repo_id`."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=kwargs.pop("token", None))
+        api.create_repo(repo_id, exist_ok=True, private=kwargs.pop("private", None))
+        tmp = tempfile.mkdtemp()
+        try:
+            self.save_pretrained(tmp)
+            return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message, **kwargs)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def block_has_answer(self, concat_inputs, answer_ids):
+        """Check whether the retrieved blocks contain an answer, and where (positions in the reader inputs)."""
+        has_answers, start_pos, end_pos = [], [], []
+        max_answers = 0
+        sep = self.tokenizer.sep_token_id
+        for input_id in concat_inputs.input_ids:
+            input_id_list = input_id.tolist() if hasattr(input_id, "tolist") else list(input_id)
+            # Answers are searched between the two [SEP] tokens (in the block, not the question).
+            first_sep_idx = input_id_list.index(sep)
+            second_sep_idx = first_sep_idx + 1 + input_id_list[first_sep_idx + 1 :].index(sep)
+            start_pos.append([])
+            end_pos.append([])
+            for answer in answer_ids:
+                answer = list(answer)
+                for idx in range(first_sep_idx + 1, second_sep_idx):
+                    if answer[0] == input_id_list[idx] and input_id_list[idx : idx + len(answer)] == answer:
+                        start_pos[-1].append(idx)
+                        end_pos[-1].append(idx + len(answer) - 1)
+            if len(start_pos[-1]) == 0:
+                has_answers.append(False)
+            else:
+                has_answers.append(True)
+                max_answers = max(max_answers, len(start_pos[-1]))
+        # Pad with -1 to max_answers.
+        for starts, ends in zip(start_pos, end_pos):
+            if len(starts) < max_answers:
+                starts += [-1] * (max_answers - len(starts))
+                ends += [-1] * (max_answers - len(ends))
+        return has_answers, start_pos, end_pos
+
+
+__all__ = ["RealmRetriever", "load_legacy_block_records"]
