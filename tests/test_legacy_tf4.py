@@ -202,3 +202,15 @@ def test_package_registers_realm_with_auto_classes():
     config = AutoConfig.from_pretrained(os.path.join(FIXTURE, "reader"))
     assert type(config) is hf_realm.RealmConfig
     assert config.reader_layer_norm_eps == 1e-3 and config.max_span_width == 4
+
+
+def test_head_mask_as_in_4x():
+    model = load(RealmEmbedder, "embedder")
+    args = inputs("embedder")
+    with torch.no_grad():
+        out = model(**args, head_mask=INPUTS["embedder_head_mask.head_mask"], output_attentions=True)
+    assert_matches("embedder_head_mask", out)
+    # the attention implementation is restored afterwards
+    assert model.config._attn_implementation == "eager"
+    with pytest.raises(ValueError, match="head_mask must have shape"):
+        model(**args, head_mask=torch.ones(3))

@@ -14,17 +14,19 @@ Fixed relative to 4.x:
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import CrossEntropyLoss
-from transformers import PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.modeling_outputs import MaskedLMOutput
 from transformers.modeling_utils import AttentionInterface
-from transformers.models.bert.modeling_bert import BertEmbeddings, BertModel, eager_attention_forward
+from transformers.models.bert.modeling_bert import BertEmbeddings, BertModel
 from transformers.utils import ModelOutput, logging
 
 from .configuration_realm import RealmConfig
@@ -56,6 +58,7 @@ def _head_mask_attention_forward(module, query, key, value, attention_mask, scal
 
 
 AttentionInterface.register(_HEAD_MASK_ATTENTION, _head_mask_attention_forward)
+AttentionMaskInterface.register(_HEAD_MASK_ATTENTION, eager_mask)
 
 
 def _expand_head_mask(head_mask: torch.Tensor, num_layers: int, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
@@ -294,6 +297,78 @@ class RealmPreTrainedModel(PreTrainedModel):
     # Buffers that older (transformers < 4.31) REALM checkpoints saved; 4.x's `query_embedder.*` copies when the scorer
     # shares its embedder (see `RealmScorer`).
     _keys_to_ignore_on_load_unexpected = [r"position_ids$", r"embeddings\.token_type_ids$"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing checkpoints of another model type up front (a BERT checkpoint
+        would otherwise load with every REALM weight missing); see [`RealmEmbedder.from_bert`] for those."""
+        if pretrained_model_name_or_path is not None and not isinstance(kwargs.get("config"), PreTrainedConfig):
+            hub_kwargs = {
+                k: kwargs[k]
+                for k in ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+                if k in kwargs
+            }
+            config_dict, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+            model_type = config_dict.get("model_type")
+            if model_type is not None and model_type != RealmConfig.model_type:
+                raise ValueError(
+                    f"{pretrained_model_name_or_path} holds a checkpoint of model_type '{model_type}', expected "
+                    f"'{RealmConfig.model_type}'. To start a REALM model from a BERT-family encoder use "
+                    f"{cls.__name__}.from_bert(...)."
+                )
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @classmethod
+    def from_bert(cls, bert, *model_args, **config_overrides):
+        r"""
+        Start a REALM model from a BERT-family encoder: every BERT inside the model (embedder, reader, encoder)
+        gets the encoder's weights; the REALM heads are initialised fresh.
+
+        Args:
+            bert (`str`, `os.PathLike` or [`~transformers.PreTrainedModel`]):
+                A BERT-family checkpoint (path or Hub id, loaded with `AutoModel`) or model.
+            model_args: Extra positional arguments of the model class (e.g. a retriever).
+            config_overrides: REALM fields to set (e.g. `retriever_proj_size=128`, `num_candidates=8`).
+
+        Example:
+
+        ```python
+        >>> from transformers import BertConfig, BertModel
+        >>> from hf_realm import RealmEmbedder
+        >>> bert = BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        ...                             intermediate_size=37))
+        >>> embedder = RealmEmbedder.from_bert(bert, retriever_proj_size=16)
+        >>> bool((embedder.realm.encoder.layer[0].output.dense.weight == bert.encoder.layer[0].output.dense.weight).all())
+        True
+        ```
+        """
+        from transformers import AutoModel
+
+        source = AutoModel.from_pretrained(bert) if isinstance(bert, (str, os.PathLike)) else bert
+        source = getattr(source, "base_model", source)
+        bert_config = source.config
+        fields = {
+            name: getattr(bert_config, name)
+            for name in (
+                "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
+                "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id",
+            )
+            if getattr(bert_config, name, None) is not None
+        }
+        fields.update(config_overrides)
+        model = cls(RealmConfig(**fields), *model_args)
+        state = source.state_dict()
+        for name, module in model.named_modules():
+            if isinstance(module, BertModel):
+                missing, unexpected = module.load_state_dict(state, strict=False)
+                missing = [k for k in missing if not k.startswith("pooler.")]
+                if missing or unexpected:
+                    raise ValueError(
+                        f"{type(source).__name__} does not fit the BERT at {name or cls.__name__}: missing {missing}, "
+                        f"unexpected {unexpected}"
+                    )
+        return model
 
     @torch.no_grad()
     def _init_weights(self, module):

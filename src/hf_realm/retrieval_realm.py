@@ -195,7 +195,7 @@ class RealmRetriever:
                 has_answers.append(True)
                 max_answers = max(max_answers, len(start_pos[-1]))
         # Pad with -1 to max_answers.
-        for starts, ends in zip(start_pos, end_pos):
+        for starts, ends in zip(start_pos, end_pos, strict=True):
             if len(starts) < max_answers:
                 starts += [-1] * (max_answers - len(starts))
                 ends += [-1] * (max_answers - len(ends))
