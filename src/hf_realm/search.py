@@ -3,11 +3,36 @@
 Maximum inner product search (REALM) and L2 nearest neighbours (kNN-MT) are the same problem: with
 ``key_bias = -||k||^2 / 2`` the top inner-product scores are the nearest keys in L2, and
 ``||q - k||^2 = ||q||^2 - 2 * score``.
+
+Two implementations sit behind [`exact_topk`]:
+
+- **torch** (any device, any ``k``): keys are scored a chunk at a time (``queries @ chunk.T``) and the per-chunk top-k
+  are merged. On CUDA the naive form spends almost all of its time writing the ``num_queries x num_keys`` score matrix
+  and running ``topk`` over it.
+- **triton** (CUDA, fp16 / bf16 / fp32 keys, ``k <= TRITON_MAX_K``): a fused kernel that never writes the score
+  matrix. Keys are cut into buckets of ``BLOCK_N`` consecutive rows. Pass 1 (``tl.dot`` tiles) writes only the best
+  score of every (query, bucket) pair; a ``topk`` over those bucket maxima picks ``k`` buckets per query; pass 2
+  rescores the keys of those buckets and a last ``topk`` over ``k * BLOCK_N`` candidates gives the result.
+
+  This is exact: if a key ``x`` of the true top-k lay in a bucket outside the ``k`` best buckets, each of those ``k``
+  buckets would hold a key (its maximum) scoring at least ``score(x)``: ``k`` distinct keys at or above ``x``, so
+  ``x`` would not be in the top-k (up to ties). Scores are fp32 sums of exact fp16/bf16 products, as cuBLAS computes
+  them; keys whose scores differ by less than the fp32 accumulation-order rounding (~1e-6 relative) can swap places.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import time
+
 import torch
+
+
+TRITON_MAX_K = 128
+"""Largest ``k`` sent to the Triton kernel; larger ``k`` (e.g. ORQA's top-5000) uses the chunked torch path."""
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def exact_topk(
@@ -17,6 +42,7 @@ def exact_topk(
     *,
     key_bias: torch.Tensor | None = None,
     chunk_size: int = 1 << 20,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` of ``queries @ keys.T + key_bias`` per query, exactly.
 
@@ -30,7 +56,11 @@ def exact_topk(
         key_bias (`torch.Tensor` of shape `(num_keys,)`, *optional*):
             Added to every score of that key (e.g. ``-||k||^2 / 2`` to turn MIPS into L2 search).
         chunk_size (`int`, *optional*, defaults to 1M):
-            Keys scored at once; bounds the temporary score matrix to ``num_queries x chunk_size``.
+            Keys scored at once by the torch path; bounds its temporary score matrix to ``num_queries x chunk_size``.
+        backend (`str`, *optional*, defaults to `"auto"`):
+            `"auto"` uses the fused Triton kernel for CUDA keys when Triton is installed and ``k <= TRITON_MAX_K``,
+            else the chunked torch path. `"torch"` forces the torch path; `"triton"` forces the kernel (on CPU
+            tensors it runs in Triton's interpreter: slow, for tests only).
 
     Returns:
         `tuple(torch.Tensor, torch.Tensor)`: scores (float32) and key ids (int64), each `(num_queries, k)`, sorted by
@@ -56,12 +86,40 @@ def exact_topk(
         raise ValueError(f"k must be in [1, {num_keys}] (the number of keys), got {k}")
     if key_bias is not None and key_bias.shape != (num_keys,):
         raise ValueError(f"key_bias must have shape ({num_keys},), got {tuple(key_bias.shape)}")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
 
+    if backend == "auto":
+        backend = "triton" if _triton_eligible(queries, keys, k) else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise ImportError("backend='triton' needs the `triton` package: `pip install triton`")
+        if k > TRITON_MAX_K:
+            raise ValueError(f"backend='triton' supports k <= {TRITON_MAX_K}, got {k}; use backend='torch'")
+        if keys.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"backend='triton' supports fp16, bf16 and fp32 keys, got {keys.dtype}")
+        return _triton_topk(queries, keys, k, key_bias)
+    return _torch_topk(queries, keys, k, key_bias, chunk_size)
+
+
+def _scores_fp32(queries: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+    """``queries @ chunk.T`` in fp32. On CUDA, fp16/bf16 matmuls write fp32 directly where torch supports it (no
+    rounding of the scores to 16 bits, which would create ties in a 13M-key search)."""
+    if chunk.is_cuda and chunk.dtype in (torch.float16, torch.bfloat16):
+        try:
+            return torch.mm(queries, chunk.T, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    return (queries @ chunk.T).float()
+
+
+def _torch_topk(queries, keys, k, key_bias, chunk_size):
     queries = queries.to(keys.dtype)
+    num_keys = keys.shape[0]
     best_scores, best_ids = None, None
     for start in range(0, num_keys, chunk_size):
         chunk = keys[start : start + chunk_size]
-        scores = (queries @ chunk.T).float()
+        scores = _scores_fp32(queries, chunk)
         if key_bias is not None:
             scores += key_bias[start : start + chunk_size].float()
         top_scores, top_ids = scores.topk(min(k, chunk.shape[0]), dim=1)
@@ -74,3 +132,234 @@ def exact_topk(
             best_scores, order = merged_scores.topk(k, dim=1)
             best_ids = merged_ids.gather(1, order)
     return best_scores, best_ids
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Triton: fused bucket-max kernel + rescoring of the selected buckets
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether the `triton` package can be imported."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _triton_eligible(queries: torch.Tensor, keys: torch.Tensor, k: int) -> bool:
+    if os.environ.get("HF_REALM_DISABLE_TRITON", "0") == "1":
+        return False
+    return (
+        keys.is_cuda
+        and k <= TRITON_MAX_K
+        and keys.dtype in _TRITON_DTYPES
+        and keys.shape[1] <= 4096
+        and triton_available()
+    )
+
+
+def _triton_kernel(name: str, interpret: bool):
+    from ._triton_search import kernel
+
+    return kernel(name, interpret)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _default_config(num_queries: int, dim: int, k: int, element_size: int) -> dict:
+    """A reasonable launch config without tuning (also the one the interpreter uses)."""
+    block_q = min(128, max(16, _next_pow2(num_queries)))
+    # Small batches stream keys (memory bound): wide buckets keep the bucket-max matrix small. Large batches are
+    # compute bound: 128-key buckets keep pass 2 (k * BLOCK_N keys per query) cheap.
+    block_n = 128 if num_queries > 64 or k > 16 else 256
+    block_d = min(_next_pow2(dim), 128 if element_size <= 2 else 64)
+    return {"BLOCK_Q": block_q, "BLOCK_N": block_n, "BLOCK_D": block_d, "TILES": 32, "num_warps": 8, "num_stages": 3}
+
+
+def _candidate_configs(num_queries: int, dim: int, k: int, element_size: int) -> list[dict]:
+    """Launch configs tried by the on-device tuner (about a dozen), filtered by shared-memory and register budgets
+    (H100: 228 KiB shared memory per SM, 64K registers)."""
+    d_pow2 = _next_pow2(dim)
+    bq_max = max(16, _next_pow2(num_queries))
+    block_qs = (bq_max,) if bq_max <= 64 else (64, 128, 256)
+    block_ns = (128, 256) if num_queries <= 64 and k <= 16 else (64, 128)
+    # Keep the whole query block in registers/shared memory when it fits; else loop over the dimension in chunks.
+    block_ds = (d_pow2,) if d_pow2 * element_size <= 512 else (256 // element_size,)
+    out = []
+    for block_q in block_qs:
+        if block_q > bq_max:
+            continue
+        for block_n in block_ns:
+            for block_d in block_ds:
+                for num_warps, num_stages in ((4, 3), (8, 3), (8, 4)):
+                    resident = block_d == d_pow2
+                    smem = block_q * block_d * (1 if resident else num_stages) + num_stages * block_n * block_d
+                    smem *= element_size
+                    acc_per_thread = block_q * block_n / (num_warps * 32)
+                    if smem > 227 * 1024 or acc_per_thread > 128 or acc_per_thread < 8:
+                        continue
+                    out.append(
+                        {
+                            "BLOCK_Q": block_q,
+                            "BLOCK_N": block_n,
+                            "BLOCK_D": block_d,
+                            "TILES": 32,
+                            "num_warps": num_warps,
+                            "num_stages": num_stages,
+                        }
+                    )
+    return out
+
+
+_TUNED: dict[tuple, dict] = {}
+_TUNE_LOG: list[dict] = []
+
+
+def _tune_key(queries, keys, k, key_bias) -> tuple:
+    n_bucket = max(1, keys.shape[0]).bit_length() // 2  # within a factor of ~4 in the number of keys
+    return (
+        keys.device.index,
+        _next_pow2(queries.shape[0]),
+        keys.shape[1],
+        keys.dtype,
+        k <= 16,
+        key_bias is not None,
+        n_bucket,
+    )
+
+
+def _pick_config(queries, keys, k, key_bias) -> dict:
+    """The launch config for this problem shape: tuned once per shape class on CUDA (set ``HF_REALM_TRITON_AUTOTUNE=0``
+    to skip tuning and use the heuristic default)."""
+    element_size = keys.element_size()
+    if not keys.is_cuda or os.environ.get("HF_REALM_TRITON_AUTOTUNE", "1") == "0":
+        return _default_config(queries.shape[0], keys.shape[1], k, element_size)
+    key = _tune_key(queries, keys, k, key_bias)
+    if key in _TUNED:
+        return _TUNED[key]
+    candidates = _candidate_configs(queries.shape[0], keys.shape[1], k, element_size)
+    default = _default_config(queries.shape[0], keys.shape[1], k, element_size)
+    if default not in candidates:
+        candidates.append(default)
+    best, best_ms, tried = default, float("inf"), []
+    start = time.perf_counter()
+    for cfg in candidates:
+        try:
+            _triton_topk_with(queries, keys, k, key_bias, cfg)  # compile + warm up
+            torch.cuda.synchronize(keys.device)
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            reps = 3
+            begin.record()
+            for _ in range(reps):
+                _triton_topk_with(queries, keys, k, key_bias, cfg)
+            end.record()
+            end.synchronize()
+            ms = begin.elapsed_time(end) / reps
+        except Exception as err:  # a config the compiler rejects (e.g. out of shared memory) is skipped
+            tried.append({**cfg, "error": str(err).splitlines()[0][:200] if str(err) else type(err).__name__})
+            continue
+        tried.append({**cfg, "ms": ms})
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    _TUNED[key] = best
+    _TUNE_LOG.append(
+        {
+            "key": [str(x) for x in key],
+            "best": best,
+            "best_ms": best_ms,
+            "tune_s": time.perf_counter() - start,
+            "tried": tried,
+        }
+    )
+    return best
+
+
+def tuning_log() -> list[dict]:
+    """What the Triton tuner tried and chose, per problem shape class (for benchmarks)."""
+    return list(_TUNE_LOG)
+
+
+def _triton_topk(queries, keys, k, key_bias, config: dict | None = None):
+    config = config or _pick_config(queries, keys, k, key_bias)
+    return _triton_topk_with(queries, keys, k, key_bias, config)
+
+
+def _triton_topk_with(queries, keys, k, key_bias, config: dict):
+    if keys.stride(1) != 1:
+        raise ValueError("keys must be contiguous along the embedding dimension (keys.stride(1) == 1)")
+    if queries.device != keys.device:
+        raise ValueError(f"queries on {queries.device} but keys on {keys.device}")
+    interpret = not keys.is_cuda
+    num_queries, dim = queries.shape
+    num_keys = keys.shape[0]
+    queries = queries.to(keys.dtype).contiguous()
+    if key_bias is not None:
+        key_bias = key_bias.float().contiguous()
+    block_n, block_d = config["BLOCK_N"], config["BLOCK_D"]
+    block_q, tiles = config["BLOCK_Q"], config["TILES"]
+    d_pad = triton_cdiv(dim, block_d) * block_d
+    num_buckets = triton_cdiv(num_keys, block_n)
+    tiles = max(1, min(tiles, _next_pow2(num_buckets)))
+    launch = {} if interpret else {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+
+    bucket_max = torch.empty(num_queries, num_buckets, dtype=torch.float32, device=keys.device)
+    grid = (triton_cdiv(num_queries, block_q) * triton_cdiv(num_buckets, tiles),)
+    bias_arg = key_bias if key_bias is not None else bucket_max  # a pointer the kernel never reads
+    _triton_kernel("bucket_max", interpret)[grid](
+        queries,
+        keys,
+        bias_arg,
+        bucket_max,
+        num_queries,
+        num_keys,
+        num_buckets,
+        queries.stride(0),
+        keys.stride(0),
+        bucket_max.stride(0),
+        D=dim,
+        HAS_BIAS=key_bias is not None,
+        IEEE=keys.dtype == torch.float32,
+        BLOCK_Q=block_q,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        D_PAD=d_pad,
+        TILES=tiles,
+        **launch,
+    )
+
+    kb = min(k, num_buckets)
+    buckets = bucket_max.topk(kb, dim=1, sorted=False).indices
+    cand = torch.empty(num_queries, kb * block_n, dtype=torch.float32, device=keys.device)
+    rescore_d = min(_next_pow2(dim), 128)
+    _triton_kernel("rescore", interpret)[(num_queries, kb)](
+        queries,
+        keys,
+        bias_arg,
+        buckets,
+        cand,
+        num_keys,
+        kb,
+        queries.stride(0),
+        keys.stride(0),
+        buckets.stride(0),
+        cand.stride(0),
+        D=dim,
+        HAS_BIAS=key_bias is not None,
+        BLOCK_N=block_n,
+        BLOCK_D=rescore_d,
+        D_PAD=triton_cdiv(dim, rescore_d) * rescore_d,
+        **({} if interpret else {"num_warps": 4}),
+    )
+    scores, pos = cand.topk(k, dim=1)
+    ids = buckets.gather(1, pos // block_n) * block_n + pos % block_n
+    return scores, ids
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

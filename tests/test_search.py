@@ -1,0 +1,145 @@
+"""Tests of `hf_realm.search.exact_topk`: the chunked torch path and the fused Triton kernel (in Triton's CPU
+interpreter), both against a float64 numpy brute force."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from hf_realm.search import TRITON_MAX_K, exact_topk, triton_available
+
+
+def brute_force(queries, keys, k, key_bias=None):
+    """float64 numpy reference: the scores of the keys as stored (queries cast to the keys' dtype first)."""
+    q = queries.to(keys.dtype).double().numpy()
+    scores = q @ keys.double().numpy().T
+    if key_bias is not None:
+        scores = scores + key_bias.double().numpy()
+    ids = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, ids, axis=1), ids
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk_size", [7, 64, 1 << 20])
+def test_torch_path_matches_brute_force(dtype, chunk_size):
+    g = torch.Generator().manual_seed(0)
+    queries = torch.randn(5, 12, generator=g, dtype=dtype)
+    keys = torch.randn(200, 12, generator=g, dtype=dtype)
+    bias = torch.randn(200, generator=g, dtype=dtype)
+    for key_bias in (None, bias):
+        scores, ids = exact_topk(queries, keys, 9, key_bias=key_bias, chunk_size=chunk_size, backend="torch")
+        ref_scores, ref_ids = brute_force(queries, keys, 9, key_bias)
+        assert scores.dtype == torch.float32 and ids.dtype == torch.int64
+        np.testing.assert_array_equal(ids.numpy(), ref_ids)
+        np.testing.assert_allclose(scores.numpy(), ref_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_l2_through_key_bias():
+    """With key_bias = -||k||^2 / 2 the top scores are the L2 nearest keys and ||q-k||^2 = ||q||^2 - 2 score."""
+    g = torch.Generator().manual_seed(1)
+    queries, keys = torch.randn(4, 6, generator=g), torch.randn(50, 6, generator=g)
+    scores, ids = exact_topk(queries, keys, 5, key_bias=-keys.pow(2).sum(1) / 2)
+    dist = ((queries[:, None, :].double() - keys[None].double()) ** 2).sum(-1).numpy()
+    ref_ids = np.argsort(dist, axis=1)[:, :5]
+    np.testing.assert_array_equal(ids.numpy(), ref_ids)
+    np.testing.assert_allclose(
+        queries.double().pow(2).sum(1, keepdim=True).numpy() - 2 * scores.double().numpy(),
+        np.take_along_axis(dist, ref_ids, axis=1),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_bad_input_errors():
+    q, keys = torch.randn(2, 4), torch.randn(10, 4)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 10\].*got 11"):
+        exact_topk(q, keys, 11)
+    with pytest.raises(ValueError, match="k must be in"):
+        exact_topk(q, keys, 0)
+    with pytest.raises(ValueError, match="query dim 3 != key dim 4"):
+        exact_topk(torch.randn(2, 3), keys, 1)
+    with pytest.raises(ValueError, match=r"key_bias must have shape \(10,\), got \(9,\)"):
+        exact_topk(q, keys, 1, key_bias=torch.zeros(9))
+    with pytest.raises(ValueError, match="backend must be"):
+        exact_topk(q, keys, 1, backend="faiss")
+    if triton_available():
+        with pytest.raises(ValueError, match=f"k <= {TRITON_MAX_K}"):
+            exact_topk(q, torch.randn(500, 4), TRITON_MAX_K + 1, backend="triton")
+
+
+def test_auto_uses_torch_on_cpu():
+    """`auto` never sends CPU tensors to Triton (the interpreter is opt-in)."""
+    g = torch.Generator().manual_seed(2)
+    q, keys = torch.randn(3, 8, generator=g), torch.randn(40, 8, generator=g)
+    scores, ids = exact_topk(q, keys, 4)
+    np.testing.assert_array_equal(ids.numpy(), brute_force(q, keys, 4)[1])
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter already on in this process")
+def test_triton_on_cpu_without_interpreter_says_how():
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        exact_topk(torch.randn(2, 16), torch.randn(64, 16), 2, backend="triton")
+
+
+# The Triton interpreter must be switched on before triton is imported, so the kernel cases run in a subprocess.
+_TRITON_CASES = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import torch
+    from hf_realm.search import _triton_topk
+
+    cases = json.loads(sys.argv[1])
+    out = []
+    for case in cases:
+        g = torch.Generator().manual_seed(case["seed"])
+        dtype = getattr(torch, case["dtype"])
+        q = torch.randn(case["B"], case["D"], generator=g)
+        keys = (torch.randn(case["N"], case["D"], generator=g) * case.get("scale", 1.0)).to(dtype)
+        bias = -keys.float().pow(2).sum(1) / 2 if case["bias"] else None
+        scores, ids = _triton_topk(q, keys, case["k"], bias, config=case.get("config"))
+        out.append({"scores": scores.tolist(), "ids": ids.tolist()})
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_triton_kernel_matches_brute_force_in_interpreter():
+    small = {"BLOCK_Q": 16, "BLOCK_N": 16, "BLOCK_D": 16, "TILES": 4, "num_warps": 4, "num_stages": 2}
+    cases = [
+        # default config: one program group, whole query block resident
+        {"seed": 0, "B": 3, "N": 1000, "D": 32, "k": 5, "dtype": "float32", "bias": False},
+        # fp16 keys, L2 bias, batch not a multiple of BLOCK_Q
+        {"seed": 1, "B": 20, "N": 3001, "D": 48, "k": 8, "dtype": "float16", "bias": True},
+        # bf16, batch of one
+        {"seed": 2, "B": 1, "N": 700, "D": 16, "k": 3, "dtype": "bfloat16", "bias": False},
+        # dimension looped in chunks (D_PAD > BLOCK_D), many program groups, last group partly past the keys,
+        # two query blocks
+        {"seed": 3, "B": 33, "N": 1237, "D": 40, "k": 7, "dtype": "float16", "bias": True, "config": small},
+        # more requested than buckets exist (k > number of buckets): every key is a candidate
+        {"seed": 4, "B": 2, "N": 40, "D": 16, "k": 6, "dtype": "float32", "bias": False, "config": small},
+        # k = number of keys
+        {"seed": 5, "B": 2, "N": 24, "D": 16, "k": 24, "dtype": "float32", "bias": True, "config": small},
+    ]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRITON_CASES, json.dumps(cases)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for case, res in zip(cases, results, strict=True):
+        g = torch.Generator().manual_seed(case["seed"])
+        dtype = getattr(torch, case["dtype"])
+        q = torch.randn(case["B"], case["D"], generator=g)
+        keys = torch.randn(case["N"], case["D"], generator=g).to(dtype)
+        bias = -keys.float().pow(2).sum(1) / 2 if case["bias"] else None
+        ref_scores, ref_ids = brute_force(q, keys, case["k"], bias)
+        np.testing.assert_array_equal(np.array(res["ids"]), ref_ids, err_msg=str(case))
+        np.testing.assert_allclose(np.array(res["scores"]), ref_scores, rtol=1e-5, atol=1e-4, err_msg=str(case))
