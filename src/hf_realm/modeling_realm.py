@@ -181,12 +181,16 @@ class RealmForOpenQAOutput(ModelOutput):
     Outputs of [`RealmForOpenQA`].
 
     Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            `reader_output.loss`, surfaced so that `Trainer` finds it (not in 4.x, which had no `Trainer` support;
+            `return_dict=False` still returns 4.x's `(reader_output, predicted_answer_ids)`).
         reader_output (`RealmReaderOutput`):
             Reader output.
         predicted_answer_ids (`torch.LongTensor` of shape `(answer_sequence_length,)`):
             Predicted answer ids; with a batch of `B > 1` questions, a list of `B` such tensors.
     """
 
+    loss: torch.FloatTensor | None = None
     reader_output: RealmReaderOutput | None = None
     predicted_answer_ids: torch.LongTensor | list[torch.LongTensor] | None = None
 
@@ -350,9 +354,19 @@ class RealmPreTrainedModel(PreTrainedModel):
         fields = {
             name: getattr(bert_config, name)
             for name in (
-                "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
-                "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id",
+                "vocab_size",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "intermediate_size",
+                "hidden_act",
+                "hidden_dropout_prob",
+                "attention_probs_dropout_prob",
+                "max_position_embeddings",
+                "type_vocab_size",
+                "initializer_range",
+                "layer_norm_eps",
+                "pad_token_id",
             )
             if getattr(bert_config, name, None) is not None
         }
@@ -523,7 +537,9 @@ class RealmScorer(RealmPreTrainedModel):
     """
 
     # 4.x saved the shared query embedder twice (`query_embedder.*` = `embedder.*`).
-    _keys_to_ignore_on_load_unexpected = RealmPreTrainedModel._keys_to_ignore_on_load_unexpected + [r"^query_embedder\."]
+    _keys_to_ignore_on_load_unexpected = RealmPreTrainedModel._keys_to_ignore_on_load_unexpected + [
+        r"^query_embedder\."
+    ]
 
     def __init__(self, config: RealmConfig, query_embedder: RealmEmbedder | None = None):
         super().__init__(config)
@@ -585,8 +601,10 @@ class RealmScorer(RealmPreTrainedModel):
                 f"candidate_inputs_embeds must have {batch_size * num_candidates} rows (batch_size * num_candidates), "
                 f"got {candidate_inputs_embeds.shape[0]}"
             )
-        for name, tensor in (("candidate_attention_mask", candidate_attention_mask),
-                             ("candidate_token_type_ids", candidate_token_type_ids)):
+        for name, tensor in (
+            ("candidate_attention_mask", candidate_attention_mask),
+            ("candidate_token_type_ids", candidate_token_type_ids),
+        ):
             if tensor is not None and candidate_input_ids is not None and tensor.shape != candidate_input_ids.shape:
                 raise ValueError(
                     f"{name} must have the shape of candidate_input_ids {tuple(candidate_input_ids.shape)}, "
@@ -798,8 +816,9 @@ class RealmReader(RealmPreTrainedModel):
     def set_input_embeddings(self, value):
         self.realm.embeddings.word_embeddings = value
 
-    def _check_reader_inputs(self, num_read, seq_len, relevance_score, block_mask, start_positions, end_positions,
-                             has_answers):
+    def _check_reader_inputs(
+        self, num_read, seq_len, relevance_score, block_mask, start_positions, end_positions, has_answers
+    ):
         if relevance_score is None:
             raise ValueError("You have to specify `relevance_score` to calculate logits and loss.")
         if block_mask is None:
@@ -1103,7 +1122,9 @@ class RealmForOpenQA(RealmPreTrainedModel):
             reader_output, predicted_answer_ids = _stack_reader_outputs(outputs), predicted
         if not return_dict:
             return reader_output, predicted_answer_ids
-        return RealmForOpenQAOutput(reader_output=reader_output, predicted_answer_ids=predicted_answer_ids)
+        return RealmForOpenQAOutput(
+            loss=reader_output.loss, reader_output=reader_output, predicted_answer_ids=predicted_answer_ids
+        )
 
 
 def _stack_reader_outputs(outputs: list[RealmReaderOutput]) -> RealmReaderOutput:
