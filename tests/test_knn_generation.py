@@ -1,0 +1,720 @@
+"""Tests for hf_realm.knn_generation: datastore build/save/load, the logits processor against float64 references."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LogitsProcessorList,
+    MarianConfig,
+    MarianMTModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from hf_realm.knn_generation import (
+    KNNDatastore,
+    KNNDatastoreWriter,
+    KNNLogitsProcessor,
+    KNNQueryHook,
+    knn_lm_perplexity,
+    merge_datastores,
+)
+
+
+VOCAB = 99
+PAD, EOS = 0, 1
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+def tiny_marian(seed: int = 0) -> MarianMTModel:
+    torch.manual_seed(seed)
+    config = MarianConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=37,
+        decoder_ffn_dim=37,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        decoder_start_token_id=PAD,
+        forced_eos_token_id=None,
+        init_std=0.3,
+    )
+    model = MarianMTModel(config).eval()
+    with torch.no_grad():  # a non-zero bias: the mixing must see it
+        model.final_logits_bias.normal_(0.0, 1.0)
+    return model
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=EOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        initializer_range=0.3,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def random_pairs(n: int, seed: int = 0, min_len: int = 3, max_len: int = 9) -> datasets.Dataset:
+    rng = np.random.default_rng(seed)
+    src, tgt = [], []
+    for _ in range(n):
+        src.append(rng.integers(2, VOCAB, rng.integers(min_len, max_len + 1)).tolist() + [EOS])
+        tgt.append(rng.integers(2, VOCAB, rng.integers(min_len, max_len + 1)).tolist() + [EOS])
+    return datasets.Dataset.from_dict({"input_ids": src, "labels": tgt})
+
+
+def random_texts(n: int, seed: int = 0, min_len: int = 5, max_len: int = 12) -> datasets.Dataset:
+    rng = np.random.default_rng(seed)
+    texts = [rng.integers(2, VOCAB, rng.integers(min_len, max_len + 1)).tolist() + [EOS] for _ in range(n)]
+    return datasets.Dataset.from_dict({"input_ids": texts})
+
+
+def pad_left(seqs, value=PAD):
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s)
+        mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def pad_right(seqs, value=PAD):
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def reference_mix(states, lm_scores, keys, values, k, temperature, lmbda, counts=None):
+    """float64 brute force over all keys: log(λ p_kNN + (1-λ) softmax(lm_scores)), banned tokens kept banned."""
+    states = np.asarray(states, dtype=np.float64)
+    lm_scores = np.asarray(lm_scores, dtype=np.float64)
+    keys = np.asarray(keys, dtype=np.float64)
+    d = ((states[:, None, :] - keys[None, :, :]) ** 2).sum(-1)
+    idx = np.argsort(d, axis=1, kind="stable")[:, :k]
+    logits = -np.take_along_axis(d, idx, 1) / temperature
+    if counts is not None:
+        logits = logits + np.log(np.asarray(counts, dtype=np.float64)[idx])
+    w = np.exp(logits - logits.max(1, keepdims=True))
+    w /= w.sum(1, keepdims=True)
+    p_knn = np.zeros_like(lm_scores)
+    rows = np.repeat(np.arange(states.shape[0]), k)
+    np.add.at(p_knn, (rows, np.asarray(values)[idx].reshape(-1)), w.reshape(-1))
+    finite = np.where(np.isneginf(lm_scores), -np.inf, lm_scores)
+    m = finite.max(1, keepdims=True)
+    p_lm = np.exp(finite - m)
+    p_lm /= p_lm.sum(1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        out = np.log(lmbda * p_knn + (1 - lmbda) * p_lm)
+    out[np.isneginf(lm_scores)] = -np.inf
+    return out, idx
+
+
+def random_store(n=300, dim=32, seed=0, counts=False):
+    rng = np.random.default_rng(seed)
+    keys = rng.normal(size=(n, dim)).astype(np.float16)
+    values = rng.integers(2, VOCAB, n).astype(np.int32)
+    c = rng.integers(1, 5, n).astype(np.int32) if counts else None
+    return KNNDatastore(keys=keys, values=values, counts=c)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The processor against the float64 reference
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("counts", [False, True])
+@pytest.mark.parametrize("lmbda", [0.0, 0.3, 1.0])
+def test_processor_matches_float64_bruteforce(counts, lmbda):
+    model = tiny_gpt2()
+    store = random_store(counts=counts)
+    proc = KNNLogitsProcessor(store, k=7, temperature=3.0, lmbda=lmbda)
+    input_ids = torch.randint(2, VOCAB, (5, 6), generator=torch.Generator().manual_seed(1))
+    with proc.attach(model, check_weights=False):
+        logits = model(input_ids).logits[:, -1].float()
+        state = proc.hook.state.clone()
+        scores = logits.clone()
+        scores[:, 3] = float("-inf")  # a token banned upstream
+        before = scores.clone()
+        out = proc(input_ids, scores)
+    assert torch.equal(scores, before), "scores must not be modified in place"
+    # hidden states of GPT-2 are small; scale the store so that neighbours are informative at T=3
+    ref, _ = reference_mix(state.numpy(), scores.numpy(), store.keys, store.values, 7, 3.0, lmbda, store.counts)
+    out = out.double().numpy()
+    assert np.array_equal(np.isneginf(out), np.isneginf(ref))
+    finite = np.isfinite(ref)
+    np.testing.assert_allclose(out[finite], ref[finite], rtol=0, atol=2e-5)
+    assert np.isneginf(out[:, 3]).all()
+
+
+def test_processor_matches_reference_with_near_queries():
+    """Queries close to stored keys (the realistic case): distances small, p_kNN peaked, still exact."""
+    model = tiny_gpt2()
+    input_ids = torch.randint(2, VOCAB, (4, 5), generator=torch.Generator().manual_seed(2))
+    with KNNQueryHook(model) as hook:
+        model(input_ids)
+    rng = np.random.default_rng(3)
+    base = hook.state.numpy()
+    keys = np.concatenate([base + rng.normal(scale=0.05, size=base.shape), rng.normal(size=(200, 32))]).astype(
+        np.float16
+    )
+    store = KNNDatastore(keys=keys, values=rng.integers(2, VOCAB, len(keys)))
+    proc = KNNLogitsProcessor(store, k=5, temperature=0.5, lmbda=0.6)
+    with proc.attach(model, check_weights=False):
+        scores = model(input_ids).logits[:, -1].float()
+        out = proc(input_ids, scores)
+        state = proc.hook.state
+    ref, idx = reference_mix(state.numpy(), scores.numpy(), store.keys, store.values, 5, 0.5, 0.6)
+    np.testing.assert_allclose(out.double().numpy(), ref, rtol=0, atol=2e-5)
+    sqdist, ids = store.search(state, 5)
+    assert ids.tolist() == idx.tolist()
+
+
+def test_search_matches_numpy_exact():
+    store = random_store(n=500, dim=16, seed=4)
+    q = torch.from_numpy(np.random.default_rng(5).normal(size=(9, 16)).astype(np.float32))
+    sqdist, ids = store.search(q, 10)
+    d = ((q.double().numpy()[:, None] - store.keys.astype(np.float64)[None]) ** 2).sum(-1)
+    ref = np.argsort(d, axis=1)[:, :10]
+    assert ids.tolist() == ref.tolist()
+    np.testing.assert_allclose(sqdist.numpy(), np.take_along_axis(d, ref, 1), rtol=1e-5)
+
+
+def test_faiss_indexes_against_exact():
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(6)
+    centers = rng.normal(size=(20, 16)) * 4
+    keys = (centers[rng.integers(0, 20, 4000)] + rng.normal(size=(4000, 16))).astype(np.float16)
+    store = KNNDatastore(keys=keys, values=rng.integers(2, VOCAB, 4000))
+    q = torch.from_numpy((centers[rng.integers(0, 20, 50)] + rng.normal(size=(50, 16))).astype(np.float32))
+    exact_d, exact_ids = store.search(q, 8)
+    store.build_index("faiss-flat", device="cpu")
+    flat_d, flat_ids = store.search(q, 8)
+    assert flat_ids.tolist() == exact_ids.tolist()
+    np.testing.assert_allclose(flat_d.numpy(), exact_d.numpy(), rtol=1e-3, atol=1e-3)
+    store.build_index("faiss-ivfpq", device="cpu", nlist=16, m=4, nprobe=16, rerank=8)
+    ivf_d, ivf_ids = store.search(q, 8)
+    recall = np.mean([len(set(a) & set(b)) / 8 for a, b in zip(ivf_ids.tolist(), exact_ids.tolist(), strict=True)])
+    assert recall >= 0.9, recall  # re-ranked from the stored keys: distances are exact for what is found
+    found = ivf_ids == exact_ids
+    np.testing.assert_allclose(ivf_d[found].numpy(), exact_d[found].numpy(), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# generate(): λ = 0, beam search reference, λ = 1 on the test set
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _generate(model, proc, **kwargs):
+    lp = LogitsProcessorList([proc]) if proc is not None else None
+    if proc is None:
+        return model.generate(**kwargs)
+    with proc.attach(model, check_weights=False):
+        return model.generate(logits_processor=lp, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "mode", [{"do_sample": False}, {"do_sample": False, "num_beams": 3}, {"do_sample": True, "top_k": 20}]
+)
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_lmbda_zero_equals_plain_generate_marian(mode, use_cache):
+    model = tiny_marian()
+    store = random_store(dim=32)
+    proc = KNNLogitsProcessor(store, k=4, temperature=10.0, lmbda=0.0)
+    src, mask = pad_right([[5, 6, 7, 8, EOS], [9, 10, EOS], [11, 12, 13, 14, 15, 16, EOS]])
+    kw = dict(input_ids=src, attention_mask=mask, max_new_tokens=8, use_cache=use_cache, **mode)
+    torch.manual_seed(0)
+    plain = _generate(model, None, **kw)
+    torch.manual_seed(0)
+    knn = _generate(model, proc, **kw)
+    assert knn.tolist() == plain.tolist()
+    assert proc.num_searches > 0
+
+
+@pytest.mark.parametrize("mode", [{"do_sample": False}, {"do_sample": False, "num_beams": 2}, {"do_sample": True}])
+def test_lmbda_zero_equals_plain_generate_gpt2_left_padding(mode):
+    model = tiny_gpt2()
+    store = random_store(dim=32)
+    proc = KNNLogitsProcessor(store, k=4, temperature=10.0, lmbda=0.0)
+    ids, mask = pad_left([[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]])
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, pad_token_id=PAD, **mode)
+    torch.manual_seed(0)
+    plain = _generate(model, None, **kw)
+    torch.manual_seed(0)
+    knn = _generate(model, proc, **kw)
+    assert knn.tolist() == plain.tolist()
+
+
+class HandMixedModel:
+    """Wraps a model so that its last-position logits are replaced by the float64 hand-computed kNN mixture."""
+
+    def __init__(self, model, store, k, temperature, lmbda):
+        self.model, self.store, self.k, self.t, self.l = model, store, k, temperature, lmbda
+        self.calls = 0
+
+    def __enter__(self):
+        head = self.model.get_output_embeddings()
+        self._pre = head.register_forward_pre_hook(lambda m, a: setattr(self, "_state", a[0][:, -1].detach()))
+        self._post = self.model.register_forward_hook(self._replace)
+        return self
+
+    def __exit__(self, *exc):
+        self._pre.remove()
+        self._post.remove()
+
+    def _replace(self, module, args, output):
+        scores = output.logits[:, -1].double().numpy()
+        mixed, _ = reference_mix(
+            self._state.numpy(), scores, self.store.keys, self.store.values, self.k, self.t, self.l, self.store.counts
+        )
+        logits = output.logits.clone()
+        logits[:, -1] = torch.from_numpy(mixed).to(logits.dtype)
+        output.logits = logits
+        self.calls += 1
+        return output
+
+
+def store_near_model_states(model, n_random=150, seed=0, counts=False):
+    """Keys near the states the model visits, so that the kNN distribution actually changes the beams."""
+    pairs = random_pairs(12, seed=seed)
+    store = KNNDatastore.build(model, pairs, _tmp_dir(), progress=False)
+    rng = np.random.default_rng(seed)
+    keys = np.concatenate([store.keys, rng.normal(size=(n_random, store.key_dim))]).astype(np.float16)
+    values = rng.integers(2, VOCAB, len(keys))
+    return KNNDatastore(keys=keys, values=values, counts=rng.integers(1, 4, len(keys)) if counts else None)
+
+
+def _tmp_dir():
+    return Path(tempfile.mkdtemp()) / "store"
+
+
+@pytest.mark.parametrize("num_beams", [2, 4])
+def test_beam_search_matches_hand_mixed_reference(num_beams):
+    model = tiny_marian()
+    store = store_near_model_states(model, counts=True)
+    src, mask = pad_right([[5, 6, 7, 8, EOS], [9, 10, EOS], [11, 12, 13, 14, 15, 16, EOS]])
+    kw = dict(
+        input_ids=src,
+        attention_mask=mask,
+        max_new_tokens=10,
+        num_beams=num_beams,
+        num_return_sequences=num_beams,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    proc = KNNLogitsProcessor(store, k=6, temperature=2.0, lmbda=0.7)
+    knn = _generate(model, proc, **kw)
+    with HandMixedModel(model, store, 6, 2.0, 0.7) as ref_model:
+        ref = model.generate(**kw)
+    assert ref_model.calls > 0
+    assert knn.sequences.tolist() == ref.sequences.tolist()
+    np.testing.assert_allclose(knn.sequences_scores.numpy(), ref.sequences_scores.numpy(), rtol=0, atol=1e-4)
+    plain = model.generate(**kw)
+    assert plain.sequences.tolist() != knn.sequences.tolist(), "the datastore should change the beams"
+
+
+def test_greedy_and_sampling_match_hand_mixed_reference_gpt2():
+    model = tiny_gpt2()
+    texts = random_texts(10, seed=1)
+    store = KNNDatastore.build(model, texts, _tmp_dir(), progress=False)
+    ids, mask = pad_left([[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]])
+    for mode in ({"do_sample": False}, {"do_sample": True}):
+        kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, pad_token_id=PAD, **mode)
+        torch.manual_seed(0)
+        knn = _generate(model, KNNLogitsProcessor(store, k=4, temperature=1.0, lmbda=0.5), **kw)
+        torch.manual_seed(0)
+        with HandMixedModel(model, store, 4, 1.0, 0.5):
+            ref = model.generate(**kw)
+        assert knn.tolist() == ref.tolist(), mode
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_lambda_one_with_test_set_datastore_reproduces_references_marian(use_cache, num_beams):
+    model = tiny_marian()
+    pairs = random_pairs(16, seed=7)
+    store = KNNDatastore.build(model, pairs, _tmp_dir(), batch_size=5, progress=False)
+    assert len(store) == sum(len(x) for x in pairs["labels"])
+    proc = KNNLogitsProcessor(store, k=1, temperature=1.0, lmbda=1.0)
+    src, mask = pad_right(pairs["input_ids"])
+    out = _generate(
+        model, proc, input_ids=src, attention_mask=mask, max_new_tokens=12, num_beams=num_beams, use_cache=use_cache
+    )
+    for row, ref in zip(out.tolist(), pairs["labels"], strict=True):
+        assert row[1 : 1 + len(ref)] == ref
+        assert all(t in (PAD, EOS) for t in row[1 + len(ref) :])  # beam search pads finished rows with EOS
+
+
+def test_lambda_one_with_test_set_datastore_reproduces_references_gpt2():
+    model = tiny_gpt2()
+    texts = random_texts(12, seed=8)
+    store = KNNDatastore.build(model, texts, _tmp_dir(), batch_size=4, progress=False)
+    proc = KNNLogitsProcessor(store, k=3, temperature=0.01, lmbda=1.0)
+    prompts = [t[:3] for t in texts["input_ids"]]
+    ids, mask = pad_left(prompts)
+    out = _generate(model, proc, input_ids=ids, attention_mask=mask, max_new_tokens=14, pad_token_id=PAD)
+    width = ids.shape[1]
+    for row, ref in zip(out.tolist(), texts["input_ids"], strict=True):
+        gen = row[width:]
+        assert gen[: len(ref) - 3] == ref[3:]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_build_marian_keys_values_provenance_match_teacher_forcing():
+    model = tiny_marian()
+    pairs = random_pairs(7, seed=9)
+    store = KNNDatastore.build(model, pairs, _tmp_dir(), batch_size=3, progress=False)
+    i = 0
+    for ex, (src, tgt) in enumerate(zip(pairs["input_ids"], pairs["labels"], strict=True)):
+        dec = torch.tensor([[PAD] + tgt[:-1]])
+        out = model(torch.tensor([src]), decoder_input_ids=dec, output_hidden_states=True)
+        hidden = out.decoder_hidden_states[-1][0].numpy()
+        for t, tok in enumerate(tgt):
+            np.testing.assert_allclose(store.keys[i].astype(np.float32), hidden[t], rtol=2e-3, atol=2e-3)
+            assert store.values[i] == tok
+            assert store.provenance[i].tolist() == [ex, t]
+            i += 1
+    assert i == len(store)
+    meta = store.metadata
+    assert meta["model_class"] == "MarianMTModel" and meta["key_dim"] == 32 and meta["num_entries"] == i
+
+
+def test_build_gpt2_and_raw_text_with_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "</s>"] + [f"w{i}" for i in range(VOCAB - 2)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
+    model = tiny_gpt2()
+    texts = ["w1 w2 w3 w4", "w5 w6", "w7 w8 w9"]
+    store = KNNDatastore.build(
+        model, datasets.Dataset.from_dict({"text": texts}), tmp_path / "ds", tokenizer=tokenizer, text_column="text"
+    )
+    # decoder-only: state t -> token t + 1, so each text of n tokens gives n - 1 entries
+    assert store.values.tolist() == [4, 5, 6, 8, 10, 11]
+    assert store.provenance.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [2, 0], [2, 1]]
+    out = model(torch.tensor([[3, 4, 5, 6]]), output_hidden_states=True)
+    np.testing.assert_allclose(
+        store.keys[:3].astype(np.float32), out.hidden_states[-1][0, :3].numpy(), rtol=2e-3, atol=2e-3
+    )
+    assert store.metadata["tokenizer_hash"] is not None
+    store.check_model(model, tokenizer=tokenizer)
+    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")))
+    with pytest.raises(ValueError, match="tokenizer hash"):
+        store.check_model(model, tokenizer=other)
+
+
+def test_build_t5_and_bart_keys_are_the_lm_head_inputs():
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=VOCAB,
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+            decoder_start_token_id=PAD,
+        )  # fmt: skip
+    ).eval()
+    bart = BartForConditionalGeneration(
+        BartConfig(
+            vocab_size=VOCAB,
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=37,
+            decoder_ffn_dim=37,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+            bos_token_id=2,
+            decoder_start_token_id=EOS,
+            forced_eos_token_id=None,
+            max_position_embeddings=64,
+        )  # fmt: skip
+    ).eval()
+    pairs = random_pairs(3, seed=10)
+    for model in (t5, bart):
+        store = KNNDatastore.build(model, pairs, _tmp_dir(), progress=False)
+        src, tgt = pairs["input_ids"][0], pairs["labels"][0]
+        labels = torch.tensor([tgt])
+        captured = {}
+        h = model.get_output_embeddings().register_forward_pre_hook(lambda m, a, c=captured: c.update(x=a[0]))
+        model(torch.tensor([src]), labels=labels)
+        h.remove()
+        np.testing.assert_allclose(
+            store.keys[: len(tgt)].astype(np.float32), captured["x"][0].numpy(), rtol=2e-3, atol=2e-3
+        )
+        assert store.values[: len(tgt)].tolist() == tgt
+
+
+class FakeAccelerator:
+    def __init__(self, rank, world, log):
+        self.process_index, self.num_processes, self.log = rank, world, log
+        self.is_main_process = rank == 0
+
+    def wait_for_everyone(self):
+        self.log.append(self.process_index)
+
+
+def test_multi_process_build_merges_shards_in_order(tmp_path):
+    model = tiny_marian()
+    pairs = random_pairs(9, seed=11)
+    single = KNNDatastore.build(model, pairs, tmp_path / "single", batch_size=4, progress=False)
+    log: list[int] = []
+    # Rank 1 writes its shard first (it would block in wait_for_everyone); then rank 0 writes and merges.
+    with mock.patch.object(KNNDatastore, "from_pretrained", side_effect=lambda p, **kw: p):
+        KNNDatastore.build(model, pairs, tmp_path / "multi", batch_size=4, accelerator=FakeAccelerator(1, 2, log))
+    assert (tmp_path / ".multi.shards" / "rank-00001" / "values.npy").is_file()
+    merged = KNNDatastore.build(model, pairs, tmp_path / "multi", batch_size=4, accelerator=FakeAccelerator(0, 2, log))
+    assert np.array_equal(merged.values, single.values)
+    assert np.array_equal(merged.provenance, single.provenance)
+    np.testing.assert_array_equal(merged.keys, single.keys)
+    assert not (tmp_path / ".multi.shards").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Persistence
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_save_load_roundtrip_and_push_to_hub(tmp_path):
+    store = random_store(counts=True)
+    store.metadata["model_name_or_path"] = "tiny"
+    path = store.save_pretrained(tmp_path / "ds")
+    loaded = KNNDatastore.from_pretrained(path)
+    np.testing.assert_array_equal(loaded.keys, store.keys)
+    np.testing.assert_array_equal(loaded.values, store.values)
+    np.testing.assert_array_equal(loaded.counts, store.counts)
+    np.testing.assert_array_equal(loaded.provenance, store.provenance)
+    assert loaded.metadata["model_name_or_path"] == "tiny"
+    assert isinstance(loaded.keys, np.memmap)  # memory-mapped, not read into RAM
+    meta = json.loads((path / "knn_datastore.json").read_text())
+    assert meta["num_entries"] == 300 and meta["key_dtype"] == "float16" and meta["value_dtype"] == "int32"
+
+    uploaded = {}
+
+    def fake_upload(self, repo_id, folder_path, repo_type, commit_message):
+        uploaded.update(repo_id=repo_id, files=sorted(os.listdir(folder_path)), repo_type=repo_type)
+
+    with (
+        mock.patch("huggingface_hub.HfApi.create_repo") as create,
+        mock.patch("huggingface_hub.HfApi.upload_folder", fake_upload),
+    ):
+        store.push_to_hub("user/knn-store")
+    create.assert_called_once()
+    assert uploaded["repo_id"] == "user/knn-store" and uploaded["repo_type"] == "dataset"
+    assert "keys.npy" in uploaded["files"] and "knn_datastore.json" in uploaded["files"]
+
+
+def test_truncated_file_raises(tmp_path):
+    path = random_store().save_pretrained(tmp_path / "ds")
+    keys = path / "keys.npy"
+    data = keys.read_bytes()
+    keys.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ValueError, match="truncated"):
+        KNNDatastore.from_pretrained(path)
+
+
+def test_interrupted_write_keeps_previous_store(tmp_path):
+    good = random_store(seed=1).save_pretrained(tmp_path / "ds")
+    writer = KNNDatastoreWriter(tmp_path / "ds", key_dim=32)
+    writer.add(np.ones((3, 32)), np.arange(3), np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="not finite"):
+        writer.add(np.full((2, 32), np.nan), np.arange(2), np.zeros((2, 2)))
+    writer.abort()
+    again = KNNDatastore.from_pretrained(good)
+    assert len(again) == 300
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ds.tmp")]
+    # a writer dropped without commit leaves the previous store in place as well
+    w2 = KNNDatastoreWriter(tmp_path / "ds", key_dim=32)
+    w2.add(np.ones((3, 32)), np.arange(3), np.zeros((3, 2)))
+    assert len(KNNDatastore.from_pretrained(tmp_path / "ds")) == 300
+    w2.commit()
+    assert len(KNNDatastore.from_pretrained(tmp_path / "ds")) == 3
+
+
+def test_merge_datastores(tmp_path):
+    a, b = random_store(n=10, seed=1), random_store(n=7, seed=2, counts=True)
+    pa, pb = a.save_pretrained(tmp_path / "a"), b.save_pretrained(tmp_path / "b")
+    merged = KNNDatastore.from_pretrained(merge_datastores([pa, pb], tmp_path / "m"))
+    np.testing.assert_array_equal(merged.keys, np.concatenate([a.keys, b.keys]))
+    assert merged.counts.tolist() == [1] * 10 + b.counts.tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_argument_validation_messages():
+    store = random_store(n=20)
+    with pytest.raises(ValueError, match=r"`k` has to be an integer in \[1, 20\].*but is 21"):
+        KNNLogitsProcessor(store, k=21)
+    with pytest.raises(ValueError, match="`temperature` has to be a strictly positive.*but is 0"):
+        KNNLogitsProcessor(store, temperature=0)
+    with pytest.raises(ValueError, match=r"`lmbda` has to be a float in \[0, 1\], but is 1.5"):
+        KNNLogitsProcessor(store, lmbda=1.5)
+    with pytest.raises(ValueError, match="skip_threshold"):
+        KNNLogitsProcessor(store, skip_threshold=1.5)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 20\]"):
+        store.search(torch.zeros(1, 32), 21)
+
+
+def test_model_mismatch_errors():
+    model = tiny_marian(seed=0)
+    store = KNNDatastore.build(model, random_pairs(3), _tmp_dir(), progress=False)
+    KNNLogitsProcessor(store, k=2).attach(model).detach()  # same model: fine
+    KNNLogitsProcessor(store, k=2).attach(tiny_marian(seed=0).to(torch.bfloat16)).detach()  # same weights in bf16
+    with pytest.raises(ValueError, match="weights do not match"):
+        KNNLogitsProcessor(store, k=2).attach(tiny_marian(seed=1))
+    gpt = tiny_gpt2()  # same hidden size and vocabulary, another model
+    with pytest.raises(ValueError, match="weights do not match"):
+        KNNLogitsProcessor(store, k=2).attach(gpt)
+    with pytest.raises(ValueError, match="model hidden size 32 != datastore key dim 16"):
+        KNNLogitsProcessor(random_store(dim=16), k=2).attach(model)
+    bert = BertModel(
+        BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
+    )
+    with pytest.raises(ValueError, match="no hookable output embedding"):
+        KNNLogitsProcessor(random_store(), k=2).attach(bert)
+    big = KNNDatastore(keys=np.zeros((2, 32), np.float16), values=np.array([5, VOCAB + 3]))
+    with pytest.raises(ValueError, match=f"token id {VOCAB + 3}"):
+        KNNLogitsProcessor(big, k=1).attach(model, check_weights=False)
+
+
+def test_generation_never_silently_runs_without_knn():
+    model = tiny_gpt2()
+    proc = KNNLogitsProcessor(random_store(), k=2)
+    ids = torch.tensor([[5, 6, 7]])
+    scores = torch.zeros(1, VOCAB)
+    with pytest.raises(RuntimeError, match="not attached"):
+        proc(ids, scores)
+    with proc.attach(model, check_weights=False):
+        with pytest.raises(RuntimeError, match="did not fire"):
+            proc(ids, scores)  # no forward pass happened
+        model(ids)
+        with pytest.raises(RuntimeError, match="1 query states for 2 rows"):
+            proc(ids, torch.zeros(2, VOCAB))
+        model(ids)
+        proc(ids, scores)
+        model(ids)
+        model(ids)
+        with pytest.raises(RuntimeError, match="ran 2 times in one decoding step"):
+            proc(torch.tensor([[5, 6, 7, 8]]), scores)
+    # a second model generating while the processor hooks the first: the hook never fires
+    other = tiny_gpt2(seed=3)
+    with proc.attach(model, check_weights=False), pytest.raises(RuntimeError, match="did not fire"):
+        other.generate(ids, max_new_tokens=2, logits_processor=LogitsProcessorList([proc]), pad_token_id=PAD)
+
+
+def test_nan_states_raise():
+    model = tiny_gpt2()
+    proc = KNNLogitsProcessor(random_store(), k=2)
+    with torch.no_grad():
+        model.transformer.ln_f.weight[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN/inf hidden states"), proc.attach(model, check_weights=False):
+        model.generate(
+            torch.tensor([[5, 6]]), max_new_tokens=2, logits_processor=LogitsProcessorList([proc]), pad_token_id=PAD
+        )
+    with pytest.raises(ValueError, match="non-finite hidden states"):
+        KNNDatastore.build(model, random_texts(2), _tmp_dir(), progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Adaptive retrieval and kNN-LM perplexity
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_adaptive_retrieval_skips_confident_rows():
+    model = tiny_gpt2()
+    store = random_store()
+    ids = torch.randint(2, VOCAB, (6, 4), generator=torch.Generator().manual_seed(3))
+    full = KNNLogitsProcessor(store, k=4, temperature=3.0, lmbda=0.5)
+    with full.attach(model, check_weights=False):
+        scores = model(ids).logits[:, -1].float()
+        ref = full(ids, scores)
+    maxp = torch.softmax(scores, -1).max(-1).values
+    threshold = float(maxp.median())
+    proc = KNNLogitsProcessor(store, k=4, temperature=3.0, lmbda=0.5, skip_threshold=threshold)
+    with proc.attach(model, check_weights=False):
+        model(ids)
+        out = proc(ids, scores)
+    searched = maxp < threshold
+    assert proc.num_searches == int(searched.sum()) and proc.num_skipped == 6 - int(searched.sum())
+    assert 0 < proc.num_skipped < 6
+    torch.testing.assert_close(out[searched], ref[searched], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[~searched], torch.log_softmax(scores[~searched], -1), rtol=0, atol=1e-6)
+
+
+def test_knn_lm_perplexity_matches_numpy_reference():
+    model = tiny_gpt2()
+    data = random_texts(6, seed=12)
+    store = random_store(seed=13)
+    out = knn_lm_perplexity(model, store, data, k=5, temperature=2.0, lmbdas=[0.0, 0.4], batch_size=4, progress=False)
+    nll_base = nll_knn = 0.0
+    count = 0
+    for seq in data["input_ids"]:
+        cap = {}
+        h = model.lm_head.register_forward_pre_hook(lambda m, a, c=cap: c.update(x=a[0]))
+        logits = model(torch.tensor([seq])).logits[0, :-1].double().numpy()
+        h.remove()
+        states = cap["x"][0, :-1].numpy()
+        gold = np.array(seq[1:])
+        mixed, _ = reference_mix(states, logits, store.keys, store.values, 5, 2.0, 0.4)
+        lm = logits - logits.max(1, keepdims=True)
+        lm = lm - np.log(np.exp(lm).sum(1, keepdims=True))
+        nll_base -= lm[np.arange(len(gold)), gold].sum()
+        nll_knn -= mixed[np.arange(len(gold)), gold].sum()
+        count += len(gold)
+    assert out["num_tokens"] == count
+    np.testing.assert_allclose(out["base_perplexity"], np.exp(nll_base / count), rtol=1e-5)
+    np.testing.assert_allclose(out["knn_perplexity"][0.0], np.exp(nll_base / count), rtol=1e-5)
+    np.testing.assert_allclose(out["knn_perplexity"][0.4], np.exp(nll_knn / count), rtol=1e-5)
