@@ -8,7 +8,8 @@ from transformers import PreTrainedConfig
 class RealmConfig(PreTrainedConfig):
     r"""
     Configuration of every REALM model: [`RealmEmbedder`], [`RealmScorer`], [`RealmKnowledgeAugEncoder`],
-    [`RealmReader`], [`RealmForOpenQA`] and [`RealmForMaskedLM`], and of [`RealmRetriever`].
+    [`RealmReader`], [`RealmForOpenQA`], [`RealmForMaskedLM`] and [`RealmForInverseClozeTask`], and of
+    [`RealmRetriever`].
 
     The fields and defaults are those of transformers 4.x (`google/realm-cc-news-pretrained-*` architecture), so every
     4.x `config.json` loads unchanged; unknown legacy keys are kept as attributes rather than rejected.
@@ -58,6 +59,10 @@ class RealmConfig(PreTrainedConfig):
         searcher_beam_size (`int`, *optional*, defaults to 5000):
             Number of blocks retrieved for the retriever loss in training. In eval mode [`RealmForOpenQA`] retrieves
             `reader_beam_size` blocks.
+        share_embedders (`bool`, *optional*, defaults to `True`):
+            Whether [`RealmForMaskedLM`] / [`RealmForInverseClozeTask`] embed queries and documents with one
+            embedder (as 4.x's `RealmScorer` does by default). Separate towers barely learn ICT from scratch on small
+            data (see DESIGN.md); not a 4.x field.
 
     Example:
 
@@ -93,6 +98,7 @@ class RealmConfig(PreTrainedConfig):
     reader_seq_len: int = 320  # 288 + 32
     num_block_records: int = 13353718
     searcher_beam_size: int = 5000
+    share_embedders: bool = True
     # 4.x defaults, kept: `pad_token_id` is the `padding_idx` of the word embeddings (REALM's vocab pads with 0,
     # but 4.x checkpoints were trained with this value and old config.json files carry it).
     pad_token_id: int | None = 1

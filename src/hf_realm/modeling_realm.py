@@ -1148,9 +1148,381 @@ def _stack_reader_outputs(outputs: list[RealmReaderOutput]) -> RealmReaderOutput
     )
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Pretraining: REALM's end-to-end masked LM with retrieval, and the ICT warm start of the retriever
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RealmForMaskedLMOutput(ModelOutput):
+    """
+    Outputs of [`RealmForMaskedLM`]. `M` is the number of masked (labelled) positions in the batch.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            `-mean_m log sum_k p(z_k|x) p(y_m|z_k,x)` over the labelled positions (returned with `labels`).
+        logits (`torch.FloatTensor` of shape `(M, vocab_size)`):
+            Marginal log-probabilities `log p(y_m = v | x)` at the masked positions, in row-major order of `labels`.
+        null_logits (`torch.FloatTensor` of shape `(M, vocab_size)`):
+            Log-probabilities with the null document alone (closed book), `log p(y_m = v | null, x)`.
+        retrieval_logits (`torch.FloatTensor` of shape `(batch_size, num_candidates)`):
+            Relevance scores `Embed_input(x) . Embed_doc(z)` of the candidates (the null document scores 0).
+        retrieved_block_ids (`torch.LongTensor` of shape `(batch_size, num_candidates)`):
+            Block ids of the candidates; -1 for the null document (candidate 0).
+        masked_positions (`torch.LongTensor` of shape `(M, 2)`):
+            `(example, position)` of every labelled position.
+        gold_log_probs (`torch.FloatTensor` of shape `(M,)`, *optional*):
+            `log p(y_m | x)` of the label, with retrieval.
+        null_gold_log_probs (`torch.FloatTensor` of shape `(M,)`, *optional*):
+            `log p(y_m | null, x)` of the label (retrieval utility = `gold_log_probs - null_gold_log_probs`).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    null_logits: torch.FloatTensor | None = None
+    retrieval_logits: torch.FloatTensor | None = None
+    retrieved_block_ids: torch.LongTensor | None = None
+    masked_positions: torch.LongTensor | None = None
+    gold_log_probs: torch.FloatTensor | None = None
+    null_gold_log_probs: torch.FloatTensor | None = None
+
+
+class RealmForMaskedLM(RealmPreTrainedModel):
+    r"""
+    REALM pretraining, end to end: embed the masked query, retrieve the top blocks from the corpus index (MIPS over
+    cached doc embeddings), drop the query's own source block (trivial retrieval), put the null document at
+    candidate 0, re-embed the candidates with the current doc embedder (so both towers get gradients), run the
+    knowledge-augmented encoder on `[CLS] x [SEP] z [SEP]` and return the marginal log-likelihood over the masked
+    positions. MLM logits are computed only at masked positions.
+
+    The index is given at construction, as RAG's model is given its retriever, and may be swapped at any time
+    (`model.index = new_index`, what [`IndexRefreshCallback`] does). Any object with these two methods works:
+
+    - `search(query_embeddings: FloatTensor (B, proj), k: int) -> (scores (B, k), block_ids LongTensor (B, k))`,
+      best first;
+    - `block_input_ids(block_ids: list[int]) -> list[list[int]]`: each block's token ids,
+      `[CLS] title [SEP] body [SEP]` as the doc embedder reads them.
+
+    Args:
+        config ([`RealmConfig`]): `num_candidates` is k, the null document included (REALM: 8).
+        index (*optional*): The corpus index (see above); required by `forward`.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_realm import RealmConfig, RealmForMaskedLM
+    >>> blocks = [[2, 10 + i, 11 + i, 3, 20 + i, 3] for i in range(6)]  # [CLS] title [SEP] body [SEP]
+    >>> class TinyIndex:  # exact MIPS over embeddings computed once
+    ...     def __init__(self, embedder):
+    ...         with torch.no_grad():
+    ...             self.emb = embedder(torch.tensor(blocks)).projected_score
+    ...     def search(self, q, k):
+    ...         return (q @ self.emb.T).topk(k)
+    ...     def block_input_ids(self, ids):
+    ...         return [blocks[i] for i in ids]
+    >>> config = RealmConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    ...                      intermediate_size=37, retriever_proj_size=16, num_candidates=3)
+    >>> model = RealmForMaskedLM(config)
+    >>> model.index = TinyIndex(model.embedder)
+    >>> labels = torch.tensor([[-100, -100, 21, -100]])
+    >>> out = model(torch.tensor([[2, 40, 4, 3]]), labels=labels, source_block_id=torch.tensor([1]))
+    >>> out.retrieved_block_ids[0, 0].item(), 1 in out.retrieved_block_ids[0].tolist()
+    (-1, False)
+    ```
+    """
+
+    _tied_weights_keys = {
+        "embedder.cls.predictions.decoder.bias": "embedder.cls.predictions.bias",
+        "encoder.cls.predictions.decoder.weight": "encoder.realm.embeddings.word_embeddings.weight",
+        "encoder.cls.predictions.decoder.bias": "encoder.cls.predictions.bias",
+    }
+
+    def __init__(self, config: RealmConfig, index=None):
+        super().__init__(config)
+        if config.num_candidates < 2:
+            raise ValueError(
+                f"num_candidates must be >= 2 (the null document plus at least one retrieved block), got "
+                f"{config.num_candidates}"
+            )
+        self.embedder = RealmEmbedder(config)
+        if not config.share_embedders:
+            self.query_embedder = RealmEmbedder(config)
+        self.encoder = RealmKnowledgeAugEncoder(config)
+        self.index = index
+        self.post_init()
+
+    def __getattr__(self, name):
+        if name == "query_embedder":
+            modules = self.__dict__["_modules"]
+            return modules["query_embedder"] if "query_embedder" in modules else modules["embedder"]
+        return super().__getattr__(name)
+
+    def save_pretrained(self, save_directory, *args, save_index: bool = True, **kwargs):
+        """Save the whole model, each sub-model in its own loadable folder (`embedder/`, `query_embedder/` when
+        separate, `encoder/`), and the index (`index/`) when it has `save_pretrained` and `save_index` is true."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        main = kwargs.get("is_main_process", True)
+        if not main:
+            return
+        subs = {"embedder": self.embedder, "encoder": self.encoder}
+        if not self.config.share_embedders:
+            subs["query_embedder"] = self.query_embedder
+        for name, module in subs.items():
+            module.save_pretrained(os.path.join(str(save_directory), name), safe_serialization=True)
+        if save_index and self.index is not None and hasattr(self.index, "save_pretrained"):
+            self.index.save_pretrained(os.path.join(str(save_directory), "index"))
+
+    def _candidates(self, query_embeddings, source_block_id):
+        """Top `num_candidates - 1` block ids per query from the index, the query's own source block removed."""
+        if self.index is None:
+            raise ValueError(
+                "RealmForMaskedLM needs a corpus index: RealmForMaskedLM(config, index=...) or `model.index = ...`"
+            )
+        num_retrieved = self.config.num_candidates - 1
+        extra = 0 if source_block_id is None else 1
+        with torch.no_grad():
+            _, ids = self.index.search(query_embeddings.detach().float(), num_retrieved + extra)
+        ids = torch.as_tensor(ids, device=query_embeddings.device).long()
+        if ids.shape[1] < num_retrieved + extra:
+            raise ValueError(
+                f"the index returned {ids.shape[1]} blocks per query, need {num_retrieved + extra} "
+                f"(num_candidates - 1{' + 1 for the dropped source block' if extra else ''}): is the corpus smaller?"
+            )
+        if source_block_id is None:
+            return ids
+        source = source_block_id.to(ids.device).view(-1, 1)
+        keep = ids != source
+        # Where the source block was not retrieved, drop the last retrieved block instead.
+        keep[:, -1] &= ~keep[:, :-1].all(dim=1)
+        return ids[keep].view(ids.shape[0], num_retrieved)
+
+    def _embed_blocks(self, block_ids: torch.Tensor):
+        device = block_ids.device
+        flat = block_ids.reshape(-1).tolist()
+        token_ids = self.index.block_input_ids(flat)
+        max_len = max(len(t) for t in token_ids)
+        ids = torch.zeros(len(flat), max_len, dtype=torch.long)
+        mask = torch.zeros(len(flat), max_len, dtype=torch.long)
+        types = torch.zeros(len(flat), max_len, dtype=torch.long)
+        for i, t in enumerate(token_ids):
+            ids[i, : len(t)] = torch.as_tensor(t)
+            mask[i, : len(t)] = 1
+            # `[CLS] title [SEP] body [SEP]`: the body is segment 1 as in BERT's sentence pairs
+            sep = t.index(t[-1]) if len(t) > 1 else len(t)
+            types[i, sep + 1 : len(t)] = 1
+        ids, mask, types = ids.to(device), mask.to(device), types.to(device)
+        emb = self.embedder(ids, attention_mask=mask, token_type_ids=types, return_dict=True).projected_score
+        return emb.view(*block_ids.shape, -1), token_ids
+
+    def _joint_inputs(self, input_ids, attention_mask, block_token_ids, num_queries):
+        """`[CLS] x [SEP] z [SEP]` for every query and candidate (candidate 0: the null document, x alone)."""
+        k = self.config.num_candidates
+        max_len = self.config.max_position_embeddings
+        rows = []
+        for b in range(num_queries):
+            x = input_ids[b][attention_mask[b].bool()].tolist()
+            for c in range(k):
+                z = [] if c == 0 else block_token_ids[b * (k - 1) + c - 1][1:]
+                rows.append((x, z[: max(0, max_len - len(x))]))
+        length = max(len(x) + len(z) for x, z in rows)
+        ids = torch.zeros(len(rows), length, dtype=torch.long)
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        types = torch.zeros(len(rows), length, dtype=torch.long)
+        for i, (x, z) in enumerate(rows):
+            ids[i, : len(x) + len(z)] = torch.as_tensor(x + z)
+            mask[i, : len(x) + len(z)] = 1
+            types[i, len(x) : len(x) + len(z)] = 1
+        device = input_ids.device
+        return ids.to(device), mask.to(device), types.to(device)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        source_block_id: torch.LongTensor | None = None,
+        gold_block_id: torch.LongTensor | None = None,
+        candidate_block_ids: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> tuple | RealmForMaskedLMOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, query_length)`):
+                The masked query `[CLS] x [SEP]` (right padded).
+            labels (`torch.LongTensor` of shape `(batch_size, query_length)`, *optional*):
+                Original ids at the masked positions, -100 elsewhere. Every batch needs at least one.
+            source_block_id (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                The block each query was taken from (-1 for none), dropped from its candidates.
+            gold_block_id (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Accepted and ignored here (the metrics use it); lets collators pass it through.
+            candidate_block_ids (`torch.LongTensor` of shape `(batch_size, num_candidates - 1)`, *optional*):
+                Use these blocks instead of searching the index.
+        """
+        unexpected = set(kwargs) - {"block_id"}
+        if unexpected:
+            raise TypeError(f"RealmForMaskedLM.forward got unexpected arguments {sorted(unexpected)}")
+        if source_block_id is None:
+            source_block_id = kwargs.get("block_id")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        batch_size, query_length = input_ids.shape
+        k = self.config.num_candidates
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(
+                    f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
+                )
+            if not (labels != -100).any():
+                raise ValueError("labels hold no masked position (all -100): nothing to predict in this batch")
+            if ((labels != -100) & ~attention_mask.bool()).any():
+                raise ValueError("labels mark a masked position outside the query (where attention_mask is 0)")
+
+        query = self.query_embedder(
+            input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True
+        ).projected_score
+        if candidate_block_ids is None:
+            candidate_block_ids = self._candidates(query, source_block_id)
+        elif tuple(candidate_block_ids.shape) != (batch_size, k - 1):
+            raise ValueError(
+                f"candidate_block_ids must have shape (batch_size={batch_size}, num_candidates - 1={k - 1}), got "
+                f"{tuple(candidate_block_ids.shape)}"
+            )
+        doc, block_token_ids = self._embed_blocks(candidate_block_ids)
+        retrieval_logits = torch.cat([query.new_zeros(batch_size, 1), torch.einsum("bd,bkd->bk", query, doc)], dim=1)
+        retrieved = torch.cat([candidate_block_ids.new_full((batch_size, 1), -1), candidate_block_ids], dim=1)
+
+        if labels is None:
+            positions = torch.nonzero(input_ids == -1)  # no labels: no positions to score
+        else:
+            positions = torch.nonzero(labels != -100)  # (M, 2), row-major
+        output = RealmForMaskedLMOutput(
+            retrieval_logits=retrieval_logits, retrieved_block_ids=retrieved, masked_positions=positions
+        )
+        if positions.shape[0] > 0:
+            joint_ids, joint_mask, joint_types = self._joint_inputs(
+                input_ids, attention_mask, block_token_ids, batch_size
+            )
+            hidden = self.encoder.realm(
+                input_ids=joint_ids, attention_mask=joint_mask, token_type_ids=joint_types, return_dict=True
+            ).last_hidden_state
+            hidden = hidden.view(batch_size, k, hidden.shape[1], hidden.shape[2])
+            # Only the masked positions go through the MLM head: (M, k, hidden) -> (M, k, vocab).
+            masked_hidden = hidden[positions[:, 0], :, positions[:, 1]]
+            token_log_probs = self.encoder.cls(masked_hidden).float().log_softmax(-1)
+            doc_log_probs = retrieval_logits.float().log_softmax(-1)[positions[:, 0]]  # (M, k)
+            output.logits = (doc_log_probs.unsqueeze(-1) + token_log_probs).logsumexp(1)
+            output.null_logits = token_log_probs[:, 0]
+            if labels is not None:
+                gold = labels[positions[:, 0], positions[:, 1]]
+                output.gold_log_probs = output.logits.gather(1, gold.unsqueeze(1)).squeeze(1)
+                output.null_gold_log_probs = output.null_logits.gather(1, gold.unsqueeze(1)).squeeze(1)
+                output.loss = -output.gold_log_probs.mean()
+        return _return(output, return_dict, self.config)
+
+
+@dataclass
+class RealmForInverseClozeTaskOutput(ModelOutput):
+    """
+    Outputs of [`RealmForInverseClozeTask`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Cross-entropy of each query against the in-batch blocks (its own block is the positive).
+        logits (`torch.FloatTensor` of shape `(batch_size, batch_size)`):
+            Query-block inner products.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+
+
+class RealmForInverseClozeTask(RealmPreTrainedModel):
+    r"""
+    The Inverse Cloze Task (ORQA) that warm-starts REALM's retriever: a sentence is the query, the block it came
+    from (with the sentence removed) is the positive, the other blocks of the batch are the negatives.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_realm import RealmConfig, RealmForInverseClozeTask
+    >>> config = RealmConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    ...                      intermediate_size=37, retriever_proj_size=16)
+    >>> model = RealmForInverseClozeTask(config)
+    >>> out = model(query_input_ids=torch.randint(5, 99, (4, 6)), block_input_ids=torch.randint(5, 99, (4, 12)))
+    >>> out.logits.shape
+    torch.Size([4, 4])
+    ```
+    """
+
+    _tied_weights_keys = {"embedder.cls.predictions.decoder.bias": "embedder.cls.predictions.bias"}
+
+    def __init__(self, config: RealmConfig):
+        super().__init__(config)
+        self.embedder = RealmEmbedder(config)
+        if not config.share_embedders:
+            self.query_embedder = RealmEmbedder(config)
+        self.post_init()
+
+    def __getattr__(self, name):
+        if name == "query_embedder":
+            modules = self.__dict__["_modules"]
+            return modules["query_embedder"] if "query_embedder" in modules else modules["embedder"]
+        return super().__getattr__(name)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save the model and its embedder(s) each in a loadable folder (`embedder/`, `query_embedder/`)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            self.embedder.save_pretrained(os.path.join(str(save_directory), "embedder"))
+            if not self.config.share_embedders:
+                self.query_embedder.save_pretrained(os.path.join(str(save_directory), "query_embedder"))
+
+    def forward(
+        self,
+        query_input_ids: torch.LongTensor,
+        block_input_ids: torch.LongTensor,
+        query_attention_mask: torch.LongTensor | None = None,
+        query_token_type_ids: torch.LongTensor | None = None,
+        block_attention_mask: torch.LongTensor | None = None,
+        block_token_type_ids: torch.LongTensor | None = None,
+        return_loss: bool = True,
+        return_dict: bool | None = None,
+    ) -> tuple | RealmForInverseClozeTaskOutput:
+        r"""
+        Args:
+            query_input_ids (`torch.LongTensor` of shape `(batch_size, query_length)`): The sentences.
+            block_input_ids (`torch.LongTensor` of shape `(batch_size, block_length)`):
+                Their blocks (`[CLS] title [SEP] body [SEP]`, the sentence usually removed); row i is query i's positive.
+        """
+        if query_input_ids.shape[0] != block_input_ids.shape[0]:
+            raise ValueError(
+                f"one block per query: got {query_input_ids.shape[0]} queries and {block_input_ids.shape[0]} blocks"
+            )
+        query = self.query_embedder(
+            query_input_ids, attention_mask=query_attention_mask, token_type_ids=query_token_type_ids, return_dict=True
+        ).projected_score
+        block = self.embedder(
+            block_input_ids, attention_mask=block_attention_mask, token_type_ids=block_token_type_ids, return_dict=True
+        ).projected_score
+        logits = query @ block.T
+        loss = None
+        if return_loss:
+            target = torch.arange(logits.shape[0], device=logits.device)
+            loss = nn.functional.cross_entropy(logits.float(), target)
+        return _return(RealmForInverseClozeTaskOutput(loss=loss, logits=logits), return_dict, self.config)
+
+
 __all__ = [
     "RealmEmbedder",
     "RealmEmbedderOutput",
+    "RealmForInverseClozeTask",
+    "RealmForInverseClozeTaskOutput",
+    "RealmForMaskedLM",
+    "RealmForMaskedLMOutput",
     "RealmForOpenQA",
     "RealmForOpenQAOutput",
     "RealmKnowledgeAugEncoder",

@@ -85,7 +85,7 @@ class RealmRetriever:
     >>> question = tokenizer(["where is paris ?"]).input_ids
     >>> has_answers, starts, ends, inputs = retriever([0, 1], question, answer_ids=[[8]])
     >>> has_answers, starts, ends
-    ([True, False], [[10]], [[10]])
+    ([True, False], [[9], [-1]], [[9], [-1]])
     ```
     """
 
