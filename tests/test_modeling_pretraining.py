@@ -27,8 +27,11 @@ class ExactIndex:
         self.calls += 1
         return (q.double() @ self.emb.T).topk(k)
 
-    def block_input_ids(self, ids):
-        return [BLOCKS[i] for i in ids]
+    def block_inputs(self, ids):
+        ids = torch.tensor([BLOCKS[i] for i in ids])
+        types = torch.zeros_like(ids)
+        types[:, 3:] = 1
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": types}
 
 
 def config(**kw):

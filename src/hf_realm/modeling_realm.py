@@ -1200,8 +1200,10 @@ class RealmForMaskedLM(RealmPreTrainedModel):
 
     - `search(query_embeddings: FloatTensor (B, proj), k: int) -> (scores (B, k), block_ids LongTensor (B, k))`,
       best first;
-    - `block_input_ids(block_ids: list[int]) -> list[list[int]]`: each block's token ids,
-      `[CLS] title [SEP] body [SEP]` as the doc embedder reads them.
+    - `block_inputs(block_ids: LongTensor (n,)) -> dict` of right-padded `input_ids`, `attention_mask` and
+      `token_type_ids`, `(n, length)`: each block as the doc embedder reads it, `[CLS] title [SEP] body [SEP]`.
+
+    [`RealmBlockIndex`] is such an index.
 
     Args:
         config ([`RealmConfig`]): `num_candidates` is k, the null document included (REALM: 8).
@@ -1212,15 +1214,16 @@ class RealmForMaskedLM(RealmPreTrainedModel):
     ```python
     >>> import torch
     >>> from hf_realm import RealmConfig, RealmForMaskedLM
-    >>> blocks = [[2, 10 + i, 11 + i, 3, 20 + i, 3] for i in range(6)]  # [CLS] title [SEP] body [SEP]
+    >>> blocks = torch.tensor([[2, 10 + i, 11 + i, 3, 20 + i, 3] for i in range(6)])  # [CLS] title [SEP] body [SEP]
     >>> class TinyIndex:  # exact MIPS over embeddings computed once
     ...     def __init__(self, embedder):
     ...         with torch.no_grad():
-    ...             self.emb = embedder(torch.tensor(blocks)).projected_score
+    ...             self.emb = embedder(blocks).projected_score
     ...     def search(self, q, k):
     ...         return (q @ self.emb.T).topk(k)
-    ...     def block_input_ids(self, ids):
-    ...         return [blocks[i] for i in ids]
+    ...     def block_inputs(self, ids):
+    ...         ids = blocks[ids]
+    ...         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
     >>> config = RealmConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
     ...                      intermediate_size=37, retriever_proj_size=16, num_candidates=3)
     >>> model = RealmForMaskedLM(config)
@@ -1298,21 +1301,12 @@ class RealmForMaskedLM(RealmPreTrainedModel):
         return ids[keep].view(ids.shape[0], num_retrieved)
 
     def _embed_blocks(self, block_ids: torch.Tensor):
-        device = block_ids.device
-        flat = block_ids.reshape(-1).tolist()
-        token_ids = self.index.block_input_ids(flat)
-        max_len = max(len(t) for t in token_ids)
-        ids = torch.zeros(len(flat), max_len, dtype=torch.long)
-        mask = torch.zeros(len(flat), max_len, dtype=torch.long)
-        types = torch.zeros(len(flat), max_len, dtype=torch.long)
-        for i, t in enumerate(token_ids):
-            ids[i, : len(t)] = torch.as_tensor(t)
-            mask[i, : len(t)] = 1
-            # `[CLS] title [SEP] body [SEP]`: the body is segment 1 as in BERT's sentence pairs
-            sep = t.index(t[-1]) if len(t) > 1 else len(t)
-            types[i, sep + 1 : len(t)] = 1
-        ids, mask, types = ids.to(device), mask.to(device), types.to(device)
-        emb = self.embedder(ids, attention_mask=mask, token_type_ids=types, return_dict=True).projected_score
+        """Re-embed the candidates with the current doc embedder (this is where the doc tower gets its gradient)."""
+        inputs = self.index.block_inputs(block_ids.reshape(-1).cpu())
+        inputs = {k: torch.as_tensor(v).to(block_ids.device) for k, v in inputs.items()}
+        emb = self.embedder(**inputs, return_dict=True).projected_score
+        mask = inputs["attention_mask"].bool()
+        token_ids = [row[m].tolist() for row, m in zip(inputs["input_ids"], mask, strict=True)]
         return emb.view(*block_ids.shape, -1), token_ids
 
     def _joint_inputs(self, input_ids, attention_mask, block_token_ids, num_queries):
