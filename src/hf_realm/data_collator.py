@@ -64,7 +64,7 @@ class DataCollatorForSalientSpanMasking:
     Example:
 
     ```python
-    >>> from hf_realm import KnowledgeWorld
+    >>> from hf_realm.world import KnowledgeWorld
     >>> from hf_realm.data_collator import DataCollatorForSalientSpanMasking
     >>> world = KnowledgeWorld(num_entities=20, seed=0)
     >>> tokenizer = world.tokenizer()

@@ -153,7 +153,7 @@ class WorldConfig:
         num_cities (`int`, *optional*, defaults to 120), num_organizations (`int`, *optional*, defaults to 150):
             Value pools.
         year_range (`tuple[int, int]`, *optional*, defaults to `(1650, 1949)`): Birth years, inclusive.
-        num_occupations (`int`, *optional*): The first ``n`` of the 57 built-in occupations (all by default).
+        num_occupations (`int`, *optional*): The first ``n`` of the 56 built-in occupations (all by default).
         sentences_per_fact (`int`, *optional*, defaults to 2): Pretraining sentences per training fact (distinct
             phrasings); validation and test facts get ``eval_sentences_per_fact`` (default 1).
         questions_per_fact (`int`, *optional*, defaults to 1): Questions per training fact; validation and test facts
@@ -312,7 +312,7 @@ class KnowledgeWorld:
     >>> ex["answers"][0] in corpus[ex["gold_block_id"]]["text"]
     True
     >>> tokenizer = world.tokenizer()
-    >>> tokenizer.unk_token_id in tokenizer(corpus["text"])["input_ids"][0]
+    >>> tokenizer.unk_token_id in tokenizer(corpus[0]["text"])["input_ids"]
     False
     ```
     """
