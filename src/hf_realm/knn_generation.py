@@ -367,7 +367,7 @@ class _DeviceStore:
     key_bias: torch.Tensor | None  # (n,) fp32: -||k||^2 / 2
     values: torch.Tensor  # (n,) int32
     log_counts: torch.Tensor | None  # (n,) fp32
-    projection_mean: torch.Tensor | None
+    projection_bias: torch.Tensor | None
     projection_matrix: torch.Tensor | None
     pq_codes: torch.Tensor | None  # (n, m) uint8
     pq_codebooks: torch.Tensor | None  # (m, ksub, dsub) fp32
@@ -392,8 +392,8 @@ class KNNDatastore:
         metadata (`dict`, *optional*):
             Model / tokenizer fingerprints, compression and pruning history (see `knn_datastore.json`).
         projection (`dict`, *optional*):
-            `{"mean": (input_dim,), "matrix": (input_dim, key_dim)}`: queries are mapped to `(q - mean) @ matrix`
-            before the search (PCA compression).
+            `{"matrix": (input_dim, key_dim), "bias": (key_dim,)}`: queries are mapped to `q @ matrix + bias`
+            before the search (PCA compression; composes by matrix products).
         pq (`dict`, *optional*):
             `{"codes": (num_entries, m) uint8, "codebooks": (m, 256, key_dim / m) float32}` replacing ``keys``.
 
@@ -452,13 +452,13 @@ class KNNDatastore:
             raise ValueError(f"counts of shape {self.counts.shape}, expected ({n},)")
         self.projection = None
         if projection is not None:
-            mean = _to_numpy(projection["mean"]).astype(np.float32)
             matrix = _to_numpy(projection["matrix"]).astype(np.float32)
-            if matrix.ndim != 2 or mean.shape != (matrix.shape[0],) or matrix.shape[1] != self.key_dim:
+            bias = _to_numpy(projection["bias"]).astype(np.float32)
+            if matrix.ndim != 2 or matrix.shape[1] != self.key_dim or bias.shape != (self.key_dim,):
                 raise ValueError(
-                    f"projection mean {mean.shape} / matrix {matrix.shape} do not map to key dim {self.key_dim}"
+                    f"projection matrix {matrix.shape} / bias {bias.shape} do not map to key dim {self.key_dim}"
                 )
-            self.projection = {"mean": mean, "matrix": matrix}
+            self.projection = {"matrix": matrix, "bias": bias}
         self.metadata = dict(metadata or {})
         self.metadata["num_entries"] = n
         self.metadata["key_dim"] = self.key_dim
@@ -502,7 +502,7 @@ class KNNDatastore:
         if self.counts is not None:
             total += self.counts.nbytes
         if self.projection is not None:
-            total += self.projection["mean"].nbytes + self.projection["matrix"].nbytes
+            total += self.projection["bias"].nbytes + self.projection["matrix"].nbytes
         return int(total)
 
     # -- persistence ---------------------------------------------------------------------------------------------------
@@ -600,7 +600,7 @@ class KNNDatastore:
         projection = None
         if (path / "projection.npz").is_file():
             with np.load(path / "projection.npz") as z:
-                projection = {"mean": z["mean"], "matrix": z["matrix"]}
+                projection = {"matrix": z["matrix"], "bias": z["bias"]}
         store = cls(keys, values, provenance, counts, meta, projection=projection, pq=pq)
         if load_index and (path / "index.faiss").is_file():
             faiss = _import_faiss()
@@ -766,11 +766,11 @@ class KNNDatastore:
         log_counts = None
         if self.counts is not None:
             log_counts = torch.from_numpy(self.counts.astype(np.float32)).to(device).log()
-        mean = matrix = None
+        bias = matrix = None
         if self.projection is not None:
-            mean = torch.from_numpy(self.projection["mean"]).to(device)
+            bias = torch.from_numpy(self.projection["bias"]).to(device)
             matrix = torch.from_numpy(self.projection["matrix"]).to(device)
-        self._device_store = _DeviceStore(device, keys, key_bias, values, log_counts, mean, matrix, codes, codebooks)
+        self._device_store = _DeviceStore(device, keys, key_bias, values, log_counts, bias, matrix, codes, codebooks)
         return self
 
     def project(self, queries: torch.Tensor) -> torch.Tensor:
@@ -780,7 +780,7 @@ class KNNDatastore:
             raise ValueError(f"query dim {queries.shape[-1]} != datastore input dim {self.input_dim}")
         store = self._device_store_for(queries.device)
         if store.projection_matrix is not None:
-            queries = (queries - store.projection_mean) @ store.projection_matrix
+            queries = torch.addmm(store.projection_bias, queries, store.projection_matrix)
         return queries
 
     def _device_store_for(self, device: torch.device) -> _DeviceStore:

@@ -1,0 +1,490 @@
+"""Making a kNN datastore smaller: pruning (fewer entries) and compression (fewer bytes per entry).
+
+Pruning returns a new [`KNNDatastore`] with a subset of the entries, provenance kept:
+
+- [`random_prune`]: uniform sampling.
+- [`greedy_merge`] (He et al. 2021, "Efficient Nearest Neighbor Language Models", arXiv:2109.04212): visit entries in
+  order; an entry still present absorbs its nearest neighbours that share its value, adding their counts to its own;
+  the counts weight p_kNN at search time (`p ∝ count * exp(-d / T)`).
+- [`confidence_prune`]: drop the entries the model already predicts best. The key *is* the input of the output layer,
+  so p_LM(value | context) = softmax(output_embedding(key) + final_logits_bias)[value] needs no forward pass; entries
+  with the highest p_LM add least to the mixture p = λ p_kNN + (1 - λ) p_LM and go first.
+
+Compression, composable with pruning and with each other (PCA first, then PQ):
+
+- [`pca_compress`]: keys projected on their top principal components; queries are projected the same way at search.
+- [`pq_compress`]: product quantisation (k-means per sub-space in torch), searched exactly over the reconstructions on
+  the GPU (= faiss `IndexPQ` asymmetric distances).
+
+[`prune_datastore`] dispatches by name, as the sweep in `examples/prune_datastore.py` uses it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .knn_generation import KNNDatastore, pq_decode
+
+
+PRUNING_METHODS = ("random", "greedy_merge", "confidence")
+
+
+def _default_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def _check_fraction(fraction: float) -> None:
+    if not isinstance(fraction, int | float) or not 0.0 < fraction <= 1.0:
+        raise ValueError(f"`fraction` has to be in (0, 1], but is {fraction}")
+
+
+def _target_size(n: int, fraction: float) -> int:
+    return max(1, int(round(n * fraction)))
+
+
+def _first_of_each_value(values: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """For every distinct value, the entry that comes first in ``order``."""
+    _, first = np.unique(values[order], return_index=True)
+    return order[first]
+
+
+def _take_in_order(order: np.ndarray, size: int, values: np.ndarray, keep_singletons: bool) -> np.ndarray:
+    """The first ``size`` entries of ``order`` (a priority list); with ``keep_singletons`` every value keeps one entry."""
+    if not keep_singletons:
+        return np.sort(order[:size])
+    required = _first_of_each_value(values, order)
+    if required.size > size:
+        warnings.warn(
+            f"keep_singletons: {required.size} distinct values need one entry each, more than the target of {size} "
+            "entries; keeping one entry per value",
+            stacklevel=3,
+        )
+        return np.sort(required)
+    mask = np.zeros(values.shape[0], dtype=bool)
+    mask[required] = True
+    rest = order[~mask[order]][: size - required.size]
+    return np.sort(np.concatenate([required, rest]))
+
+
+def random_prune(
+    datastore: KNNDatastore, fraction: float, seed: int = 0, keep_singletons: bool = False
+) -> KNNDatastore:
+    """Keeps a uniformly random ``fraction`` of the entries.
+
+    Args:
+        datastore (`KNNDatastore`): the store to prune.
+        fraction (`float`): share of entries kept, in `(0, 1]`.
+        seed (`int`, *optional*, defaults to 0): random seed.
+        keep_singletons (`bool`, *optional*, defaults to `False`): never drop the last entry of a value (each value
+            in the store keeps at least one entry, even if that exceeds the target size).
+
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> from hf_realm import KNNDatastore
+    >>> from hf_realm.knn_pruning import random_prune
+    >>> store = KNNDatastore(keys=np.zeros((10, 4), np.float16), values=np.arange(10) % 3)
+    >>> len(random_prune(store, 0.5))
+    5
+    ```
+    """
+    _check_fraction(fraction)
+    n = len(datastore)
+    order = np.random.default_rng(seed).permutation(n)
+    keep = _take_in_order(order, _target_size(n, fraction), datastore.values, keep_singletons)
+    history = {"method": "random", "fraction": fraction, "seed": seed, "keep_singletons": keep_singletons}
+    return datastore.select(keep, history=history)
+
+
+@torch.no_grad()
+def datastore_neighbours(
+    datastore: KNNDatastore, k: int, device: str | torch.device | None = None, max_scores: int = 1 << 28
+) -> np.ndarray:
+    """The ``k`` nearest other entries of every entry, `(num_entries, k)` int64 (exact, self excluded)."""
+    n = len(datastore)
+    if not 1 <= k < n:
+        raise ValueError(f"k must be in [1, {n - 1}] (other entries), got {k}")
+    device = _default_device(device)
+    datastore.to(device)
+    store = datastore._device_store_for(device)
+    batch = max(1, min(4096, max_scores // n))
+    out = np.empty((n, k), dtype=np.int64)
+    for start in range(0, n, batch):
+        stop = min(n, start + batch)
+        if store.keys is not None:
+            queries = store.keys[start:stop].float()
+        else:
+            queries = pq_decode(store.pq_codes[start:stop], store.pq_codebooks)
+        _, ids = datastore.search(queries, k + 1, projected=True)
+        own = torch.arange(start, stop, device=ids.device)[:, None]
+        is_self = ids == own
+        # drop self (or, with exact duplicates, the last candidate) so that k others remain
+        drop = torch.where(is_self.any(1), is_self.float().argmax(1), torch.full_like(own[:, 0], k))
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        keep[torch.arange(ids.shape[0], device=ids.device), drop] = False
+        out[start:stop] = ids[keep].view(-1, k).cpu().numpy()
+    return out
+
+
+def greedy_merge(
+    datastore: KNNDatastore,
+    num_neighbors: int = 8,
+    fraction: float | None = None,
+    neighbours: np.ndarray | None = None,
+    device: str | torch.device | None = None,
+) -> KNNDatastore:
+    """Greedy merging (He et al. 2021): entries absorb their same-value nearest neighbours and carry their counts.
+
+    Entries are visited in order. An entry still present merges each of its ``num_neighbors`` nearest neighbours that
+    is still present and has the same value: the neighbour is removed and its count added to the entry's. With
+    ``fraction`` the merging stops as soon as that share of entries remains (if merging everything leaves more, the
+    result is larger than asked, with a warning). Merging only joins entries of one value, so no value ever loses its
+    last entry. The merged store has `counts`; [`KNNLogitsProcessor`] weights neighbours by them.
+
+    Args:
+        datastore (`KNNDatastore`): the store to merge.
+        num_neighbors (`int`, *optional*, defaults to 8): neighbours looked at per entry.
+        fraction (`float`, *optional*): stop at this share of entries.
+        neighbours (`np.ndarray` of shape `(num_entries, >= num_neighbors)`, *optional*): precomputed neighbour
+            lists (from [`datastore_neighbours`]), nearest first; reused across fractions in sweeps.
+        device (`str` or `torch.device`, *optional*): where to search the neighbours.
+
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> from hf_realm import KNNDatastore
+    >>> from hf_realm.knn_pruning import greedy_merge
+    >>> keys = np.array([[0.0], [0.1], [5.0], [5.1]], np.float16)
+    >>> merged = greedy_merge(KNNDatastore(keys=keys, values=[7, 7, 8, 9]), num_neighbors=1)
+    >>> merged.values.tolist(), merged.counts.tolist()
+    ([7, 8, 9], [2, 1, 1])
+    ```
+    """
+    n = len(datastore)
+    if fraction is not None:
+        _check_fraction(fraction)
+    if neighbours is None:
+        neighbours = datastore_neighbours(datastore, min(num_neighbors, n - 1), device=device)
+    elif neighbours.shape[0] != n or neighbours.shape[1] < min(num_neighbors, n - 1):
+        raise ValueError(f"neighbours of shape {neighbours.shape}, expected ({n}, >= {min(num_neighbors, n - 1)})")
+    neighbours = neighbours[:, :num_neighbors]
+    target = _target_size(n, fraction) if fraction is not None else 0
+    counts = (datastore.counts.astype(np.int64) if datastore.counts is not None else np.ones(n, np.int64)).tolist()
+    values = datastore.values.tolist()
+    nbrs = neighbours.tolist()
+    removed = bytearray(n)
+    remaining = n
+    for i in range(n):
+        if remaining <= target:
+            break
+        if removed[i]:
+            continue
+        vi = values[i]
+        for j in nbrs[i]:
+            if j != i and not removed[j] and values[j] == vi:
+                removed[j] = 1
+                counts[i] += counts[j]
+                counts[j] = 0
+                remaining -= 1
+                if remaining <= target:
+                    break
+    keep = np.flatnonzero(np.frombuffer(bytes(removed), dtype=np.uint8) == 0)
+    if fraction is not None and keep.size > target:
+        warnings.warn(
+            f"greedy merging with {num_neighbors} neighbours keeps {keep.size / n:.1%} of the entries, more than the "
+            f"{fraction:.1%} asked for; raise num_neighbors to merge more",
+            stacklevel=2,
+        )
+    new_counts = np.asarray(counts, dtype=np.int64)[keep]
+    if new_counts.max(initial=0) > np.iinfo(np.int32).max:
+        raise OverflowError("a merged count exceeds int32")
+    history = {"method": "greedy_merge", "num_neighbors": num_neighbors, "fraction": fraction}
+    return datastore.select(keep, counts=new_counts.astype(np.int32), history=history)
+
+
+@torch.no_grad()
+def entry_model_log_probs(
+    datastore: KNNDatastore,
+    model: nn.Module,
+    device: str | torch.device | None = None,
+    batch_size: int = 8192,
+) -> np.ndarray:
+    """log p_LM(value | context) of every entry, from its key: log_softmax(output_embedding(key) + final bias)[value].
+
+    Needs the uncompressed keys (`input_dim` = the model's hidden size). Adds ``model.final_logits_bias`` when the
+    model has one (Marian, BART); models with other post-processing of the logits (e.g. soft-capping) are not covered.
+    """
+    if datastore.keys is None or datastore.projection is not None:
+        raise ValueError("model log-probs need the original keys: prune before PCA / PQ compression")
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Module):
+        raise ValueError(f"{type(model).__name__} has no output embedding to score the entries with")
+    device = _default_device(device) if device is not None else next(model.parameters()).device
+    bias = getattr(model, "final_logits_bias", None)
+    dtype = next(head.parameters()).dtype
+    out = np.empty(len(datastore), dtype=np.float32)
+    for start in range(0, len(datastore), batch_size):
+        keys = torch.from_numpy(np.array(datastore.keys[start : start + batch_size])).to(device, dtype)
+        logits = head(keys).float()
+        if isinstance(bias, torch.Tensor):
+            logits = logits + bias.float().reshape(1, -1)
+        values = torch.from_numpy(np.array(datastore.values[start : start + batch_size])).to(device).long()
+        out[start : start + keys.shape[0]] = torch.log_softmax(logits, -1).gather(1, values[:, None])[:, 0].cpu()
+    return out
+
+
+def confidence_prune(
+    datastore: KNNDatastore,
+    fraction: float,
+    model: nn.Module | None = None,
+    log_probs: np.ndarray | None = None,
+    keep_singletons: bool = False,
+) -> KNNDatastore:
+    """Keeps the ``fraction`` of entries whose value the model predicts *least* well (lowest p_LM(value | key)).
+
+    Args:
+        datastore (`KNNDatastore`): the store to prune (uncompressed keys).
+        fraction (`float`): share of entries kept, in `(0, 1]`.
+        model (`PreTrainedModel`, *optional*): the model that built the store (for [`entry_model_log_probs`]).
+        log_probs (`np.ndarray` of shape `(num_entries,)`, *optional*): precomputed log p_LM of every entry (reused
+            across fractions in sweeps); one of ``model`` / ``log_probs`` is needed.
+        keep_singletons (`bool`, *optional*, defaults to `False`): never drop the last entry of a value.
+
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> from hf_realm import KNNDatastore
+    >>> from hf_realm.knn_pruning import confidence_prune
+    >>> store = KNNDatastore(keys=np.zeros((4, 2), np.float16), values=[3, 4, 5, 6])
+    >>> confidence_prune(store, 0.5, log_probs=np.log([0.9, 0.1, 0.5, 0.2])).values.tolist()
+    [4, 6]
+    ```
+    """
+    _check_fraction(fraction)
+    if log_probs is None:
+        if model is None:
+            raise ValueError("confidence pruning needs the model or precomputed log_probs")
+        log_probs = entry_model_log_probs(datastore, model)
+    log_probs = np.asarray(log_probs)
+    if log_probs.shape != (len(datastore),):
+        raise ValueError(f"log_probs of shape {log_probs.shape}, expected ({len(datastore)},)")
+    order = np.argsort(log_probs, kind="stable")
+    keep = _take_in_order(order, _target_size(len(datastore), fraction), datastore.values, keep_singletons)
+    history = {"method": "confidence", "fraction": fraction, "keep_singletons": keep_singletons}
+    return datastore.select(keep, history=history)
+
+
+def prune_datastore(datastore: KNNDatastore, method: str, fraction: float, **kwargs) -> KNNDatastore:
+    """Dispatches to [`random_prune`], [`greedy_merge`] or [`confidence_prune`] by ``method`` name."""
+    if method == "random":
+        return random_prune(datastore, fraction, **kwargs)
+    if method == "greedy_merge":
+        return greedy_merge(datastore, fraction=fraction, **kwargs)
+    if method == "confidence":
+        return confidence_prune(datastore, fraction, **kwargs)
+    raise ValueError(f"method must be one of {PRUNING_METHODS}, got {method!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Compression
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _sample_keys(datastore: KNNDatastore, size: int, seed: int, device: torch.device) -> torch.Tensor:
+    n = len(datastore)
+    idx = np.sort(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False))
+    return torch.from_numpy(np.asarray(datastore.keys[idx], dtype=np.float32)).to(device)
+
+
+@torch.no_grad()
+def pca_compress(
+    datastore: KNNDatastore,
+    dim: int,
+    sample_size: int = 200_000,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> KNNDatastore:
+    """Projects the keys on their top ``dim`` principal components (fit on up to ``sample_size`` keys, float64).
+
+    Queries are projected the same way at search time (the store's `projection`), so squared distances are
+    measured in the principal subspace. Composes with an existing projection.
+
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> from hf_realm import KNNDatastore
+    >>> from hf_realm.knn_pruning import pca_compress
+    >>> keys = np.random.default_rng(0).normal(size=(100, 8)) * [5, 4, 3, 0, 0, 0, 0, 0]
+    >>> small = pca_compress(KNNDatastore(keys=keys, values=np.arange(100)), 3)
+    >>> small.key_dim, small.input_dim
+    (3, 8)
+    ```
+    """
+    if datastore.keys is None:
+        raise ValueError("PCA needs float keys: apply it before product quantisation")
+    if not 1 <= dim <= datastore.key_dim:
+        raise ValueError(f"dim must be in [1, {datastore.key_dim}] (the key dim), got {dim}")
+    device = _default_device(device)
+    sample = _sample_keys(datastore, sample_size, seed, device).double()
+    mean = sample.mean(0)
+    centered = sample - mean
+    cov = centered.T @ centered / max(1, sample.shape[0] - 1)
+    eigvals, eigvecs = torch.linalg.eigh(cov)
+    order = eigvals.argsort(descending=True)[:dim]
+    components = eigvecs[:, order]
+    # a deterministic sign per component (largest |entry| positive)
+    signs = torch.sign(components.gather(0, components.abs().argmax(0, keepdim=True)))
+    components = components * signs
+    matrix = components.float()
+    bias = -(mean @ components).float()
+    new_keys = np.empty((len(datastore), dim), dtype=np.float16)
+    for start in range(0, len(datastore), 1 << 18):
+        chunk = torch.from_numpy(np.asarray(datastore.keys[start : start + (1 << 18)], dtype=np.float32)).to(device)
+        new_keys[start : start + chunk.shape[0]] = torch.addmm(bias, chunk, matrix).cpu().numpy().astype(np.float16)
+    if datastore.projection is not None:
+        old_m = torch.from_numpy(datastore.projection["matrix"]).double()
+        old_b = torch.from_numpy(datastore.projection["bias"]).double()
+        m64, b64 = matrix.double().cpu(), bias.double().cpu()
+        projection = {"matrix": (old_m @ m64).float().numpy(), "bias": (old_b @ m64 + b64).float().numpy()}
+    else:
+        projection = {"matrix": matrix.cpu().numpy(), "bias": bias.cpu().numpy()}
+    explained = float(eigvals[order].sum() / eigvals.sum().clamp_min(1e-30))
+    meta = dict(datastore.metadata)
+    meta["history"] = [
+        *datastore.metadata.get("history", []),
+        {"method": "pca", "dim": dim, "explained_variance": explained},
+    ]
+    return KNNDatastore(
+        keys=new_keys,
+        values=datastore.values,
+        provenance=datastore.provenance,
+        counts=datastore.counts,
+        metadata=meta,
+        projection=projection,
+    )
+
+
+@torch.no_grad()
+def kmeans(
+    x: torch.Tensor, num_clusters: int, iters: int = 20, seed: int = 0, chunk: int = 1 << 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means in torch (k-means++ seeding). Returns centroids `(num_clusters, d)` and assignments `(n,)`.
+
+    Empty clusters are re-seeded with the points farthest from their centroid.
+    """
+    n = x.shape[0]
+    if not 1 <= num_clusters <= n:
+        raise ValueError(f"num_clusters must be in [1, {n}] (the number of points), got {num_clusters}")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    # k-means++ seeding on up to 64 points per cluster
+    pool = x[torch.randperm(n, generator=gen)[: min(n, 64 * num_clusters)].to(x.device)]
+    centroids = torch.empty((num_clusters, x.shape[1]), dtype=x.dtype, device=x.device)
+    centroids[0] = pool[int(torch.randint(pool.shape[0], (1,), generator=gen))]
+    nearest = (pool - centroids[0]).pow(2).sum(-1)
+    for c in range(1, num_clusters):
+        weights = nearest.double().cpu()
+        pick = int(torch.multinomial(weights, 1, generator=gen)) if weights.sum() > 0 else c % pool.shape[0]
+        centroids[c] = pool[pick]
+        nearest = torch.minimum(nearest, (pool - centroids[c]).pow(2).sum(-1))
+    assign = torch.empty(n, dtype=torch.long, device=x.device)
+    best = torch.empty(n, dtype=x.dtype, device=x.device)
+    for _ in range(iters + 1):
+        c_norm = centroids.pow(2).sum(-1)
+        for s in range(0, n, chunk):
+            part = x[s : s + chunk]
+            d = part.pow(2).sum(-1, keepdim=True) - 2 * part @ centroids.T + c_norm
+            best[s : s + chunk], assign[s : s + chunk] = d.min(1)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        sizes = torch.bincount(assign, minlength=num_clusters).to(x.dtype)
+        empty = sizes == 0
+        centroids = torch.where(empty[:, None], centroids, sums / sizes.clamp_min(1)[:, None])
+        if empty.any():
+            far = best.topk(int(empty.sum())).indices
+            centroids[empty] = x[far]
+    return centroids, assign
+
+
+@torch.no_grad()
+def pq_compress(
+    datastore: KNNDatastore,
+    m: int,
+    nbits: int = 8,
+    sample_size: int = 65_536,
+    iters: int = 20,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> KNNDatastore:
+    """Product quantisation of the keys: ``m`` sub-spaces of `key_dim / m` dims, `2^nbits` centroids each.
+
+    Each entry then costs ``m`` bytes instead of `2 * key_dim`. The search decodes the codes chunk by chunk on the
+    device and runs the exact search over the reconstructions (asymmetric distances, as faiss `IndexPQ`).
+
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> from hf_realm import KNNDatastore
+    >>> from hf_realm.knn_pruning import pq_compress
+    >>> keys = np.random.default_rng(0).normal(size=(512, 8))
+    >>> small = pq_compress(KNNDatastore(keys=keys, values=np.arange(512)), m=4, nbits=4)
+    >>> small.pq["codes"].shape, small.keys is None
+    ((512, 4), True)
+    ```
+    """
+    if datastore.keys is None:
+        raise ValueError("the datastore is already product-quantised")
+    d = datastore.key_dim
+    if m < 1 or d % m:
+        raise ValueError(f"m={m} sub-quantisers must divide the key dim {d}")
+    if not 1 <= nbits <= 8:
+        raise ValueError(f"nbits must be in [1, 8], got {nbits}")
+    device = _default_device(device)
+    ksub, dsub = 1 << nbits, d // m
+    sample = _sample_keys(datastore, sample_size, seed, device)
+    if sample.shape[0] < ksub:
+        raise ValueError(f"{sample.shape[0]} keys cannot train {ksub} centroids per sub-space; lower nbits")
+    codebooks = torch.stack(
+        [kmeans(sample[:, j * dsub : (j + 1) * dsub].contiguous(), ksub, iters, seed + j)[0] for j in range(m)]
+    )  # (m, ksub, dsub)
+    codes = np.empty((len(datastore), m), dtype=np.uint8)
+    cb_norm = codebooks.pow(2).sum(-1)  # (m, ksub)
+    for start in range(0, len(datastore), 1 << 16):
+        chunk = torch.from_numpy(np.asarray(datastore.keys[start : start + (1 << 16)], dtype=np.float32)).to(device)
+        sub = chunk.view(chunk.shape[0], m, dsub).transpose(0, 1)  # (m, b, dsub)
+        dist = cb_norm[:, None, :] - 2 * torch.bmm(sub, codebooks.transpose(1, 2))  # (m, b, ksub)
+        codes[start : start + chunk.shape[0]] = dist.argmin(-1).T.to(torch.uint8).cpu().numpy()
+    meta = dict(datastore.metadata)
+    meta["history"] = [*datastore.metadata.get("history", []), {"method": "pq", "m": m, "nbits": nbits}]
+    return KNNDatastore(
+        keys=None,
+        values=datastore.values,
+        provenance=datastore.provenance,
+        counts=datastore.counts,
+        metadata=meta,
+        projection=datastore.projection,
+        pq={"codes": codes, "codebooks": codebooks.cpu().numpy()},
+    )
+
+
+def compression_report(original: KNNDatastore, compressed: KNNDatastore) -> dict[str, Any]:
+    """Entries and bytes of two stores, and their ratios."""
+    return {
+        "entries": len(compressed),
+        "entries_fraction": len(compressed) / max(1, len(original)),
+        "bytes": compressed.nbytes,
+        "bytes_fraction": compressed.nbytes / max(1, original.nbytes),
+        "compression": original.nbytes / max(1, compressed.nbytes),
+        "bits_per_entry": 8 * compressed.nbytes / max(1, len(compressed)),
+        "history": compressed.metadata.get("history", []),
+    }
