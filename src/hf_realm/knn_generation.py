@@ -401,7 +401,7 @@ class KNNDatastore:
 
     ```python
     >>> import numpy as np, torch
-    >>> from hf_realm import KNNDatastore
+    >>> from hf_realm.knn_generation import KNNDatastore
     >>> store = KNNDatastore(keys=np.eye(3, dtype=np.float16), values=np.array([5, 6, 7]))
     >>> sqdist, ids = store.search(torch.tensor([[0.0, 0.9, 0.0]]), k=2)
     >>> ids.tolist(), store.values[ids[0]].tolist()
@@ -893,7 +893,7 @@ class KNNDatastore:
         ```python
         >>> import datasets, tempfile, torch
         >>> from transformers import GPT2Config, GPT2LMHeadModel
-        >>> from hf_realm import KNNDatastore
+        >>> from hf_realm.knn_generation import KNNDatastore
         >>> model = GPT2LMHeadModel(GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)).eval()
         >>> data = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3, 4], [5, 6]]})
         >>> store = KNNDatastore.build(model, data, tempfile.mkdtemp() + "/ds", progress=False)
@@ -1240,7 +1240,7 @@ class KNNLogitsProcessor(LogitsProcessor):
     ```python
     >>> import numpy as np, torch
     >>> from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessorList
-    >>> from hf_realm import KNNDatastore, KNNLogitsProcessor
+    >>> from hf_realm.knn_generation import KNNDatastore, KNNLogitsProcessor
     >>> model = GPT2LMHeadModel(GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)).eval()
     >>> store = KNNDatastore(keys=np.random.randn(50, 32).astype(np.float16), values=np.full(50, 7))
     >>> processor = KNNLogitsProcessor(store, k=4, temperature=10.0, lmbda=1.0)
@@ -1441,7 +1441,7 @@ def knn_lm_perplexity(
     ```python
     >>> import datasets, tempfile, torch
     >>> from transformers import GPT2Config, GPT2LMHeadModel
-    >>> from hf_realm import KNNDatastore
+    >>> from hf_realm.knn_generation import KNNDatastore
     >>> from hf_realm.knn_generation import knn_lm_perplexity
     >>> _ = torch.manual_seed(0)
     >>> model = GPT2LMHeadModel(GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)).eval()

@@ -89,7 +89,7 @@ def random_prune(
 
     ```python
     >>> import numpy as np
-    >>> from hf_realm import KNNDatastore
+    >>> from hf_realm.knn_generation import KNNDatastore
     >>> from hf_realm.knn_pruning import random_prune
     >>> store = KNNDatastore(keys=np.zeros((10, 4), np.float16), values=np.arange(10) % 3)
     >>> len(random_prune(store, 0.5))
@@ -161,7 +161,7 @@ def greedy_merge(
 
     ```python
     >>> import numpy as np
-    >>> from hf_realm import KNNDatastore
+    >>> from hf_realm.knn_generation import KNNDatastore
     >>> from hf_realm.knn_pruning import greedy_merge
     >>> keys = np.array([[0.0], [0.1], [5.0], [5.1]], np.float16)
     >>> merged = greedy_merge(KNNDatastore(keys=keys, values=[7, 7, 8, 9]), num_neighbors=1)
@@ -263,7 +263,7 @@ def confidence_prune(
 
     ```python
     >>> import numpy as np
-    >>> from hf_realm import KNNDatastore
+    >>> from hf_realm.knn_generation import KNNDatastore
     >>> from hf_realm.knn_pruning import confidence_prune
     >>> store = KNNDatastore(keys=np.zeros((4, 2), np.float16), values=[3, 4, 5, 6])
     >>> confidence_prune(store, 0.5, log_probs=np.log([0.9, 0.1, 0.5, 0.2])).values.tolist()
@@ -323,7 +323,7 @@ def pca_compress(
 
     ```python
     >>> import numpy as np
-    >>> from hf_realm import KNNDatastore
+    >>> from hf_realm.knn_generation import KNNDatastore
     >>> from hf_realm.knn_pruning import pca_compress
     >>> keys = np.random.default_rng(0).normal(size=(100, 8)) * [5, 4, 3, 0, 0, 0, 0, 0]
     >>> small = pca_compress(KNNDatastore(keys=keys, values=np.arange(100)), 3)
@@ -434,7 +434,7 @@ def pq_compress(
 
     ```python
     >>> import numpy as np
-    >>> from hf_realm import KNNDatastore
+    >>> from hf_realm.knn_generation import KNNDatastore
     >>> from hf_realm.knn_pruning import pq_compress
     >>> keys = np.random.default_rng(0).normal(size=(512, 8))
     >>> small = pq_compress(KNNDatastore(keys=keys, values=np.arange(512)), m=4, nbits=4)
