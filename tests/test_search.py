@@ -24,7 +24,7 @@ def brute_force(queries, keys, k, key_bias=None):
     return np.take_along_axis(scores, ids, axis=1), ids
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("chunk_size", [7, 64, 1 << 20])
 def test_torch_path_matches_brute_force(dtype, chunk_size):
     g = torch.Generator().manual_seed(0)

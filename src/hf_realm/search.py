@@ -102,15 +102,22 @@ def exact_topk(
     return _torch_topk(queries, keys, k, key_bias, chunk_size)
 
 
+_MM_OUT_DTYPE_OK = True
+
+
 def _scores_fp32(queries: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
-    """``queries @ chunk.T`` in fp32. On CUDA, fp16/bf16 matmuls write fp32 directly where torch supports it (no
-    rounding of the scores to 16 bits, which would create ties in a 13M-key search)."""
-    if chunk.is_cuda and chunk.dtype in (torch.float16, torch.bfloat16):
+    """``queries @ chunk.T`` with fp32 scores: fp16/bf16 inputs are multiplied exactly and summed in fp32, never rounded
+    back to 16 bits (which would create ties in a 13M-key search). On CUDA the matmul writes fp32 directly where torch
+    supports it (``torch.mm(..., out_dtype=torch.float32)``), else both sides are upcast."""
+    global _MM_OUT_DTYPE_OK
+    if chunk.dtype not in (torch.float16, torch.bfloat16):
+        return (queries @ chunk.T).float()
+    if chunk.is_cuda and _MM_OUT_DTYPE_OK:
         try:
             return torch.mm(queries, chunk.T, out_dtype=torch.float32)
         except (TypeError, RuntimeError, NotImplementedError):
-            pass
-    return (queries @ chunk.T).float()
+            _MM_OUT_DTYPE_OK = False
+    return queries.float() @ chunk.float().T
 
 
 def _torch_topk(queries, keys, k, key_bias, chunk_size):
