@@ -14,7 +14,10 @@ from transformers import (
     AutoTokenizer,
 )
 
+from . import metrics
 from .configuration_realm import RealmConfig
+from .data_collator import DataCollatorForSalientSpanMasking
+from .masking import SalientSpanMasker, find_salient_spans
 from .modeling_realm import (
     RealmEmbedder,
     RealmEmbedderOutput,
@@ -31,8 +34,10 @@ from .modeling_realm import (
     RealmScorer,
     RealmScorerOutput,
 )
+from .pretraining import DataCollatorForInverseClozeTask
 from .retrieval_realm import RealmRetriever, load_legacy_block_records
 from .tokenization_realm import RealmTokenizer, RealmTokenizerFast
+from .world import KnowledgeWorld, WorldConfig
 
 
 def _register() -> None:
@@ -46,6 +51,9 @@ def _register() -> None:
 _register()
 
 __all__ = [
+    "DataCollatorForInverseClozeTask",
+    "DataCollatorForSalientSpanMasking",
+    "KnowledgeWorld",
     "RealmConfig",
     "RealmEmbedder",
     "RealmEmbedderOutput",
@@ -64,5 +72,9 @@ __all__ = [
     "RealmScorerOutput",
     "RealmTokenizer",
     "RealmTokenizerFast",
+    "SalientSpanMasker",
+    "WorldConfig",
+    "find_salient_spans",
     "load_legacy_block_records",
+    "metrics",
 ]

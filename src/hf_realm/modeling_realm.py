@@ -1355,7 +1355,7 @@ class RealmForMaskedLM(RealmPreTrainedModel):
             candidate_block_ids (`torch.LongTensor` of shape `(batch_size, num_candidates - 1)`, *optional*):
                 Use these blocks instead of searching the index.
         """
-        unexpected = set(kwargs) - {"block_id"}
+        unexpected = set(kwargs) - {"block_id", "num_items_in_batch"}
         if unexpected:
             raise TypeError(f"RealmForMaskedLM.forward got unexpected arguments {sorted(unexpected)}")
         if source_block_id is None:

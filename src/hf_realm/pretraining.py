@@ -1,0 +1,222 @@
+"""The REALM pretraining recipe around the models: ICT examples, the two learning rates, held-out evaluation."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .metrics import gold_block_hits, masked_span_accuracy, recall_at_k
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split a block's text into sentences at `.`, `!` or `?` followed by whitespace."""
+    return [s for s in (part.strip() for part in _SENTENCE_END.split(text)) if s]
+
+
+@dataclass
+class DataCollatorForInverseClozeTask:
+    r"""
+    Inverse Cloze Task batches (ORQA), the warm start of REALM's retriever: from each block one sentence becomes the
+    query and the rest of the block (its title and the other sentences) the positive context; the other blocks of the
+    batch are the negatives. The query sentence stays in its context with probability `1 - remove_probability` (ORQA
+    keeps it 10% of the time, so the retriever also learns word overlap).
+
+    Examples are corpus rows with `text` (and optionally `title`).
+
+    Args:
+        tokenizer ([`PreTrainedTokenizerBase`]): A BERT-style tokenizer.
+        remove_probability (`float`, *optional*, defaults to 0.9): Chance of removing the query from its context.
+        query_max_length (`int`, *optional*, defaults to 64): Query truncation (special tokens included).
+        block_max_length (`int`, *optional*, defaults to 288): Context truncation (special tokens included).
+        seed (`int`, *optional*): Seed of the collator's own random generator (sentence choice, removal).
+
+    Example:
+
+    ```python
+    >>> from transformers import BertTokenizer
+    >>> from hf_realm.pretraining import DataCollatorForInverseClozeTask
+    >>> words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "ada", "was", "born", "in", "rome", "a", "poet", "."]
+    >>> tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    >>> collator = DataCollatorForInverseClozeTask(tokenizer, remove_probability=1.0, seed=0)
+    >>> batch = collator([{"title": "ada", "text": "ada was born in rome. ada was a poet."}])
+    >>> tokenizer.decode(batch["query_input_ids"][0]), tokenizer.decode(batch["block_input_ids"][0])
+    ('[CLS] ada was a poet. [SEP]', '[CLS] ada [SEP] ada was born in rome. [SEP]')
+    ```
+    """
+
+    tokenizer: Any
+    remove_probability: float = 0.9
+    query_max_length: int = 64
+    block_max_length: int = 288
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not 0.0 <= self.remove_probability <= 1.0:
+            raise ValueError(f"remove_probability must be in [0, 1], got {self.remove_probability}")
+        self._rng = random.Random(self.seed)
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        queries, titles, contexts = [], [], []
+        for example in examples:
+            if "text" not in example:
+                raise ValueError(f"ICT examples need a `text` column, got {sorted(example)}")
+            sentences = split_sentences(example["text"])
+            if not sentences:
+                raise ValueError(f"a block has no sentence to make a query from: {example['text']!r}")
+            i = self._rng.randrange(len(sentences))
+            queries.append(sentences[i])
+            if self._rng.random() < self.remove_probability:
+                sentences = sentences[:i] + sentences[i + 1 :]
+            titles.append(example.get("title") or "")
+            contexts.append(" ".join(sentences))
+        query = self.tokenizer(
+            queries, padding=True, truncation=True, max_length=self.query_max_length, return_tensors="pt"
+        )
+        has_title = any(titles)
+        block = self.tokenizer(
+            titles if has_title else contexts,
+            contexts if has_title else None,
+            padding=True,
+            truncation="only_second" if has_title else True,
+            max_length=self.block_max_length,
+            return_tensors="pt",
+        )
+        batch = {f"query_{k}": v for k, v in query.items()}
+        batch.update({f"block_{k}": v for k, v in block.items()})
+        return batch
+
+
+def optimizer_grouped_parameters(
+    model: torch.nn.Module, learning_rate: float, retriever_learning_rate: float | None, weight_decay: float = 0.0
+) -> list[dict]:
+    """AdamW parameter groups with a separate learning rate for the retriever (the embedders).
+
+    REALM's early gradients come from a reader that cannot read yet; at the reader's learning rate they wreck a warm
+    ICT retriever (DESIGN.md: recall 0.73 -> 0.09 at 1e-3; kept at 1e-4). Biases and LayerNorm weights get no decay.
+    """
+    retriever_learning_rate = learning_rate if retriever_learning_rate is None else retriever_learning_rate
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_retriever = name.startswith(("embedder.", "query_embedder.")) or ".embedder." in name
+        no_decay = name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name
+        groups.setdefault((is_retriever, no_decay), []).append(param)
+    return [
+        {
+            "params": params,
+            "lr": retriever_learning_rate if is_retriever else learning_rate,
+            "weight_decay": 0.0 if no_decay else weight_decay,
+        }
+        for (is_retriever, no_decay), params in groups.items()
+    ]
+
+
+@torch.no_grad()
+def evaluate_masked_lm(
+    model,
+    dataset,
+    data_collator,
+    batch_size: int = 64,
+    recall_ks: Sequence[int] | None = None,
+    show_progress: bool = False,
+) -> dict[str, float]:
+    r"""
+    Held-out evaluation of a [`RealmForMaskedLM`]:
+
+    - `masked_span_accuracy` / `masked_token_accuracy` with retrieval (the marginal prediction) and
+      `closed_book_span_accuracy` / `closed_book_token_accuracy` with the null document alone;
+    - `retrieval_utility`: mean over masked tokens of `log p(y|x) - log p(y|null, x)` (REALM's "retrieval utility");
+    - `log_prob` and `closed_book_log_prob`: the mean log-probabilities themselves;
+    - `recall@k`: whether the gold block is among the index's top k for the query, when examples carry
+      `gold_block_id`.
+
+    Args:
+        model ([`RealmForMaskedLM`]): With its index.
+        dataset: Examples for `data_collator` (e.g. the generated world's held-out pretraining sentences).
+        data_collator: Builds `input_ids`, `attention_mask`, `labels` (and passes `gold_block_id` through).
+        batch_size (`int`, *optional*, defaults to 64): Evaluation batch size.
+        recall_ks (`Sequence[int]`, *optional*, defaults to `(1, 5, 8)`): Recall cut-offs.
+    """
+    from tqdm.auto import tqdm
+
+    recall_ks = sorted(set(recall_ks or (1, 5, 8)))
+    max_k = min(max(recall_ks), model.index.num_blocks if hasattr(model.index, "num_blocks") else max(recall_ks))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    predictions, closed_book, labels_all = [], [], []
+    log_probs, null_log_probs, hits = [], [], []
+    try:
+        for start in tqdm(range(0, len(dataset), batch_size), disable=not show_progress, desc="Evaluating"):
+            rows = dataset[start : start + batch_size]
+            examples = [dict(zip(rows, values, strict=True)) for values in zip(*rows.values(), strict=True)]
+            batch = data_collator(examples)
+            gold = batch.pop("gold_block_id", None)
+            batch = {
+                k: v.to(device)
+                for k, v in batch.items()
+                if k in ("input_ids", "attention_mask", "token_type_ids", "labels")
+            }
+            out = model(**batch)
+            labels = batch["labels"]
+            rows_, cols = out.masked_positions[:, 0], out.masked_positions[:, 1]
+            pred = torch.full_like(labels, -100)
+            pred[rows_, cols] = out.logits.argmax(-1)
+            null_pred = torch.full_like(labels, -100)
+            null_pred[rows_, cols] = out.null_logits.argmax(-1)
+            width = labels.shape[1]
+            predictions.append(_pad(pred, width))
+            closed_book.append(_pad(null_pred, width))
+            labels_all.append(_pad(labels, width))
+            log_probs.append(out.gold_log_probs.cpu())
+            null_log_probs.append(out.null_gold_log_probs.cpu())
+            if gold is not None:
+                query = model.query_embedder(
+                    batch["input_ids"], attention_mask=batch["attention_mask"], return_dict=True
+                ).projected_score
+                _, retrieved = model.index.search(query.float(), max_k)
+                hits.extend(gold_block_hits(retrieved.cpu().numpy(), gold.tolist()))
+    finally:
+        model.train(was_training)
+    width = max(p.shape[1] for p in predictions)
+    predictions = np.concatenate([_pad(p, width).cpu().numpy() for p in predictions])
+    closed_book = np.concatenate([_pad(p, width).cpu().numpy() for p in closed_book])
+    labels_all = np.concatenate([_pad(p, width).cpu().numpy() for p in labels_all])
+    log_probs, null_log_probs = torch.cat(log_probs), torch.cat(null_log_probs)
+    with_retrieval = masked_span_accuracy(predictions, labels_all)
+    without = masked_span_accuracy(closed_book, labels_all)
+    metrics = {
+        "masked_span_accuracy": with_retrieval["masked_span_accuracy"],
+        "masked_token_accuracy": with_retrieval["masked_token_accuracy"],
+        "closed_book_span_accuracy": without["masked_span_accuracy"],
+        "closed_book_token_accuracy": without["masked_token_accuracy"],
+        "log_prob": log_probs.mean().item(),
+        "closed_book_log_prob": null_log_probs.mean().item(),
+        "retrieval_utility": (log_probs - null_log_probs).mean().item(),
+        "num_examples": len(dataset),
+    }
+    if hits:
+        metrics.update(recall_at_k(hits, [k for k in recall_ks if k <= max_k]))
+    return metrics
+
+
+def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-100) if t.shape[1] < width else t
+
+
+__all__ = [
+    "DataCollatorForInverseClozeTask",
+    "evaluate_masked_lm",
+    "optimizer_grouped_parameters",
+    "split_sentences",
+]
