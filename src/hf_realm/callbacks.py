@@ -220,11 +220,14 @@ class IndexRefreshCallback(TrainerCallback):
             self.refresh(_doc_embedder(model), state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and "loss" in logs:
-            logs["index_staleness"] = state.global_step - self.built_at_step
-            logs["index_refreshes"] = self.num_refreshes
-            if self.last_refresh_seconds is not None:
-                logs["index_refresh_seconds"] = round(self.last_refresh_seconds, 3)
+        if logs is None or "loss" not in logs:
+            return
+        extra = {"index_staleness": state.global_step - self.built_at_step, "index_refreshes": self.num_refreshes}
+        if self.last_refresh_seconds is not None:
+            extra["index_refresh_seconds"] = round(self.last_refresh_seconds, 3)
+        logs.update(extra)  # seen by the callbacks after this one (printing, trackers)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)  # Trainer recorded the entry before calling back
 
     def on_save(self, args, state, control, **kwargs):
         if not self.save_index or not state.is_world_process_zero:
