@@ -1,0 +1,58 @@
+"""`accelerate launch --num_processes 2` on CPU (gloo): a sharded index refresh gives the 1-process index."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hf_realm.corpus_index import embed_corpus
+
+from .scripts.distributed_refresh_worker import build
+
+
+WORKER = os.path.join(os.path.dirname(__file__), "scripts", "distributed_refresh_worker.py")
+
+
+@pytest.mark.skipif(
+    shutil.which("accelerate") is None
+    and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "accelerate")),
+    reason="accelerate CLI not installed",
+)
+def test_two_process_refresh_equals_one_process(tmp_path):
+    launcher = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(WORKER))}
+    # `--multi_gpu` only picks accelerate's torchrun launcher; the worker asks for the CPU (gloo) itself, as
+    # `TrainingArguments(use_cpu=True)` does. (`--cpu` alone needs mpirun for more than one process.)
+    cmd = [
+        launcher,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        WORKER,
+        str(tmp_path),
+    ]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    embedder, corpus = build()
+    reference = embed_corpus(embedder, corpus, batch_size=8, show_progress=False)
+    counts = []
+    for rank in range(2):
+        got = torch.load(tmp_path / f"embeddings_rank{rank}.pt")
+        torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)
+        with open(tmp_path / f"count_rank{rank}.json") as f:
+            info = json.load(f)
+        assert info["world"] == 2
+        counts.append(info["blocks_embedded"])
+    assert counts == [25, 25]  # each rank embedded its own half, then all gathered the whole
