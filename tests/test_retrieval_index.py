@@ -24,6 +24,7 @@ from hf_realm.corpus_index import (
     embed_corpus,
     embedder_fingerprint,
     shard_range,
+    sharded_search,
 )
 
 
@@ -212,25 +213,45 @@ def test_embed_corpus_shards(corpus):
     assert [shard_range(10, r, 3) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
 
 
+def test_sharded_search_single_process():
+    keys = torch.randn(30, 4, generator=torch.Generator().manual_seed(0))
+    queries = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    scores, ids = sharded_search(queries, keys[10:], 4, shard_start=10)
+    ref_scores, ref_ids = brute_force(queries.numpy(), keys[10:].numpy(), 4)
+    np.testing.assert_array_equal(ids.numpy(), ref_ids + 10)
+    with pytest.raises(ValueError, match="k=25 is larger than the total number of keys"):
+        sharded_search(queries, keys[10:], 25, shard_start=10)
+
+
 _TWO_PROCESS = textwrap.dedent(
     """
     import sys, torch, datasets
     from accelerate import PartialState
     sys.path.insert(0, sys.argv[2])
     from test_retrieval_index import tiny_embedder
-    from hf_realm.corpus_index import embed_corpus
-    state = PartialState()
+    from hf_realm.corpus_index import embed_corpus, shard_range, sharded_search
+    state = PartialState(cpu=True)  # gloo
+    assert state.num_processes == 2
     corpus = datasets.load_from_disk(sys.argv[1] + "/corpus")
     emb = embed_corpus(tiny_embedder(), corpus, batch_size=2, accelerator=state, show_progress=False)
-    if state.is_main_process:
-        torch.save(emb, sys.argv[1] + "/emb.pt")
+    local = embed_corpus(tiny_embedder(), corpus, batch_size=3, accelerator=state, gather=False, show_progress=False)
+    start, end = shard_range(len(corpus), state.process_index, state.num_processes)
+    assert torch.allclose(local, emb[start:end], atol=1e-6)
+    queries, keys = torch.load(sys.argv[1] + "/search.pt")
+    start, end = shard_range(len(keys), state.process_index, state.num_processes)
+    scores, ids = sharded_search(queries, keys[start:end], 5, shard_start=start, accelerator=state)
+    torch.save((emb, scores, ids), sys.argv[1] + f"/out{state.process_index}.pt")
     """
 )
 
 
 def test_embed_corpus_two_processes_gloo(tmp_path, corpus):
-    """`torchrun` with 2 CPU processes (gloo): each embeds its shard, the gathered matrix equals one process'."""
+    """`torchrun` with 2 CPU processes (gloo): each embeds its shard, the gathered matrix equals one process'; a sharded
+    search with a distributed top-k merge gives the ids of one exact search, on both processes."""
     corpus.save_to_disk(str(tmp_path / "corpus"))
+    g = torch.Generator().manual_seed(0)
+    queries, keys = torch.randn(4, 16, generator=g), torch.randn(37, 16, generator=g)
+    torch.save((queries, keys), tmp_path / "search.pt")
     script = tmp_path / "two.py"
     script.write_text(_TWO_PROCESS)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -243,9 +264,13 @@ def test_embed_corpus_two_processes_gloo(tmp_path, corpus):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    gathered = torch.load(tmp_path / "emb.pt")
     single = embed_corpus(tiny_embedder(), corpus, batch_size=4, show_progress=False)
-    np.testing.assert_allclose(gathered.numpy(), single.numpy(), rtol=1e-5, atol=1e-6)
+    ref_scores, ref_ids = brute_force(queries.numpy(), keys.numpy(), 5)
+    for rank in range(2):
+        gathered, scores, ids = torch.load(tmp_path / f"out{rank}.pt")
+        np.testing.assert_allclose(gathered.numpy(), single.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(ids.numpy(), ref_ids)
+        np.testing.assert_allclose(scores.numpy(), ref_scores, rtol=1e-4, atol=1e-5)
 
 
 def test_embed_corpus_bad_input(corpus):

@@ -93,11 +93,14 @@ _TRITON_CASES = textwrap.dedent(
     import json, sys
     import numpy as np
     import torch
+    from hf_realm import search
     from hf_realm.search import _triton_topk
 
     cases = json.loads(sys.argv[1])
     out = []
+    default_max_bytes = search._MAX_BUCKET_MAX_BYTES
     for case in cases:
+        search._MAX_BUCKET_MAX_BYTES = case.get("max_bytes", default_max_bytes)
         g = torch.Generator().manual_seed(case["seed"])
         dtype = getattr(torch, case["dtype"])
         q = torch.randn(case["B"], case["D"], generator=g)
@@ -127,6 +130,8 @@ def test_triton_kernel_matches_brute_force_in_interpreter():
         {"seed": 4, "B": 2, "N": 40, "D": 16, "k": 6, "dtype": "float32", "bias": False, "config": small},
         # k = number of keys
         {"seed": 5, "B": 2, "N": 24, "D": 16, "k": 24, "dtype": "float32", "bias": True, "config": small},
+        # dimension below the tl.dot minimum (padded to 16); 2 buckets of 256 keys, queries searched in slices of 3
+        {"seed": 6, "B": 7, "N": 300, "D": 8, "k": 4, "dtype": "float16", "bias": False, "max_bytes": 3 * 4 * 2},
     ]
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(

@@ -587,6 +587,55 @@ def _gather_shards(local: torch.Tensor, num_blocks: int, world: int) -> torch.Te
     return torch.cat([everything[r * width : r * width + (e - s)] for r, (s, e) in enumerate(sizes)])
 
 
+def sharded_search(
+    query_embeddings: torch.Tensor,
+    local_keys: torch.Tensor,
+    k: int,
+    *,
+    shard_start: int,
+    accelerator=None,
+    key_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` over a key matrix split across processes, with a distributed top-k merge.
+
+    Each process holds the rows ``[shard_start, shard_start + len(local_keys))`` (e.g. its [`embed_corpus`] shard with
+    ``gather=False`` and [`shard_range`]) and the same queries; it searches its shard with
+    [`~hf_realm.search.exact_topk`], all processes all-gather their ``(scores, global ids)`` and merge them with one
+    ``topk``. Every process returns the same result, equal to an exact search over the whole matrix (up to ties).
+
+    Args:
+        query_embeddings (`torch.Tensor` of shape `(num_queries, dim)`): The same on every process.
+        local_keys (`torch.Tensor` of shape `(shard_size, dim)`): This process' rows.
+        k (`int`): Results per query, at most the total number of rows.
+        shard_start (`int`): Global id of ``local_keys[0]``.
+        accelerator (`accelerate.Accelerator` or `accelerate.PartialState`, *optional*): Process layout (default: the
+            initialised `torch.distributed` group, or a single process).
+        key_bias (`torch.Tensor` of shape `(shard_size,)`, *optional*): As in `exact_topk`.
+
+    Returns:
+        `(scores, ids)`: float32 and int64, `(num_queries, k)`, on the queries' device.
+    """
+    rank, world = _process_state(accelerator)
+    q = query_embeddings.to(local_keys.device)
+    num_local = local_keys.shape[0]
+    local_k = min(k, num_local)
+    scores = torch.full((q.shape[0], k), float("-inf"), dtype=torch.float32, device=q.device)
+    ids = torch.full((q.shape[0], k), -1, dtype=torch.int64, device=q.device)
+    if local_k > 0:
+        s, i = exact_topk(q, local_keys, local_k, key_bias=key_bias)
+        scores[:, :local_k], ids[:, :local_k] = s, i + shard_start
+    if world > 1:
+        from accelerate.utils import gather
+
+        scores = gather(scores).view(world, q.shape[0], k).permute(1, 0, 2).reshape(q.shape[0], world * k)
+        ids = gather(ids).view(world, q.shape[0], k).permute(1, 0, 2).reshape(q.shape[0], world * k)
+        scores, order = scores.topk(k, dim=1)
+        ids = ids.gather(1, order)
+    if bool((ids < 0).any()):
+        raise ValueError(f"k={k} is larger than the total number of keys across processes")
+    return scores.to(query_embeddings.device), ids.to(query_embeddings.device)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Embedder fingerprint
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1000,22 +1049,40 @@ class RealmBlockIndex:
             return scores.cpu().numpy(), ids.cpu().numpy()
         return scores.to(queries.device), ids.to(queries.device)
 
-    def exact_search(self, query_embeddings, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact search over the stored embeddings in fp32 (the reference for recall), on CPU or the torch device."""
-        queries = self._check_queries(query_embeddings, k)
+    def _reference_keys(self) -> torch.Tensor:
+        """The embeddings exactly as the serving backend holds them, in fp32 (the torch GPU backend stores fp16: its
+        search is exact over the fp16 values)."""
         state = self._state
-        device = state.backend.device if isinstance(state.backend, _TorchBackend) else torch.device("cpu")
-        keys = state.embeddings.to(device, torch.float32)
-        return exact_topk(queries.to(device, torch.float32), keys, int(k), backend="torch")
+        if isinstance(state.backend, _TorchBackend):
+            return state.backend.keys.float()
+        return state.embeddings.float()
 
-    def evaluate_recall(self, query_embeddings, k: int) -> float:
-        """recall@k of this index against exact fp32 search: the fraction of the exact top-``k`` ids it returns (1.0
-        for exact backends, up to fp16 rounding for the torch GPU backend)."""
-        _, ids = self.search(torch.as_tensor(query_embeddings), k)
-        _, ref = self.exact_search(torch.as_tensor(query_embeddings), k)
-        ids, ref = ids.cpu().numpy(), ref.cpu().numpy()
-        hits = sum(len(np.intersect1d(a, b)) for a, b in zip(ids, ref, strict=True))
-        return hits / ref.size
+    def exact_search(self, query_embeddings, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact search in fp32 over the embeddings as the backend stores them (the reference for recall), on the torch
+        backend's device or the CPU."""
+        queries = self._check_queries(query_embeddings, k)
+        keys = self._reference_keys()
+        return exact_topk(queries.to(keys.device, torch.float32), keys, int(k), backend="torch")
+
+    def evaluate_recall(self, query_embeddings, k: int, tie_tolerance: float = 1e-5) -> float:
+        """recall@k against exact search: the fraction of returned blocks that belong to the exact top-``k``.
+
+        A returned block counts when its exact score (float64) is at least the exact ``k``-th score minus
+        ``tie_tolerance * max(1, |k-th score|)``: blocks whose scores tie the ``k``-th to within fp32 rounding may be
+        returned by any exact search. Exact backends give 1.0; approximate faiss indexes give their measured recall.
+        """
+        queries = torch.as_tensor(query_embeddings)
+        _, ids = self.search(queries, k)
+        ref_scores, _ = self.exact_search(queries, k)
+        keys = self._reference_keys().cpu().double()
+        q = queries.detach().cpu().double()
+        ids = ids.cpu()
+        valid = ids >= 0
+        got = (keys[ids.clamp(min=0)] * q[:, None, :]).sum(-1)
+        kth = ref_scores[:, -1].cpu().double()
+        threshold = kth - tie_tolerance * kth.abs().clamp(min=1.0)
+        hits = (got >= threshold[:, None]) & valid
+        return float(hits.double().mean())
 
     # -- blocks ---------------------------------------------------------------------------------------------------
 
@@ -1435,4 +1502,5 @@ __all__ = [
     "embed_corpus",
     "embedder_fingerprint",
     "shard_range",
+    "sharded_search",
 ]

@@ -185,14 +185,14 @@ def _default_config(num_queries: int, dim: int, k: int, element_size: int) -> di
     # Small batches stream keys (memory bound): wide buckets keep the bucket-max matrix small. Large batches are
     # compute bound: 128-key buckets keep pass 2 (k * BLOCK_N keys per query) cheap.
     block_n = 128 if num_queries > 64 or k > 16 else 256
-    block_d = min(_next_pow2(dim), 128 if element_size <= 2 else 64)
+    block_d = max(16, min(_next_pow2(dim), 128 if element_size <= 2 else 64))  # tl.dot needs K >= 16
     return {"BLOCK_Q": block_q, "BLOCK_N": block_n, "BLOCK_D": block_d, "TILES": 32, "num_warps": 8, "num_stages": 3}
 
 
 def _candidate_configs(num_queries: int, dim: int, k: int, element_size: int) -> list[dict]:
     """Launch configs tried by the on-device tuner (about a dozen), filtered by shared-memory and register budgets
     (H100: 228 KiB shared memory per SM, 64K registers)."""
-    d_pow2 = _next_pow2(dim)
+    d_pow2 = max(16, _next_pow2(dim))  # tl.dot needs K >= 16
     bq_max = max(16, _next_pow2(num_queries))
     block_qs = (bq_max,) if bq_max <= 64 else (64, 128, 256)
     block_ns = (128, 256) if num_queries <= 64 and k <= 16 else (64, 128)
@@ -292,9 +292,18 @@ def tuning_log() -> list[dict]:
     return list(_TUNE_LOG)
 
 
+_MAX_BUCKET_MAX_BYTES = 2 << 30
+
+
 def _triton_topk(queries, keys, k, key_bias, config: dict | None = None):
     config = config or _pick_config(queries, keys, k, key_bias)
-    return _triton_topk_with(queries, keys, k, key_bias, config)
+    # The bucket-max matrix is num_queries x num_buckets fp32: bound it by searching large batches in slices.
+    num_buckets = triton_cdiv(keys.shape[0], config["BLOCK_N"])
+    step = max(1, _MAX_BUCKET_MAX_BYTES // (4 * num_buckets))
+    if queries.shape[0] <= step:
+        return _triton_topk_with(queries, keys, k, key_bias, config)
+    parts = [_triton_topk_with(queries[i : i + step], keys, k, key_bias, config) for i in range(0, len(queries), step)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _triton_topk_with(queries, keys, k, key_bias, config: dict):
