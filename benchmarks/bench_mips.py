@@ -160,14 +160,29 @@ def run_workload(name, keys, queries_all, batches, ks, bias, args, device, copy_
             use_triton = triton_available() and k <= TRITON_MAX_K
             if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 use_triton = False
+            tune_s = None
             if use_triton:
                 t0 = time.perf_counter()
-                exact_topk(q, keys, k, key_bias=bias, backend="triton")  # tunes + compiles on first use
-                sync(device)
-                tune_s = time.perf_counter() - t0
-                methods["triton fused"] = lambda q=q, k=k: exact_topk(q, keys, k, key_bias=bias, backend="triton")
-            else:
-                tune_s = None
+                try:
+                    exact_topk(q, keys, k, key_bias=bias, backend="triton")  # tunes + compiles on first use
+                    sync(device)
+                    tune_s = time.perf_counter() - t0
+                    methods["triton fused"] = lambda q=q, k=k: exact_topk(q, keys, k, key_bias=bias, backend="triton")
+                except Exception as err:  # report, keep benchmarking the rest
+                    msg = f"{type(err).__name__}: {str(err)[:500]}"
+                    print(f"  b={b:5d} k={k:5d} triton fused FAILED: {msg}", flush=True)
+                    rows.append(
+                        {
+                            "workload": name,
+                            "num_keys": n,
+                            "dim": d,
+                            "batch": b,
+                            "k": k,
+                            "method": "triton fused",
+                            "ms": None,
+                            "error": msg,
+                        }
+                    )
             naive_ms = None
             for method, fn in methods.items():
                 ms = adaptive_time_ms(fn, device, args.reps, args.slow_reps)
@@ -305,7 +320,7 @@ def main(argv=None):
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for r in rows:
-        ms = f"{r['ms']:.3f}" if r.get("ms") is not None else "skipped"
+        ms = f"{r['ms']:.3f}" if r.get("ms") is not None else ("FAILED" if r.get("error") else "skipped")
         sp = f"{r['speedup_vs_naive']:.1f}x" if r.get("speedup_vs_naive") else ""
         hbm = f"{r['hbm_fraction']:.2f}" if r.get("hbm_fraction") is not None else ""
         rec = f"{r['recall_vs_fp32']:.4f}" if r.get("recall_vs_fp32") is not None else ""

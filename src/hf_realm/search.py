@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+import warnings
 
 import torch
 
@@ -90,7 +91,12 @@ def exact_topk(
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
 
     if backend == "auto":
-        backend = "triton" if _triton_eligible(queries, keys, k) else "torch"
+        if _triton_eligible(queries, keys, k):
+            try:
+                return _triton_topk(queries, keys, k, key_bias)
+            except Exception as err:  # never let the fast path break a search that torch can do
+                _disable_triton(err)
+        return _torch_topk(queries, keys, k, key_bias, chunk_size)
     if backend == "triton":
         if not triton_available():
             raise ImportError("backend='triton' needs the `triton` package: `pip install triton`")
@@ -157,8 +163,22 @@ def triton_available() -> bool:
     return True
 
 
+_TRITON_BROKEN: str | None = None
+
+
+def _disable_triton(err: Exception) -> None:
+    global _TRITON_BROKEN
+    _TRITON_BROKEN = f"{type(err).__name__}: {err}"
+    warnings.warn(
+        f"the Triton top-k kernel failed ({_TRITON_BROKEN[:300]}); exact_topk falls back to the chunked torch path for "
+        "the rest of this process",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 def _triton_eligible(queries: torch.Tensor, keys: torch.Tensor, k: int) -> bool:
-    if os.environ.get("HF_REALM_DISABLE_TRITON", "0") == "1":
+    if os.environ.get("HF_REALM_DISABLE_TRITON", "0") == "1" or _TRITON_BROKEN is not None:
         return False
     return (
         keys.is_cuda
@@ -274,6 +294,9 @@ def _pick_config(queries, keys, k, key_bias) -> dict:
         tried.append({**cfg, "ms": ms})
         if ms < best_ms:
             best, best_ms = cfg, ms
+    if best_ms == float("inf"):
+        errors = "; ".join(t.get("error", "") for t in tried[:3])
+        raise RuntimeError(f"no Triton launch config compiled and ran for this shape ({errors})")
     _TUNED[key] = best
     _TUNE_LOG.append(
         {
