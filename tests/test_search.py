@@ -126,6 +126,8 @@ def test_triton_kernel_matches_brute_force_in_interpreter():
         # dimension looped in chunks (D_PAD > BLOCK_D), many program groups, last group partly past the keys,
         # two query blocks
         {"seed": 3, "B": 33, "N": 1237, "D": 40, "k": 7, "dtype": "float16", "bias": True, "config": small},
+        # keys an exact multiple of BLOCK_N (no partial bucket), last program group past the end
+        {"seed": 7, "B": 3, "N": 112, "D": 32, "k": 5, "dtype": "float16", "bias": False, "config": small},
         # more requested than buckets exist (k > number of buckets): every key is a candidate
         {"seed": 4, "B": 2, "N": 40, "D": 16, "k": 6, "dtype": "float32", "bias": False, "config": small},
         # k = number of keys

@@ -16,8 +16,7 @@ def _bucket_max_kernel(
     BIAS,
     OUT,
     B,
-    N,
-    NB,
+    NB_FULL,
     stride_q,
     stride_e,
     stride_out,
@@ -30,9 +29,12 @@ def _bucket_max_kernel(
     D_PAD: tl.constexpr,
     TILES: tl.constexpr,
 ):
-    """Pass 1. Program ``pid`` takes query block ``pid % num_q_blocks`` and ``TILES`` consecutive key tiles (buckets) of
-    ``BLOCK_N`` keys; it writes ``OUT[q, bucket] = max over the bucket's keys of q . e + bias``. Consecutive programs
-    share their key tiles (query block varies fastest), so large query batches read each tile from HBM about once."""
+    """Pass 1 over the ``NB_FULL`` full buckets (``BLOCK_N`` keys each; the caller handles a partial last bucket).
+
+    Program ``pid`` takes query block ``pid % num_q_blocks`` and ``TILES`` consecutive buckets; it writes ``OUT[q, bucket]
+    = max over the bucket's keys of q . e + bias``. Consecutive programs share their key tiles (the query block varies
+    fastest), so large query batches read each tile from HBM about once. Every tile is full, so the hot loop has no key
+    masks: tiles past the end (last program only) re-read the last bucket and their columns are not stored."""
     pid = tl.program_id(0)
     num_qb = tl.cdiv(B, BLOCK_Q)
     qb = pid % num_qb
@@ -40,6 +42,7 @@ def _bucket_max_kernel(
     offs_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_mask = offs_q < B
     offs_d = tl.arange(0, BLOCK_D)
+    offs_bn = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, TILES)
     maxes = tl.full((BLOCK_Q, TILES), float("-inf"), tl.float32)
     if D_PAD == BLOCK_D:
@@ -47,39 +50,36 @@ def _bucket_max_kernel(
             Q + offs_q[:, None] * stride_q + offs_d[None, :], mask=q_mask[:, None] & (offs_d[None, :] < D), other=0.0
         )
     for t in tl.range(0, TILES):
-        offs_n = (grp * TILES + t) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
+        tile = tl.minimum(grp * TILES + t, NB_FULL - 1)
+        offs_n = tile.to(tl.int64) * BLOCK_N + offs_bn
         acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
         for d0 in tl.static_range(0, D_PAD, BLOCK_D):
-            d_mask = (d0 + offs_d) < D
             if D_PAD == BLOCK_D:
                 q = q_res
             else:
                 q = tl.load(
                     Q + offs_q[:, None] * stride_q + (d0 + offs_d)[None, :],
-                    mask=q_mask[:, None] & d_mask[None, :],
+                    mask=q_mask[:, None] & ((d0 + offs_d)[None, :] < D),
                     other=0.0,
                 )
-            e = tl.load(
-                E + offs_n[:, None].to(tl.int64) * stride_e + (d0 + offs_d)[None, :],
-                mask=n_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
+            e_ptrs = E + offs_n[:, None] * stride_e + (d0 + offs_d)[None, :]
+            if D_PAD == D:
+                e = tl.load(e_ptrs)
+            else:
+                e = tl.load(e_ptrs, mask=(d0 + offs_d)[None, :] < D, other=0.0)
             if IEEE:
                 acc = tl.dot(q, tl.trans(e), acc, input_precision="ieee")
             else:
                 acc = tl.dot(q, tl.trans(e), acc)
         if HAS_BIAS:
-            bias = tl.load(BIAS + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            acc = acc + bias[None, :]
-        acc = tl.where(n_mask[None, :], acc, float("-inf"))
+            acc = acc + tl.load(BIAS + offs_n).to(tl.float32)[None, :]
         tile_max = tl.max(acc, axis=1)
         maxes = tl.where(cols[None, :] == t, tile_max[:, None], maxes)
     offs_b = grp * TILES + cols
     tl.store(
         OUT + offs_q[:, None].to(tl.int64) * stride_out + offs_b[None, :],
         maxes,
-        mask=q_mask[:, None] & (offs_b[None, :] < NB),
+        mask=q_mask[:, None] & (offs_b[None, :] < NB_FULL),
     )
 
 

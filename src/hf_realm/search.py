@@ -347,30 +347,36 @@ def _triton_topk_with(queries, keys, k, key_bias, config: dict):
     tiles = max(1, min(tiles, _next_pow2(num_buckets)))
     launch = {} if interpret else {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
 
+    full_buckets = num_keys // block_n
     bucket_max = torch.empty(num_queries, num_buckets, dtype=torch.float32, device=keys.device)
-    grid = (triton_cdiv(num_queries, block_q) * triton_cdiv(num_buckets, tiles),)
     bias_arg = key_bias if key_bias is not None else bucket_max  # a pointer the kernel never reads
-    _triton_kernel("bucket_max", interpret)[grid](
-        queries,
-        keys,
-        bias_arg,
-        bucket_max,
-        num_queries,
-        num_keys,
-        num_buckets,
-        queries.stride(0),
-        keys.stride(0),
-        bucket_max.stride(0),
-        D=dim,
-        HAS_BIAS=key_bias is not None,
-        IEEE=keys.dtype == torch.float32,
-        BLOCK_Q=block_q,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        D_PAD=d_pad,
-        TILES=tiles,
-        **launch,
-    )
+    if full_buckets > 0:
+        grid = (triton_cdiv(num_queries, block_q) * triton_cdiv(full_buckets, tiles),)
+        _triton_kernel("bucket_max", interpret)[grid](
+            queries,
+            keys,
+            bias_arg,
+            bucket_max,
+            num_queries,
+            full_buckets,
+            queries.stride(0),
+            keys.stride(0),
+            bucket_max.stride(0),
+            D=dim,
+            HAS_BIAS=key_bias is not None,
+            IEEE=keys.dtype == torch.float32,
+            BLOCK_Q=block_q,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            D_PAD=d_pad,
+            TILES=tiles,
+            **launch,
+        )
+    if full_buckets < num_buckets:  # the partial last bucket: a small matmul in torch
+        tail = _scores_fp32(queries, keys[full_buckets * block_n :])
+        if key_bias is not None:
+            tail += key_bias[full_buckets * block_n :]
+        bucket_max[:, full_buckets] = tail.max(dim=1).values
 
     kb = min(k, num_buckets)
     buckets = bucket_max.topk(kb, dim=1, sorted=False).indices
