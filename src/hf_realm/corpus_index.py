@@ -1455,7 +1455,10 @@ def _read_legacy_weights(checkpoint: str) -> tuple[torch.Tensor, dict[str, torch
                     elif key.startswith("embedder."):
                         embedder[key[len("embedder.") :]] = f.get_tensor(key)
         else:
-            state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+            try:  # memory-mapped: only block_emb and the embedder are read from a multi-GB checkpoint
+                state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # a pre-zipfile (torch < 1.6) file cannot be memory-mapped
+                state = torch.load(shard, map_location="cpu", weights_only=True)
             for key, value in state.items():
                 if key == "block_emb":
                     block_emb = value
