@@ -40,7 +40,7 @@ from hf_realm.corpus_index import CorpusTokens, embed_corpus  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--num_blocks", type=int, default=200_000)
+    p.add_argument("--num_blocks", type=int, default=100_000)
     p.add_argument("--seq_len", type=int, default=288)
     p.add_argument("--full_fraction", type=float, default=1.0, help="fraction of blocks at full length")
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[256, 512, 1024])

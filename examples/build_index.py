@@ -170,7 +170,7 @@ def main(argv=None):
     corpus_args, embed_args, index_args = parse(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(embed_args.seed)
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # gloo across CPU processes
     device = state.device
     results = {}
 
