@@ -608,3 +608,25 @@ def test_legacy_import_count_mismatch(tmp_path):
     openqa = os.path.join(FIXTURE, "openqa")
     with pytest.raises(ValueError, match="block_emb has 12 rows but there are 11 block records"):
         RealmBlockIndex.from_legacy_checkpoint(openqa, block_records=[b"x"] * 11, backend="torch", tokenizer=None)
+
+
+def test_build_index_example_default(tmp_path):
+    """`examples/build_index.py` with no corpus argument: the generated world, a tiny random embedder, a flat index."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "build_index.py")
+    spec = importlib.util.spec_from_file_location("build_index_example", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    results = module.main(["--output_dir", str(tmp_path / "idx"), "--eval_queries", "50"])
+    from hf_realm.world import KnowledgeWorld
+
+    assert results["num_blocks"] == len(KnowledgeWorld().corpus())
+    assert results["recall@10_vs_exact"] == 1.0
+    saved = json.loads((tmp_path / "idx" / "all_results.json").read_text())
+    assert saved["num_blocks"] == results["num_blocks"]
+    index = RealmBlockIndex.from_pretrained(tmp_path / "idx", backend="torch")
+    queries = np.random.default_rng(0).standard_normal((3, index.dim)).astype(np.float32)
+    np.testing.assert_array_equal(index.search(queries, 5)[1], brute_force(queries, index.embeddings.numpy(), 5)[1])
+    assert list(index.corpus["block_id"]) == list(range(len(index)))  # the world's gold block ids are kept
