@@ -330,13 +330,16 @@ def main(argv=None) -> dict:
                 f.write(json.dumps(record) + "\n")
         with open(os.path.join(args.output_dir, "all_results.json"), "w") as f:
             json.dump(results, f, indent=2)
-        model.save_pretrained(args.output_dir)
+        if hasattr(model, "merge_and_unload"):  # peft: the adapter on its own, the merged model beside it
+            model.save_pretrained(os.path.join(args.output_dir, "adapter"))
+            base = model.merge_and_unload()
+        base.save_pretrained(args.output_dir)
         base.retriever.save_pretrained(args.output_dir)
         index.save_pretrained(os.path.join(args.output_dir, "index"))
         logger.info("results:\n" + json.dumps(results, indent=2))
         if args.push_to_hub:
             repo = args.hub_model_id or os.path.basename(args.output_dir.rstrip("/"))
-            model.push_to_hub(repo)
+            base.push_to_hub(repo)
             base.retriever.push_to_hub(repo)
             index.push_to_hub(repo, repo_type="model", path_in_repo="index")
     return results
