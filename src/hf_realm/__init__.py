@@ -15,7 +15,17 @@ from transformers import (
 )
 
 from . import metrics
+from .callbacks import IndexRefreshCallback
 from .configuration_realm import RealmConfig
+from .corpus_index import (
+    CorpusTokens,
+    RealmBlockIndex,
+    build_corpus,
+    embed_corpus,
+    embedder_fingerprint,
+    shard_range,
+    sharded_search,
+)
 from .data_collator import DataCollatorForSalientSpanMasking
 from .masking import SalientSpanMasker, find_salient_spans
 from .modeling_realm import (
@@ -34,8 +44,15 @@ from .modeling_realm import (
     RealmScorer,
     RealmScorerOutput,
 )
-from .pretraining import DataCollatorForInverseClozeTask
+from .openqa import DataCollatorForOpenQA, evaluate_open_qa
+from .pretraining import (
+    DataCollatorForInverseClozeTask,
+    evaluate_masked_lm,
+    optimizer_grouped_parameters,
+    train_inverse_cloze_task,
+)
 from .retrieval_realm import RealmRetriever, load_legacy_block_records
+from .search import exact_topk
 from .tokenization_realm import RealmTokenizer, RealmTokenizerFast
 from .world import KnowledgeWorld, WorldConfig
 
@@ -51,6 +68,20 @@ def _register() -> None:
 _register()
 
 __all__ = [
+    "CorpusTokens",
+    "DataCollatorForOpenQA",
+    "IndexRefreshCallback",
+    "RealmBlockIndex",
+    "build_corpus",
+    "embed_corpus",
+    "embedder_fingerprint",
+    "evaluate_masked_lm",
+    "evaluate_open_qa",
+    "exact_topk",
+    "optimizer_grouped_parameters",
+    "shard_range",
+    "sharded_search",
+    "train_inverse_cloze_task",
     "DataCollatorForInverseClozeTask",
     "DataCollatorForSalientSpanMasking",
     "KnowledgeWorld",
