@@ -189,8 +189,15 @@ def test_triton_cuda_every_candidate_config():
         keys = torch.randn(30_011, d, generator=g).half()
         ref_scores, ref_ids = brute_force(q, keys, k)
         configs = _candidate_configs(b, d, k, 2) + [_default_config(b, d, k, 2)]
+        ran = 0
         for cfg in configs:
-            scores, ids = _triton_topk(q.cuda(), keys.cuda(), k, None, config=cfg)
+            try:
+                scores, ids = _triton_topk(q.cuda(), keys.cuda(), k, None, config=cfg)
+            except Exception as err:  # the tuner skips what the compiler rejects (shared memory); so do we
+                assert "out of resource" in str(err).lower(), (cfg, err)
+                continue
+            ran += 1
             recall = np.mean([len(np.intersect1d(a, r)) / k for a, r in zip(ids.cpu().numpy(), ref_ids, strict=True)])
             assert recall >= 0.999, (b, d, k, cfg, recall)
             np.testing.assert_allclose(scores.cpu().numpy(), ref_scores, rtol=1e-4, atol=1e-3)
+        assert ran >= 1, (b, d, k, len(configs))

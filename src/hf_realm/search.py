@@ -199,37 +199,51 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
+def _smem_bytes(block_q: int, block_n: int, block_d: int, num_stages: int, resident: bool, element_size: int) -> int:
+    """A first estimate of the shared memory of a bucket-max launch: the pipelined key (and, unless resident, query)
+    tiles. The compiler adds scratch on top (on an H100 the chunked-dimension 128 x 128 x 128, 3-stage config of the
+    10M x 512 search asked for 256 KiB): configs it rejects are skipped by the tuner, so the chunked case also offers
+    64-wide dimension chunks and 2-stage pipelines."""
+    query = block_q * block_d * (1 if resident else num_stages)
+    return (query + num_stages * block_n * block_d) * element_size
+
+
+_SMEM_LIMIT = 227 * 1024
+
+
 def _default_config(num_queries: int, dim: int, k: int, element_size: int) -> dict:
     """A reasonable launch config without tuning (also the one the interpreter uses)."""
     block_q = min(128, max(16, _next_pow2(num_queries)))
     # Small batches stream keys (memory bound): wide buckets keep the bucket-max matrix small. Large batches are
     # compute bound: 128-key buckets keep pass 2 (k * BLOCK_N keys per query) cheap.
     block_n = 128 if num_queries > 64 or k > 16 else 256
-    block_d = max(16, min(_next_pow2(dim), 128 if element_size <= 2 else 64))  # tl.dot needs K >= 16
+    d_pow2 = max(16, _next_pow2(dim))  # tl.dot needs K >= 16
+    resident = d_pow2 * element_size <= 512
+    block_d = d_pow2 if resident else 64
     return {"BLOCK_Q": block_q, "BLOCK_N": block_n, "BLOCK_D": block_d, "TILES": 32, "num_warps": 8, "num_stages": 3}
 
 
 def _candidate_configs(num_queries: int, dim: int, k: int, element_size: int) -> list[dict]:
-    """Launch configs tried by the on-device tuner (about a dozen), filtered by shared-memory and register budgets
-    (H100: 228 KiB shared memory per SM, 64K registers)."""
+    """Launch configs tried by the on-device tuner (a few dozen), filtered by shared-memory and register budgets
+    (H100: 227 KiB shared memory per block, 64K registers); configs the compiler still rejects are skipped."""
     d_pow2 = max(16, _next_pow2(dim))  # tl.dot needs K >= 16
     bq_max = max(16, _next_pow2(num_queries))
     block_qs = (bq_max,) if bq_max <= 64 else (64, 128, 256)
     block_ns = (128, 256) if num_queries <= 64 and k <= 16 else (64, 128)
     # Keep the whole query block in registers/shared memory when it fits; else loop over the dimension in chunks.
-    block_ds = (d_pow2,) if d_pow2 * element_size <= 512 else (256 // element_size,)
+    resident = d_pow2 * element_size <= 512
+    block_ds = (d_pow2,) if resident else (64, 128)
     out = []
     for block_q in block_qs:
         if block_q > bq_max:
             continue
         for block_n in block_ns:
             for block_d in block_ds:
-                for num_warps, num_stages in ((4, 3), (8, 3), (8, 4)):
-                    resident = block_d == d_pow2
-                    smem = block_q * block_d * (1 if resident else num_stages) + num_stages * block_n * block_d
-                    smem *= element_size
+                stages = ((4, 3), (8, 3), (8, 4)) if resident else ((4, 2), (4, 3), (8, 2), (8, 3))
+                for num_warps, num_stages in stages:
+                    smem = _smem_bytes(block_q, block_n, block_d, num_stages, resident, element_size)
                     acc_per_thread = block_q * block_n / (num_warps * 32)
-                    if smem > 227 * 1024 or acc_per_thread > 128 or acc_per_thread < 8:
+                    if smem > _SMEM_LIMIT or acc_per_thread > 128 or acc_per_thread < 8:
                         continue
                     out.append(
                         {
