@@ -15,6 +15,7 @@ from hf_realm.knn_pruning import (
     datastore_neighbours,
     entry_model_log_probs,
     greedy_merge,
+    greedy_merge_sequence,
     kmeans,
     pca_compress,
     pq_compress,
@@ -58,6 +59,53 @@ def test_greedy_merge_hand_computed():
     assert partial.values.tolist() == [1, 2, 1, 3, 3]
     assert partial.counts.tolist() == [3, 1, 1, 2, 4]
     assert partial.metadata["history"][-1]["method"] == "greedy_merge"
+
+
+def test_greedy_merge_multiple_passes_hand_computed():
+    # pass 1 (1 neighbour): 0 <- 1, 4 <- 5. Among the rest (0, 2, 3, 4, 6) pass 2: 4 <- 6. Pass 3 finds nothing.
+    store = hand_store()
+    merges = greedy_merge_sequence(store, num_neighbors=1, max_passes=5, device="cpu")
+    assert merges.tolist() == [[0, 1], [4, 5], [4, 6]]
+    assert greedy_merge_sequence(store, num_neighbors=1, device="cpu").tolist() == [[0, 1], [4, 5]]
+    merged = greedy_merge(store, num_neighbors=1, merges=merges)
+    assert merged.values.tolist() == [1, 2, 1, 3] and merged.counts.tolist() == [3, 1, 1, 6]
+
+
+def _naive_greedy_merge(keys, values, counts, k, target):
+    """The algorithm as written in the paper, with early stopping, over float64 brute-force neighbours."""
+    x = keys.astype(np.float64)
+    d = ((x[:, None] - x[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    nbrs = np.argsort(d, axis=1, kind="stable")[:, :k]
+    counts = counts.astype(np.int64).copy()
+    removed = np.zeros(len(values), bool)
+    for i in range(len(values)):
+        if (~removed).sum() <= target:
+            break
+        if removed[i]:
+            continue
+        for j in nbrs[i]:
+            if not removed[j] and values[j] == values[i]:
+                removed[j] = True
+                counts[i] += counts[j]
+                if (~removed).sum() <= target:
+                    break
+    keep = np.flatnonzero(~removed)
+    return keep, counts[keep]
+
+
+@pytest.mark.parametrize("fraction", [0.9, 0.75, 0.6])
+def test_greedy_merge_matches_naive_early_stopping(fraction):
+    rng = np.random.default_rng(7)
+    keys = rng.normal(size=(300, 6)).astype(np.float16)
+    values = rng.integers(0, 4, 300)
+    counts = rng.integers(1, 3, 300)
+    store = KNNDatastore(keys=keys, values=values, counts=counts, provenance=np.stack([np.arange(300)] * 2, 1))
+    merges = greedy_merge_sequence(store, num_neighbors=5, device="cpu")
+    merged = greedy_merge(store, num_neighbors=5, fraction=fraction, merges=merges)
+    keep, ref_counts = _naive_greedy_merge(keys, values, counts, 5, round(300 * fraction))
+    assert merged.provenance[:, 0].tolist() == keep.tolist()
+    assert merged.counts.tolist() == ref_counts.tolist()
 
 
 def test_merged_counts_weight_the_knn_distribution():

@@ -134,11 +134,70 @@ def datastore_neighbours(
     return out
 
 
+def _greedy_pass(values: np.ndarray, neighbours: np.ndarray) -> list[tuple[int, int]]:
+    """One greedy-merging pass over entries 0..n-1 in order; returns the (kept, merged) pairs."""
+    n = values.shape[0]
+    same = values[neighbours] == values[:, None]
+    same &= neighbours != np.arange(n)[:, None]
+    rows = np.flatnonzero(same.any(1))
+    removed = bytearray(n)
+    merges: list[tuple[int, int]] = []
+    for i, cands in zip(rows.tolist(), (neighbours[r][same[r]] for r in rows), strict=True):
+        if removed[i]:
+            continue
+        for j in cands.tolist():
+            if not removed[j]:
+                removed[j] = 1
+                merges.append((i, j))
+    return merges
+
+
+def greedy_merge_sequence(
+    datastore: KNNDatastore,
+    num_neighbors: int = 8,
+    neighbours: np.ndarray | None = None,
+    max_passes: int = 1,
+    device: str | torch.device | None = None,
+) -> np.ndarray:
+    """The merges of greedy merging, in order: `(num_merges, 2)` rows of `(kept entry, merged entry)`.
+
+    Stopping greedy merging at a target size is the same as applying a prefix of this sequence, so one run serves
+    every retained fraction of a sweep (see [`greedy_merge`]). With ``max_passes > 1`` the pass is repeated over the
+    entries that remain (neighbours searched again among them), which reaches smaller fractions than one pass.
+    """
+    n = len(datastore)
+    if max_passes < 1:
+        raise ValueError(f"max_passes must be >= 1, got {max_passes}")
+    k = min(num_neighbors, n - 1)
+    if neighbours is not None and (neighbours.shape[0] != n or neighbours.shape[1] < k):
+        raise ValueError(f"neighbours of shape {neighbours.shape}, expected ({n}, >= {k})")
+    alive = np.arange(n)
+    merges: list[np.ndarray] = []
+    for p in range(max_passes):
+        sub = datastore if p == 0 else datastore.select(alive)
+        k = min(num_neighbors, len(sub) - 1)
+        if k < 1:
+            break
+        if p == 0 and neighbours is not None:
+            nb = np.asarray(neighbours[:, :k])
+        else:
+            nb = datastore_neighbours(sub, k, device=device)
+        local = np.asarray(_greedy_pass(np.asarray(sub.values), nb), dtype=np.int64).reshape(-1, 2)
+        if local.shape[0] == 0:
+            break
+        merges.append(alive[local])
+        keep = np.ones(len(sub), dtype=bool)
+        keep[local[:, 1]] = False
+        alive = alive[keep]
+    return np.concatenate(merges) if merges else np.zeros((0, 2), dtype=np.int64)
+
+
 def greedy_merge(
     datastore: KNNDatastore,
     num_neighbors: int = 8,
     fraction: float | None = None,
     neighbours: np.ndarray | None = None,
+    merges: np.ndarray | None = None,
     device: str | torch.device | None = None,
 ) -> KNNDatastore:
     """Greedy merging (He et al. 2021): entries absorb their same-value nearest neighbours and carry their counts.
@@ -154,7 +213,9 @@ def greedy_merge(
         num_neighbors (`int`, *optional*, defaults to 8): neighbours looked at per entry.
         fraction (`float`, *optional*): stop at this share of entries.
         neighbours (`np.ndarray` of shape `(num_entries, >= num_neighbors)`, *optional*): precomputed neighbour
-            lists (from [`datastore_neighbours`]), nearest first; reused across fractions in sweeps.
+            lists (from [`datastore_neighbours`]), nearest first.
+        merges (`np.ndarray` of shape `(num_merges, 2)`, *optional*): a precomputed [`greedy_merge_sequence`] (with
+            the same ``num_neighbors``), reused across fractions in sweeps.
         device (`str` or `torch.device`, *optional*): where to search the neighbours.
 
     Example:
@@ -172,39 +233,26 @@ def greedy_merge(
     n = len(datastore)
     if fraction is not None:
         _check_fraction(fraction)
-    if neighbours is None:
-        neighbours = datastore_neighbours(datastore, min(num_neighbors, n - 1), device=device)
-    elif neighbours.shape[0] != n or neighbours.shape[1] < min(num_neighbors, n - 1):
-        raise ValueError(f"neighbours of shape {neighbours.shape}, expected ({n}, >= {min(num_neighbors, n - 1)})")
-    neighbours = neighbours[:, :num_neighbors]
+    if merges is None:
+        merges = greedy_merge_sequence(datastore, num_neighbors, neighbours=neighbours, device=device)
+    elif merges.ndim != 2 or merges.shape[1] != 2 or (merges.size and merges.max() >= n):
+        raise ValueError(f"merges must be (num_merges, 2) entry ids below {n}, got shape {merges.shape}")
     target = _target_size(n, fraction) if fraction is not None else 0
-    counts = (datastore.counts.astype(np.int64) if datastore.counts is not None else np.ones(n, np.int64)).tolist()
-    values = datastore.values.tolist()
-    nbrs = neighbours.tolist()
-    removed = bytearray(n)
-    remaining = n
-    for i in range(n):
-        if remaining <= target:
-            break
-        if removed[i]:
-            continue
-        vi = values[i]
-        for j in nbrs[i]:
-            if j != i and not removed[j] and values[j] == vi:
-                removed[j] = 1
-                counts[i] += counts[j]
-                counts[j] = 0
-                remaining -= 1
-                if remaining <= target:
-                    break
-    keep = np.flatnonzero(np.frombuffer(bytes(removed), dtype=np.uint8) == 0)
+    steps = min(len(merges), n - target)
+    counts = datastore.counts.astype(np.int64) if datastore.counts is not None else np.ones(n, np.int64)
+    removed = np.zeros(n, dtype=bool)
+    for i, j in merges[:steps].tolist():
+        counts[i] += counts[j]
+        counts[j] = 0
+        removed[j] = True
+    keep = np.flatnonzero(~removed)
     if fraction is not None and keep.size > target:
         warnings.warn(
             f"greedy merging with {num_neighbors} neighbours keeps {keep.size / n:.1%} of the entries, more than the "
             f"{fraction:.1%} asked for; raise num_neighbors to merge more",
             stacklevel=2,
         )
-    new_counts = np.asarray(counts, dtype=np.int64)[keep]
+    new_counts = counts[keep]
     if new_counts.max(initial=0) > np.iinfo(np.int32).max:
         raise OverflowError("a merged count exceeds int32")
     history = {"method": "greedy_merge", "num_neighbors": num_neighbors, "fraction": fraction}

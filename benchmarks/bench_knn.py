@@ -1,0 +1,186 @@
+"""kNN-MT decoding speed: generate() tokens/s with the kNN processor over tokens/s without, same model, same run.
+
+Marian-size model (6+6 layers, d_model 512, 8 heads, FFN 2048, vocabulary 58,101; random weights), batch 32, beam 4,
+exactly 64 new tokens (min = max), datastores of random float16 keys (1M and 10M x 512 by default) searched exactly on
+the GPU (`KNNDatastore` torch index -> `hf_realm.search.exact_topk`). Also times one search of `batch x beam` queries
+alone and gives its memory roofline (reading the keys once at the measured HBM bandwidth).
+
+    python benchmarks/bench_knn.py                       # 1M and 10M entries (10M needs ~11 GB of GPU memory)
+    python benchmarks/bench_knn.py --sizes 100000 --batch_size 4 --new_tokens 8 --device cpu   # a CPU smoke run
+
+Prints a table last and writes `--output` (JSON). Targets (issue 6): >= 0.8x of base speed at 1M, >= 0.5x at 10M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import LogitsProcessorList, MarianConfig, MarianMTModel
+
+from hf_realm.knn_generation import KNNDatastore, KNNLogitsProcessor
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="1000000,10000000", help="datastore sizes (comma separated)")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--num_beams", type=int, default=4)
+    p.add_argument("--new_tokens", type=int, default=64)
+    p.add_argument("--source_length", type=int, default=32)
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--d_model", type=int, default=512)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--vocab_size", type=int, default=58101)
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--output", default="outputs/bench_knn.json")
+    return p
+
+
+def marian(args, device, dtype) -> MarianMTModel:
+    torch.manual_seed(0)
+    config = MarianConfig(
+        vocab_size=args.vocab_size, d_model=args.d_model, encoder_layers=args.layers, decoder_layers=args.layers,
+        encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=4 * args.d_model,
+        decoder_ffn_dim=4 * args.d_model, max_position_embeddings=512, pad_token_id=args.vocab_size - 1,
+        decoder_start_token_id=args.vocab_size - 1, eos_token_id=0, forced_eos_token_id=None,
+    )  # fmt: skip
+    return MarianMTModel(config).to(device, dtype).eval()
+
+
+def random_store(n: int, dim: int, vocab: int, device: torch.device) -> KNNDatastore:
+    """Random N(0, 1) float16 keys generated on the device in chunks (fast), values uniform over the vocabulary."""
+    keys = np.empty((n, dim), dtype=np.float16)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for start in range(0, n, 1 << 20):
+        m = min(1 << 20, n - start)
+        keys[start : start + m] = (
+            torch.randn((m, dim), generator=gen, device=device, dtype=torch.float16).cpu().numpy()
+        )
+    values = np.random.default_rng(0).integers(0, vocab - 1, n).astype(np.int32)
+    return KNNDatastore(keys=keys, values=values)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_generate(model, inputs, args, device, processor=None) -> float:
+    lp = LogitsProcessorList([processor]) if processor is not None else None
+    kw = dict(num_beams=args.num_beams, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+              do_sample=False, logits_processor=lp)  # fmt: skip
+    model.generate(**inputs, **kw)  # warm-up
+    times = []
+    for _ in range(args.repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        out = model.generate(**inputs, **kw)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    assert out.shape[1] == args.new_tokens + 1, out.shape
+    return float(np.median(times))
+
+
+def hbm_bandwidth(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    sync(device)
+    return 2 * x.numel() * 10 / (time.perf_counter() - t0)  # read + write
+
+
+def main(argv=None) -> dict:
+    args = make_parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
+    model = marian(args, device, dtype)
+    gen = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(1, args.vocab_size - 1, (args.batch_size, args.source_length), generator=gen)
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device)}
+    new_tokens = args.batch_size * args.new_tokens
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"device: {device_name}; torch {torch.__version__}; model dtype {dtype}", flush=True)
+
+    base_s = time_generate(model, inputs, args, device)
+    base_tps = new_tokens / base_s
+    print(f"base generate: {base_s * 1000:.1f} ms -> {base_tps:.0f} tokens/s", flush=True)
+    bandwidth = hbm_bandwidth(device)
+    rows = []
+    for n in [int(x) for x in args.sizes.split(",")]:
+        t0 = time.perf_counter()
+        store = random_store(n, args.d_model, args.vocab_size, device)
+        store.build_index("torch", device=device)
+        print(f"store {n:,}: built and moved in {time.perf_counter() - t0:.1f}s", flush=True)
+        processor = KNNLogitsProcessor(store, k=args.k, temperature=10.0, lmbda=0.5)
+        with processor.attach(model, check_weights=False):
+            knn_s = time_generate(model, inputs, args, device, processor)
+        queries = torch.randn(args.batch_size * args.num_beams, args.d_model, device=device, dtype=dtype)
+        store.search(queries, args.k)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            store.search(queries, args.k)
+        sync(device)
+        search_ms = (time.perf_counter() - t0) / 20 * 1000
+        roofline_ms = n * args.d_model * 2 / bandwidth * 1000 if bandwidth else None
+        row = {
+            "entries": n,
+            "key_bytes": n * args.d_model * 2,
+            "base_tokens_per_second": base_tps,
+            "knn_tokens_per_second": new_tokens / knn_s,
+            "ratio": base_s / knn_s,
+            "base_ms_per_step": base_s / args.new_tokens * 1000,
+            "knn_ms_per_step": knn_s / args.new_tokens * 1000,
+            "search_ms": search_ms,
+            "search_roofline_ms": roofline_ms,
+        }
+        rows.append(row)
+        print(f"  kNN generate: {knn_s * 1000:.1f} ms -> {row['knn_tokens_per_second']:.0f} tokens/s "
+              f"({row['ratio']:.2f}x); one search {search_ms:.2f} ms", flush=True)  # fmt: skip
+        del processor, store
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    result = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "model": f"Marian {args.layers}+{args.layers} layers, d_model {args.d_model}, vocab {args.vocab_size}, {dtype}",
+        "batch_size": args.batch_size,
+        "num_beams": args.num_beams,
+        "new_tokens": args.new_tokens,
+        "k": args.k,
+        "hbm_bytes_per_second": bandwidth,
+        "rows": rows,
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2))
+    print()
+    print(f"kNN-MT decoding speed on {device_name} (batch {args.batch_size}, beam {args.num_beams}, "
+          f"{args.new_tokens} new tokens, k={args.k}, exact GPU search)")  # fmt: skip
+    print("| entries | base tok/s | kNN tok/s | kNN / base | ms/step base | ms/step kNN | search ms | roofline ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        roof = f"{r['search_roofline_ms']:.2f}" if r["search_roofline_ms"] else "-"
+        print(f"| {r['entries']:,} | {r['base_tokens_per_second']:.0f} | {r['knn_tokens_per_second']:.0f} | "
+              f"{r['ratio']:.2f}x | {r['base_ms_per_step']:.2f} | {r['knn_ms_per_step']:.2f} | "
+              f"{r['search_ms']:.2f} | {roof} |")  # fmt: skip
+    print(f"JSON: {args.output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,609 @@
+"""Real kNN-MT domain adaptation (issue 6) and datastore pruning / compression sweeps (issue 7), in two commands.
+
+Step 1 (`train`): train a BPE tokenizer (the `tokenizers` library) and a small Marian-architecture de->en model from
+scratch on the general-domain pairs in the shared data (multi30k, Tatoeba, WMT newstest, FLORES, NTREX; never Koran or
+IT), within a time budget, in bf16 on a GPU. Saves the model in fp16 (+ tokenizer) to `--output_dir`.
+
+Step 2 (`evaluate`): for the Koran domain (train = datastore, dev = tune k / T / λ, test = BLEU) and the IT domain
+(first 1,500 dev lines = datastore, last 500 = tune, test = BLEU): base BLEU, kNN-MT BLEU with the tuned setting,
+datastore size; then the pruning sweeps (random / greedy merging / model-confidence at 50/25/10/5%), PCA and PQ
+compression, adaptive retrieval, each with BLEU, tokens/s and bytes; and the plot (BLEU vs retained fraction).
+Tuning decodes greedily; the test set is decoded greedily (all rows) and with beam search (base and tuned kNN).
+Nothing is tuned on a test set or on datastore sentences.
+
+    python benchmarks/knn_mt_experiment.py train --data_dir ../shared/data --output_dir $OUT/model --max_minutes 7
+    python benchmarks/knn_mt_experiment.py evaluate --model_dir model --data_dir ../shared/data --output_dir $OUT
+
+Prints progress (flushed) and a table last; writes `knn_mt_results.json` (updated after every step, so a killed run
+still leaves what it measured), `knn_mt_table.md` and `knn_mt_pruning.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from knn_translate import corpus_bleu, read_lines, translate, translate_with_knn  # noqa: E402
+
+from hf_realm.knn_generation import KNNDatastore  # noqa: E402
+from hf_realm.knn_pruning import (  # noqa: E402
+    confidence_prune,
+    datastore_neighbours,
+    entry_model_log_probs,
+    greedy_merge,
+    greedy_merge_sequence,
+    pca_compress,
+    pq_compress,
+    random_prune,
+)
+
+
+GENERAL_PAIRS = [
+    ("multi30k/task1/raw/train.de", "multi30k/task1/raw/train.en"),
+    ("multi30k/task1/raw/test_2016_flickr.de", "multi30k/task1/raw/test_2016_flickr.en"),
+    ("multi30k/task1/raw/test_2017_flickr.de", "multi30k/task1/raw/test_2017_flickr.en"),
+    ("multi30k/task1/raw/test_2017_mscoco.de", "multi30k/task1/raw/test_2017_mscoco.en"),
+    ("multi30k/task1/raw/test_2018_flickr.de", "multi30k/task1/raw/test_2018_flickr.en"),
+    (
+        "opus_mt_testsets/datasets/helsinki_nlp/tatoeba/testsets/deu-eng/tatoeba-test-v2021-08-07.deu",
+        "opus_mt_testsets/datasets/helsinki_nlp/tatoeba/testsets/deu-eng/tatoeba-test-v2021-08-07.eng",
+    ),
+    (
+        "opus_mt_testsets/datasets/statmt/wmt_newstest/2014/de-en/newstest2014.de",
+        "opus_mt_testsets/datasets/statmt/wmt_newstest/2014/de-en/newstest2014.en",
+    ),
+    (
+        "opus_mt_testsets/datasets/statmt/wmt_newstest/2019/de-en/newstest2019.de",
+        "opus_mt_testsets/datasets/statmt/wmt_newstest/2019/de-en/newstest2019.en",
+    ),
+    (
+        "opus_mt_testsets/datasets/statmt/wmt_newstest/2019/en-de/newstest2019.de",
+        "opus_mt_testsets/datasets/statmt/wmt_newstest/2019/en-de/newstest2019.en",
+    ),
+    (
+        "opus_mt_testsets/datasets/statmt/wmt_newstest/2020/de-en/newstest2020.de",
+        "opus_mt_testsets/datasets/statmt/wmt_newstest/2020/de-en/newstest2020.en",
+    ),
+    (
+        "opus_mt_testsets/datasets/facebook/flores/flores200_dataset/devtest/deu_Latn.devtest",
+        "opus_mt_testsets/datasets/facebook/flores/flores200_dataset/devtest/eng_Latn.devtest",
+    ),
+    (
+        "opus_mt_testsets/datasets/microsoft/ntrex/NTREX/NTREX-128/newstest2019-ref.deu.txt",
+        "opus_mt_testsets/datasets/microsoft/ntrex/NTREX/NTREX-128/newstest2019-src.eng.txt",
+    ),
+]
+GENERAL_DEV = ("multi30k/task1/raw/val.de", "multi30k/task1/raw/val.en")
+DOMAINS = {
+    # name: (datastore files + line range, dev files + line range, test files)
+    "koran": (("koran/train", None), ("koran/dev", ":500"), "koran/test"),
+    "it": (("it/dev", ":1500"), ("it/dev", "1500:"), "it/test"),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _pairs(data_dir: Path, src: str, tgt: str, lines: str | None = None, max_samples: int | None = None):
+    s = read_lines(str(data_dir / src), lines, max_samples)
+    t = read_lines(str(data_dir / tgt), lines, max_samples)
+    if len(s) != len(t):
+        raise ValueError(f"{src} has {len(s)} lines but {tgt} has {len(t)}")
+    return s, t
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Step 1: tokenizer + model from scratch
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], min_frequency=2)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=256
+    )
+
+
+def token_batches(src_ids, tgt_ids, max_tokens: int, rng: random.Random):
+    """Length-bucketed batches of at most ``max_tokens`` (padded source + target) tokens, shuffled."""
+    order = sorted(range(len(src_ids)), key=lambda i: (len(tgt_ids[i]), len(src_ids[i])))
+    batches, cur, width = [], [], 0
+    for i in order:
+        w = max(width, len(src_ids[i]) + len(tgt_ids[i]))
+        if cur and w * (len(cur) + 1) > max_tokens:
+            batches.append(cur)
+            cur, w = [], len(src_ids[i]) + len(tgt_ids[i])
+        cur.append(i)
+        width = w
+    if cur:
+        batches.append(cur)
+    rng.shuffle(batches)
+    return batches
+
+
+def _pad(seqs, value):
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s)
+    return out
+
+
+def cmd_train(args) -> dict:
+    from transformers import MarianConfig, MarianMTModel
+
+    t_start = time.time()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data_dir = Path(args.data_dir)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    src, tgt = [], []
+    for s_file, t_file in GENERAL_PAIRS:
+        if not (data_dir / s_file).is_file():
+            log(f"missing {s_file}: skipped")
+            continue
+        s, t = _pairs(data_dir, s_file, t_file)
+        keep = [(a.strip(), b.strip()) for a, b in zip(s, t, strict=True) if a.strip() and b.strip()]
+        keep = [(a, b) for a, b in keep if len(a) <= args.max_chars and len(b) <= args.max_chars]
+        src += [a for a, _ in keep]
+        tgt += [b for _, b in keep]
+        log(f"{s_file}: {len(keep)} pairs")
+    if args.max_pairs:
+        src, tgt = src[: args.max_pairs], tgt[: args.max_pairs]
+    if not src:
+        raise FileNotFoundError(f"no general-domain pairs under {data_dir}")
+    log(f"{len(src)} general-domain pairs; training a {args.vocab_size}-token BPE")
+    tokenizer = train_tokenizer(src + tgt, args.vocab_size)
+    src_ids = tokenizer(src, truncation=True, max_length=args.max_length)["input_ids"]
+    tgt_ids = tokenizer(tgt, truncation=True, max_length=args.max_length)["input_ids"]
+
+    torch.manual_seed(args.seed)
+    config = MarianConfig(
+        vocab_size=len(tokenizer), d_model=args.d_model, encoder_layers=args.layers, decoder_layers=args.layers,
+        encoder_attention_heads=args.heads, decoder_attention_heads=args.heads, encoder_ffn_dim=args.ffn_dim,
+        decoder_ffn_dim=args.ffn_dim, max_position_embeddings=512, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0, forced_eos_token_id=1, dropout=args.dropout, attention_dropout=0.1,
+        activation_dropout=0.1, scale_embedding=True, share_encoder_decoder_embeddings=True,
+    )  # fmt: skip
+    model = MarianMTModel(config).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params / 1e6:.2f}M parameters ({n_params * 2 / 2**20:.1f} MiB in fp16), device {device}")
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=1e-4)
+    warmup = args.warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, math.sqrt(warmup / (s + 1)))
+    )  # inverse square root after warm-up
+    amp = device.type == "cuda"
+    rng = random.Random(args.seed)
+    deadline = t_start + args.max_minutes * 60
+    step, epoch, tokens_seen = 0, 0, 0
+    model.train()
+    t_train = time.time()
+    done = False
+    while not done:
+        epoch += 1
+        for batch in token_batches(src_ids, tgt_ids, args.max_tokens, rng):
+            if time.time() > deadline or (args.max_steps and step >= args.max_steps):
+                done = True
+                break
+            inp = _pad([src_ids[i] for i in batch], 0).to(device, non_blocking=True)
+            labels = _pad([tgt_ids[i] for i in batch], -100).to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(input_ids=inp, attention_mask=(inp != 0).long(), labels=labels).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100, label_smoothing=0.1
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            tokens_seen += int((labels != -100).sum())
+            if step % args.log_every == 0:
+                el = time.time() - t_train
+                log(f"epoch {epoch} step {step} loss {loss.item():.3f} lr {sched.get_last_lr()[0]:.2e} "
+                    f"{step / el:.1f} steps/s {tokens_seen / el:.0f} tgt tokens/s")  # fmt: skip
+    model.eval()
+    result = {"pairs": len(src), "steps": step, "epochs": epoch, "train_seconds": time.time() - t_train,
+              "parameters": n_params, "final_loss": float(loss.item())}  # fmt: skip
+    if (data_dir / GENERAL_DEV[0]).is_file():
+        dev_s, dev_t = _pairs(data_dir, *GENERAL_DEV, max_samples=args.dev_samples)
+        hyps, speed = translate(model, tokenizer, dev_s, batch_size=128, num_beams=1, max_new_tokens=args.max_length)
+        result["general_dev_bleu_greedy"] = corpus_bleu(hyps, dev_t)
+        log(f"general-domain dev (multi30k val, {len(dev_s)}) greedy BLEU {result['general_dev_bleu_greedy']:.2f}")
+    model.half().save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    result["total_seconds"] = time.time() - t_start
+    (out_dir / "train_results.json").write_text(json.dumps(result, indent=2))
+    size = sum(f.stat().st_size for f in out_dir.iterdir())
+    log(f"saved {out_dir} ({size / 2**20:.1f} MiB): {json.dumps(result)}")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Step 2: domains, tuning, sweeps
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class Results:
+    """A JSON file rewritten after every measurement."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def set(self, *keys_and_value):
+        *keys, value = keys_and_value
+        node = self.data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2))
+        tmp.replace(self.path)
+
+    def get(self, *keys):
+        node = self.data
+        for key in keys:
+            if not isinstance(node, dict) or key not in node:
+                return None
+            node = node[key]
+        return node
+
+
+def median_neighbour_distance(store, model, tokenizer, sources, targets, k, device) -> float:
+    """Median squared L2 distance of the k-th neighbour of teacher-forced dev states (to scale the T grid)."""
+    import datasets
+
+    from hf_realm.knn_generation import KNNQueryHook, _batch_tensors, _decoder_inputs
+
+    ds = datasets.Dataset.from_dict({"s": sources[:64], "t": targets[:64]})
+    max_len = min(256, model.config.max_position_embeddings)
+    inputs, labels = _batch_tensors(ds[:], tokenizer, True, False, "s", "t", None, max_len, 0)
+    with torch.no_grad(), KNNQueryHook(model, capture="all") as hook:
+        model(
+            **{k_: v.to(device) for k_, v in inputs.items()},
+            decoder_input_ids=_decoder_inputs(model, labels.to(device)),
+        )
+    states = hook.state[labels.to(device) != -100]
+    sqdist, _ = store.search(states, k)
+    return float(sqdist[:, -1].median())
+
+
+def evaluate_store(name, store, model, tokenizer, test_src, test_ref, setting, kw, res, domain, base_bleu, full_gain,
+                   **extra):  # fmt: skip
+    hyps, speed = translate_with_knn(
+        model, tokenizer, test_src, store, setting["k"], setting["temperature"], setting["lmbda"], num_beams=1, **kw
+    )
+    bleu = corpus_bleu(hyps, test_ref)
+    row = {
+        "bleu": bleu,
+        "tokens_per_second": speed["tokens_per_second"],
+        "entries": len(store),
+        "bytes": store.nbytes,
+        "gain_kept": (bleu - base_bleu) / full_gain if full_gain else None,
+        **extra,
+    }
+    res.set(domain, "sweep", name, row)
+    log(f"  {domain} {name:28s} BLEU {bleu:6.2f}  {row['entries']:>9,d} entries  {row['bytes'] / 2**20:8.2f} MiB  "
+        f"{speed['tokens_per_second']:7.0f} tok/s")  # fmt: skip
+    return row
+
+
+def cmd_evaluate(args) -> dict:
+    import datasets
+    from transformers import AutoTokenizer, MarianMTModel
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    res = Results(out_dir / "knn_mt_results.json")
+    data_dir = Path(args.data_dir) / "multi_domain_deen"
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    model = MarianMTModel.from_pretrained(args.model_dir, dtype=torch.float32).to(device).eval()
+    res.set("device", torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    res.set("model", {"dir": args.model_dir, "parameters": sum(p.numel() for p in model.parameters())})
+    max_pos = model.config.max_position_embeddings
+    kw = dict(batch_size=args.batch_size, max_new_tokens=min(args.max_new_tokens, max_pos - 2),
+              max_source_length=min(256, max_pos))  # fmt: skip
+    ks = [int(x) for x in args.k_grid.split(",")]
+    lmbdas = [float(x) for x in args.lmbda_grid.split(",")]
+    t_factors = [float(x) for x in args.temperature_factors.split(",")]
+    fractions = [float(x) for x in args.fractions.split(",")]
+
+    for domain in args.domains.split(","):
+        (ds_base, ds_lines), (dev_base, dev_lines), test_base = DOMAINS[domain]
+        ds_src, ds_tgt = _pairs(data_dir, f"{ds_base}.de", f"{ds_base}.en", ds_lines, args.max_datastore_pairs)
+        dev_src, dev_ref = _pairs(data_dir, f"{dev_base}.de", f"{dev_base}.en", dev_lines, args.max_dev_pairs)
+        test_src, test_ref = _pairs(data_dir, f"{test_base}.de", f"{test_base}.en", None, args.max_test_pairs)
+        res.set(
+            domain, "sizes", {"datastore_pairs": len(ds_src), "dev_pairs": len(dev_src), "test_pairs": len(test_src)}
+        )
+        log(f"== {domain}: datastore {len(ds_src)} pairs, dev {len(dev_src)}, test {len(test_src)}")
+
+        base = res.get(domain, "base")
+        if base is None:
+            hyps, speed = translate(model, tokenizer, test_src, num_beams=1, **kw)
+            dev_hyps, _ = translate(model, tokenizer, dev_src, num_beams=1, **kw)
+            base = {"test_bleu_greedy": corpus_bleu(hyps, test_ref), "dev_bleu_greedy": corpus_bleu(dev_hyps, dev_ref),
+                    "tokens_per_second_greedy": speed["tokens_per_second"]}  # fmt: skip
+            res.set(domain, "base", base)
+        log(f"  base: test BLEU {base['test_bleu_greedy']:.2f} (greedy), dev {base['dev_bleu_greedy']:.2f}")
+
+        t0 = time.time()
+        store = KNNDatastore.build(
+            model, datasets.Dataset.from_dict({"s": ds_src, "t": ds_tgt}), work / domain / "full", tokenizer=tokenizer,
+            source_column="s", target_column="t", batch_size=128, max_length=kw["max_source_length"], progress=False,
+        )  # fmt: skip
+        store.build_index("torch", device=device)
+        res.set(domain, "datastore", {"entries": len(store), "bytes": store.nbytes, "build_seconds": time.time() - t0})
+        log(f"  datastore: {len(store):,} entries, {store.nbytes / 2**20:.1f} MiB ({time.time() - t0:.1f}s)")
+
+        tuned = res.get(domain, "tuned")
+        if tuned is None:
+            med = median_neighbour_distance(store, model, tokenizer, dev_src, dev_ref, max(ks), device)
+            temperatures = [round(med * f, 3) for f in t_factors]
+            log(f"  median {max(ks)}-th neighbour sq. distance on dev: {med:.2f}; T grid {temperatures}")
+            grid = []
+            for k in ks:
+                for t in temperatures:
+                    for lm in lmbdas:
+                        hyps, _ = translate_with_knn(model, tokenizer, dev_src, store, k, t, lm, num_beams=1, **kw)
+                        grid.append({"k": k, "temperature": t, "lmbda": lm, "dev_bleu": corpus_bleu(hyps, dev_ref)})
+                        log(f"    dev k={k} T={t:g} λ={lm:g}: BLEU {grid[-1]['dev_bleu']:.2f}")
+            tuned = max(grid, key=lambda g: g["dev_bleu"])
+            res.set(domain, "grid", grid)
+            res.set(domain, "median_sq_distance", med)
+            res.set(domain, "tuned", tuned)
+        log(f"  tuned on dev: k={tuned['k']} T={tuned['temperature']:g} λ={tuned['lmbda']:g} "
+            f"(dev BLEU {tuned['dev_bleu']:.2f})")  # fmt: skip
+        setting = {key: tuned[key] for key in ("k", "temperature", "lmbda")}
+
+        knn = res.get(domain, "knn")
+        if knn is None:
+            hyps, speed = translate_with_knn(model, tokenizer, test_src, store, **setting, num_beams=1, **kw)
+            knn = {
+                "test_bleu_greedy": corpus_bleu(hyps, test_ref),
+                "tokens_per_second_greedy": speed["tokens_per_second"],
+            }
+            res.set(domain, "knn", knn)
+        log(f"  kNN-MT: test BLEU {knn['test_bleu_greedy']:.2f} (greedy) vs base {base['test_bleu_greedy']:.2f}")
+        if args.beams > 1 and res.get(domain, "beam") is None:
+            bkw = dict(kw, batch_size=max(1, args.batch_size // args.beams))
+            hyps, bspeed = translate(model, tokenizer, test_src, num_beams=args.beams, **bkw)
+            khyps, kspeed = translate_with_knn(
+                model, tokenizer, test_src, store, **setting, num_beams=args.beams, **bkw
+            )
+            beam = {"num_beams": args.beams, "base_test_bleu": corpus_bleu(hyps, test_ref),
+                    "knn_test_bleu": corpus_bleu(khyps, test_ref), "base_tokens_per_second": bspeed["tokens_per_second"],
+                    "knn_tokens_per_second": kspeed["tokens_per_second"]}  # fmt: skip
+            res.set(domain, "beam", beam)
+            log(f"  beam {args.beams}: base {beam['base_test_bleu']:.2f}, kNN {beam['knn_test_bleu']:.2f}")
+
+        if not args.sweep:
+            continue
+        base_bleu = base["test_bleu_greedy"]
+        full_gain = knn["test_bleu_greedy"] - base_bleu
+        ev = dict(model=model, tokenizer=tokenizer, test_src=test_src, test_ref=test_ref, setting=setting, kw=kw,
+                  res=res, domain=domain, base_bleu=base_bleu, full_gain=full_gain)  # fmt: skip
+        res.set(domain, "sweep", "full", {"bleu": knn["test_bleu_greedy"], "entries": len(store), "bytes": store.nbytes,
+                                          "tokens_per_second": knn["tokens_per_second_greedy"], "gain_kept": 1.0,
+                                          "method": "full", "fraction": 1.0})  # fmt: skip
+        done = res.get(domain, "sweep") or {}
+
+        log("  greedy-merge neighbours and entry log-probs")
+        t0 = time.time()
+        neighbours = datastore_neighbours(store, args.merge_neighbors, device=device)
+        merges = greedy_merge_sequence(store, args.merge_neighbors, neighbours=neighbours)
+        log_probs = entry_model_log_probs(store, model)
+        res.set(domain, "greedy_merge_min_fraction", 1 - len(merges) / len(store))
+        log(f"  ({time.time() - t0:.1f}s)")
+        for fraction in fractions:
+            for method in ("random", "greedy_merge", "confidence"):
+                name = f"{method}@{fraction:g}"
+                if name in done:
+                    continue
+                if method == "random":
+                    pruned = random_prune(store, fraction, seed=0)
+                elif method == "greedy_merge":
+                    pruned = greedy_merge(store, args.merge_neighbors, fraction=fraction, merges=merges)
+                else:
+                    pruned = confidence_prune(store, fraction, log_probs=log_probs)
+                evaluate_store(name, pruned, method=method, fraction=len(pruned) / len(store), **ev)
+        for spec in args.compression.split(","):
+            name = spec
+            if name in done or not spec:
+                continue
+            small = store
+            for part in spec.split("+"):
+                if part.startswith("pca"):
+                    small = pca_compress(small, int(part[3:]), device=device)
+                elif part.startswith("pq"):
+                    small = pq_compress(small, int(part[2:]), device=device)
+                elif part.startswith("merge"):
+                    if small is not store:
+                        raise ValueError(
+                            f"{spec}: merging must come first (the merge sequence indexes the full store)"
+                        )
+                    small = greedy_merge(small, args.merge_neighbors, fraction=float(part[5:]), merges=merges)
+                else:
+                    raise ValueError(f"unknown compression step {part!r} (pcaN, pqM, mergeF)")
+            evaluate_store(name, small, method="compression", fraction=small.nbytes / store.nbytes, **ev)
+        for threshold in [float(x) for x in args.skip_thresholds.split(",") if x]:
+            name = f"adaptive@{threshold:g}"
+            if name in done:
+                continue
+            from hf_realm.knn_generation import KNNLogitsProcessor
+
+            proc = KNNLogitsProcessor(store, **setting, skip_threshold=threshold)
+            with proc.attach(model, tokenizer=tokenizer):
+                hyps, speed = translate(model, tokenizer, test_src, processor=proc, num_beams=1, **kw)
+            bleu = corpus_bleu(hyps, test_ref)
+            saved = proc.num_skipped / max(1, proc.num_skipped + proc.num_searches)
+            res.set(domain, "sweep", name, {"bleu": bleu, "tokens_per_second": speed["tokens_per_second"],
+                                            "entries": len(store), "bytes": store.nbytes, "searches_saved": saved,
+                                            "method": "adaptive", "fraction": 1.0,
+                                            "gain_kept": (bleu - base_bleu) / full_gain if full_gain else None})  # fmt: skip
+            log(f"  {domain} {name:28s} BLEU {bleu:6.2f}  searches saved {saved:.1%}  "
+                f"{speed['tokens_per_second']:7.0f} tok/s")  # fmt: skip
+        del store
+
+    table = summary_table(res.data)
+    (out_dir / "knn_mt_table.md").write_text(table)
+    try:
+        plot(res.data, out_dir / "knn_mt_pruning.png")
+    except Exception as err:  # the numbers matter more than the figure
+        log(f"plot failed: {err!r}")
+    print(table, flush=True)
+    return res.data
+
+
+def summary_table(data: dict) -> str:
+    lines = []
+    for domain in DOMAINS:
+        if domain not in data or "base" not in data[domain]:
+            continue
+        d = data[domain]
+        lines.append(f"### {domain}: datastore {d.get('datastore', {}).get('entries', 0):,} entries, "
+                     f"{d.get('datastore', {}).get('bytes', 0) / 2**20:.1f} MiB")  # fmt: skip
+        if "tuned" in d:
+            t = d["tuned"]
+            lines.append(f"tuned on dev: k={t['k']}, T={t['temperature']:g}, λ={t['lmbda']:g}")
+        lines.append("")
+        lines.append("| system | BLEU greedy | BLEU beam |")
+        lines.append("|---|---:|---:|")
+        beam = d.get("beam", {})
+        lines.append(
+            f"| base | {d['base']['test_bleu_greedy']:.2f} | {beam.get('base_test_bleu', float('nan')):.2f} |"
+        )
+        if "knn" in d:
+            lines.append(
+                f"| kNN-MT | {d['knn']['test_bleu_greedy']:.2f} | {beam.get('knn_test_bleu', float('nan')):.2f} |"
+            )
+        if d.get("sweep"):
+            lines.append("")
+            lines.append("| store | BLEU (greedy) | gain kept | entries | MiB | tokens/s |")
+            lines.append("|---|---:|---:|---:|---:|---:|")
+            for name, r in d["sweep"].items():
+                kept = f"{r['gain_kept']:.0%}" if r.get("gain_kept") is not None else "-"
+                extra = f" (searches saved {r['searches_saved']:.0%})" if "searches_saved" in r else ""
+                lines.append(f"| {name}{extra} | {r['bleu']:.2f} | {kept} | {r['entries']:,} | "
+                             f"{r['bytes'] / 2**20:.2f} | {r['tokens_per_second']:.0f} |")  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = [d for d in DOMAINS if d in data and data[d].get("sweep")]
+    if not domains:
+        return
+    fig, axes = plt.subplots(1, len(domains), figsize=(6 * len(domains), 4.5), squeeze=False)
+    styles = {"random": "o-", "greedy_merge": "s-", "confidence": "^-"}
+    for ax, domain in zip(axes[0], domains, strict=True):
+        d = data[domain]
+        sweep = d["sweep"]
+        full = sweep["full"]
+        for method, style in styles.items():
+            pts = sorted((r["fraction"], r["bleu"]) for n, r in sweep.items() if r.get("method") == method)
+            pts = [(1.0, full["bleu"]), *pts]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=method.replace("_", " "))
+        for name, r in sweep.items():
+            if r.get("method") == "compression":
+                ax.plot(r["fraction"], r["bleu"], "D", color="gray")
+                ax.annotate(name, (r["fraction"], r["bleu"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(d["base"]["test_bleu_greedy"], color="k", linestyle="--", label="base model (no datastore)")
+        ax.set_xscale("log")
+        ax.set_xlabel("retained fraction (entries for pruning; bytes for PCA/PQ, gray)")
+        ax.set_ylabel("test BLEU (greedy)")
+        ax.set_title(f"{domain}: full datastore {full['entries']:,} entries")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="tokenizer + model from scratch on the general-domain pairs")
+    t.add_argument("--data_dir", default="../shared/data")
+    t.add_argument("--output_dir", default="outputs/knn_mt_model")
+    t.add_argument("--max_minutes", type=float, default=7.0, help="wall-clock budget of the whole command")
+    t.add_argument("--max_steps", type=int, default=0)
+    t.add_argument("--max_pairs", type=int, default=0)
+    t.add_argument("--max_chars", type=int, default=400)
+    t.add_argument("--max_length", type=int, default=128)
+    t.add_argument("--vocab_size", type=int, default=8000)
+    t.add_argument("--d_model", type=int, default=256)
+    t.add_argument("--layers", type=int, default=3)
+    t.add_argument("--heads", type=int, default=4)
+    t.add_argument("--ffn_dim", type=int, default=1024)
+    t.add_argument("--dropout", type=float, default=0.2)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--warmup_steps", type=int, default=500)
+    t.add_argument("--max_tokens", type=int, default=12000, help="padded source + target tokens per batch")
+    t.add_argument("--dev_samples", type=int, default=500)
+    t.add_argument("--log_every", type=int, default=200)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default=None)
+    e = sub.add_parser("evaluate", help="domains: base vs kNN-MT, tuning, pruning / compression sweeps, plot")
+    e.add_argument("--model_dir", default="outputs/knn_mt_model")
+    e.add_argument("--data_dir", default="../shared/data")
+    e.add_argument("--output_dir", default="outputs/knn_mt")
+    e.add_argument("--work_dir", default="outputs/knn_mt_work", help="datastores are written here")
+    e.add_argument("--domains", default="koran,it")
+    e.add_argument("--k_grid", default="8,16,32")
+    e.add_argument("--temperature_factors", default="0.1,0.5,2", help="T grid = factors x median neighbour distance")
+    e.add_argument("--lmbda_grid", default="0.3,0.5,0.7")
+    e.add_argument("--beams", type=int, default=4, help="beam size for the final test decode (1 = skip)")
+    e.add_argument("--batch_size", type=int, default=128)
+    e.add_argument("--max_new_tokens", type=int, default=128)
+    e.add_argument("--sweep", type=int, default=1)
+    e.add_argument("--fractions", default="0.5,0.25,0.1,0.05")
+    e.add_argument("--merge_neighbors", type=int, default=64)
+    e.add_argument("--compression", default="pca64,pq32,pca64+pq16,merge0.25+pca64+pq16")
+    e.add_argument("--skip_thresholds", default="0.9,0.5")
+    e.add_argument("--max_datastore_pairs", type=int, default=None)
+    e.add_argument("--max_dev_pairs", type=int, default=None)
+    e.add_argument("--max_test_pairs", type=int, default=None)
+    e.add_argument("--device", default=None)
+    return p
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    return cmd_train(args) if args.command == "train" else cmd_evaluate(args)
+
+
+if __name__ == "__main__":
+    main()
