@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--num_blocks", type=int, default=200_000)
     p.add_argument("--block_len", type=int, default=288)
     p.add_argument("--query_len", type=int, default=64)
-    p.add_argument("--batch_sizes", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--batch_sizes", type=int, nargs="+", default=[8, 16])
     p.add_argument("--num_candidates", type=int, default=8)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)

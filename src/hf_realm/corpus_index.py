@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -457,7 +458,8 @@ def embed_corpus(
         batch_size (`int`, *optional*, defaults to 512): Blocks per forward.
         device (`str` or `torch.device`, *optional*): Where to run; defaults to the embedder's device.
         dtype (`torch.dtype` or `"auto"`, *optional*, defaults to `"auto"`):
-            Autocast dtype; `"auto"` is bf16 on CUDA and none (the model's dtype) elsewhere; `None` disables autocast.
+            Compute dtype; `"auto"` is bf16 on CUDA and none (the model's dtype) elsewhere; `None` disables it. On CUDA
+            a bf16/fp16 dtype runs a copy of the embedder cast to it (faster than autocast over fp32 weights).
         output_dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): Dtype of the returned embeddings.
         output_device (`str` or `torch.device`, *optional*, defaults to `"cpu"`):
             Where the result goes; `None` keeps it on the compute device (e.g. for the torch GPU search backend).
@@ -534,6 +536,13 @@ def embed_corpus(
     was_training = getattr(embedder, "training", False)
     if hasattr(embedder, "eval"):
         embedder.eval()
+    runner, autocast_dtype = embedder, dtype
+    params = list(embedder.parameters()) if hasattr(embedder, "parameters") else []
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and params and params[0].dtype != dtype:
+        # A low-precision copy of the weights runs ~2x faster than autocast over fp32 weights (no per-op casts,
+        # layer norms and residuals in bf16 too); it costs one copy of the embedder (~0.25 GB for BERT-base).
+        runner = copy.deepcopy(embedder).to(dtype)
+        autocast_dtype = None
     loader_queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     stop = threading.Event()
     loader = threading.Thread(target=produce, args=(loader_queue, stop), daemon=True)
@@ -543,7 +552,7 @@ def embed_corpus(
     try:
         with (
             torch.inference_mode(),
-            torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+            torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None),
         ):
             while True:
                 item = loader_queue.get()
@@ -553,7 +562,7 @@ def embed_corpus(
                     raise item
                 item = {k: v.to(device, non_blocking=True) for k, v in item.items()}
                 block_ids = item.pop("block_ids")
-                emb = _projected(embedder(**item))
+                emb = _projected(runner(**item))
                 if out is None:
                     out = torch.empty(end - start, emb.shape[-1], dtype=output_dtype, device=device)
                 out.index_copy_(0, block_ids, emb.to(output_dtype))
