@@ -206,3 +206,16 @@ def test_inverse_cloze_task_against_float64():
     assert out.loss.item() == pytest.approx(expected.item(), abs=1e-5)
     with pytest.raises(ValueError, match="one block per query"):
         model(query_input_ids=queries, block_input_ids=blocks[:2])
+
+
+def test_index_of_another_embedder_dimension_is_refused():
+    import datasets
+
+    from hf_realm import RealmBlockIndex
+
+    model = RealmForMaskedLM(config())
+    corpus = datasets.Dataset.from_dict({"input_ids": BLOCKS})
+    model.index = RealmBlockIndex(corpus, torch.randn(len(BLOCKS), 8), backend="torch")
+    input_ids, attention_mask, labels = batch()
+    with pytest.raises(ValueError, match="query dim 16 != index dim 8"):
+        model(input_ids, attention_mask=attention_mask, labels=labels)

@@ -213,3 +213,20 @@ def test_lora_adapters_train_alone_and_round_trip(tokenizer, tmp_path):
         model.push_to_hub("me/realm-lora")
     assert (tmp_path / "hub" / "me" / "realm-lora" / "adapter_config.json").exists()
     assert set(repos) == {"me/realm-lora"}
+
+
+def test_question_longer_than_the_reader_is_refused(tokenizer):
+    _, modern = models(tokenizer)
+    long = {"question": " ".join(["who"] * 30) + " ?", "answers": ["rome"]}
+    with pytest.raises(ValueError, match=r"a question has 33 tokens; .* reader_seq_len=24 .* at most 20"):
+        modern(**DataCollatorForOpenQA(tokenizer, max_question_length=64)([long]))
+    # the collator's truncation is the way out
+    out = modern(**DataCollatorForOpenQA(tokenizer, max_question_length=16)([long]))
+    assert out.reader_output.block_idx.dim() == 0
+
+
+def test_index_of_another_dimension_is_refused(tokenizer):
+    _, modern = models(tokenizer)
+    modern.index = RealmBlockIndex(modern.index.corpus, torch.randn(len(BLOCKS), 8), backend="torch")
+    with pytest.raises(ValueError, match="query dim 16 != index dim 8"):
+        modern(**DataCollatorForOpenQA(tokenizer, with_answers=False)(QUESTIONS))

@@ -1105,6 +1105,16 @@ class RealmForOpenQA(RealmPreTrainedModel):
             )
         batch_size = input_ids.shape[0]
         answers = self._split_answers(answer_ids, batch_size)
+        lengths = (
+            attention_mask.sum(-1) if attention_mask is not None else torch.full((batch_size,), input_ids.shape[1])
+        )
+        room = self.config.reader_seq_len - self.config.max_span_width - 1
+        if int(lengths.max()) > room:
+            raise ValueError(
+                f"a question has {int(lengths.max())} tokens; the reader reads question and block together in "
+                f"reader_seq_len={self.config.reader_seq_len} tokens, so questions may have at most {room} "
+                f"(truncate them, e.g. DataCollatorForOpenQA(max_question_length=...))"
+            )
 
         question_projection = self.embedder(
             input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask, return_dict=True
