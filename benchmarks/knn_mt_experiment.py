@@ -297,7 +297,11 @@ def evaluate_store(name, store, model, tokenizer, test_src, test_ref, setting, k
         model, tokenizer, test_src, store, setting["k"], setting["temperature"], setting["lmbda"], num_beams=1, **kw
     )
     bleu = corpus_bleu(hyps, test_ref)
+    full = res.get(domain, "datastore")
     row = {
+        "fraction": (store.nbytes / full["bytes"])
+        if extra.get("method") == "compression"
+        else len(store) / full["entries"],
         "bleu": bleu,
         "tokens_per_second": speed["tokens_per_second"],
         "entries": len(store),
@@ -312,8 +316,16 @@ def evaluate_store(name, store, model, tokenizer, test_src, test_ref, setting, k
 
 
 def cmd_evaluate(args) -> dict:
+    """Phase 1 for every domain (base, datastore, tuning, kNN test), then beams, then sweeps, within --max_minutes."""
     import datasets
     from transformers import AutoTokenizer, MarianMTModel
+
+    from hf_realm.knn_generation import KNNLogitsProcessor
+
+    t_start = time.time()
+
+    def time_left() -> float:
+        return args.max_minutes * 60 - (time.time() - t_start)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir = Path(args.output_dir)
@@ -326,6 +338,7 @@ def cmd_evaluate(args) -> dict:
     model = MarianMTModel.from_pretrained(args.model_dir, dtype=torch.float32).to(device).eval()
     res.set("device", torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     res.set("model", {"dir": args.model_dir, "parameters": sum(p.numel() for p in model.parameters())})
+    res.set("decoding", {"tuning": "greedy", "test": f"greedy (all rows) and beam {args.beams} (base, kNN)"})
     max_pos = model.config.max_position_embeddings
     kw = dict(batch_size=args.batch_size, max_new_tokens=min(args.max_new_tokens, max_pos - 2),
               max_source_length=min(256, max_pos))  # fmt: skip
@@ -333,16 +346,19 @@ def cmd_evaluate(args) -> dict:
     lmbdas = [float(x) for x in args.lmbda_grid.split(",")]
     t_factors = [float(x) for x in args.temperature_factors.split(",")]
     fractions = [float(x) for x in args.fractions.split(",")]
+    ctx: dict[str, dict] = {}
 
+    # -- phase 1: base, datastore, tuning on dev, kNN on test ----------------------------------------------------------
     for domain in args.domains.split(","):
         (ds_base, ds_lines), (dev_base, dev_lines), test_base = DOMAINS[domain]
         ds_src, ds_tgt = _pairs(data_dir, f"{ds_base}.de", f"{ds_base}.en", ds_lines, args.max_datastore_pairs)
         dev_src, dev_ref = _pairs(data_dir, f"{dev_base}.de", f"{dev_base}.en", dev_lines, args.max_dev_pairs)
         test_src, test_ref = _pairs(data_dir, f"{test_base}.de", f"{test_base}.en", None, args.max_test_pairs)
-        res.set(
-            domain, "sizes", {"datastore_pairs": len(ds_src), "dev_pairs": len(dev_src), "test_pairs": len(test_src)}
-        )
-        log(f"== {domain}: datastore {len(ds_src)} pairs, dev {len(dev_src)}, test {len(test_src)}")
+        overlap = len(set(dev_src) & set(ds_src)) + len(set(test_src) & set(ds_src))
+        res.set(domain, "sizes", {"datastore_pairs": len(ds_src), "dev_pairs": len(dev_src),
+                                  "test_pairs": len(test_src), "dev_or_test_sources_in_datastore": overlap})  # fmt: skip
+        log(f"== {domain}: datastore {len(ds_src)} pairs, dev {len(dev_src)}, test {len(test_src)} "
+            f"({overlap} dev/test sources also in the datastore)")  # fmt: skip
 
         base = res.get(domain, "base")
         if base is None:
@@ -365,7 +381,7 @@ def cmd_evaluate(args) -> dict:
         tuned = res.get(domain, "tuned")
         if tuned is None:
             med = median_neighbour_distance(store, model, tokenizer, dev_src, dev_ref, max(ks), device)
-            temperatures = [round(med * f, 3) for f in t_factors]
+            temperatures = [float(f"{med * f:.3g}") for f in t_factors]
             log(f"  median {max(ks)}-th neighbour sq. distance on dev: {med:.2f}; T grid {temperatures}")
             grid = []
             for k in ks:
@@ -381,7 +397,6 @@ def cmd_evaluate(args) -> dict:
         log(f"  tuned on dev: k={tuned['k']} T={tuned['temperature']:g} λ={tuned['lmbda']:g} "
             f"(dev BLEU {tuned['dev_bleu']:.2f})")  # fmt: skip
         setting = {key: tuned[key] for key in ("k", "temperature", "lmbda")}
-
         knn = res.get(domain, "knn")
         if knn is None:
             hyps, speed = translate_with_knn(model, tokenizer, test_src, store, **setting, num_beams=1, **kw)
@@ -390,87 +405,96 @@ def cmd_evaluate(args) -> dict:
                 "tokens_per_second_greedy": speed["tokens_per_second"],
             }
             res.set(domain, "knn", knn)
-        log(f"  kNN-MT: test BLEU {knn['test_bleu_greedy']:.2f} (greedy) vs base {base['test_bleu_greedy']:.2f}")
-        if args.beams > 1 and res.get(domain, "beam") is None:
-            bkw = dict(kw, batch_size=max(1, args.batch_size // args.beams))
-            hyps, bspeed = translate(model, tokenizer, test_src, num_beams=args.beams, **bkw)
-            khyps, kspeed = translate_with_knn(
-                model, tokenizer, test_src, store, **setting, num_beams=args.beams, **bkw
-            )
-            beam = {"num_beams": args.beams, "base_test_bleu": corpus_bleu(hyps, test_ref),
-                    "knn_test_bleu": corpus_bleu(khyps, test_ref), "base_tokens_per_second": bspeed["tokens_per_second"],
-                    "knn_tokens_per_second": kspeed["tokens_per_second"]}  # fmt: skip
-            res.set(domain, "beam", beam)
-            log(f"  beam {args.beams}: base {beam['base_test_bleu']:.2f}, kNN {beam['knn_test_bleu']:.2f}")
+        log(f"  kNN-MT: test BLEU {knn['test_bleu_greedy']:.2f} vs base {base['test_bleu_greedy']:.2f} (greedy); "
+            f"{time_left():.0f}s left")  # fmt: skip
+        ctx[domain] = dict(store=store, test_src=test_src, test_ref=test_ref, setting=setting, base=base, knn=knn)
 
-        if not args.sweep:
+    # -- phase 2: beam search on the test sets -------------------------------------------------------------------------
+    for domain, c in ctx.items():
+        if args.beams <= 1 or res.get(domain, "beam") is not None:
             continue
-        base_bleu = base["test_bleu_greedy"]
-        full_gain = knn["test_bleu_greedy"] - base_bleu
-        ev = dict(model=model, tokenizer=tokenizer, test_src=test_src, test_ref=test_ref, setting=setting, kw=kw,
-                  res=res, domain=domain, base_bleu=base_bleu, full_gain=full_gain)  # fmt: skip
-        res.set(domain, "sweep", "full", {"bleu": knn["test_bleu_greedy"], "entries": len(store), "bytes": store.nbytes,
-                                          "tokens_per_second": knn["tokens_per_second_greedy"], "gain_kept": 1.0,
-                                          "method": "full", "fraction": 1.0})  # fmt: skip
-        done = res.get(domain, "sweep") or {}
+        if time_left() < args.reserve_seconds + 60:
+            log(f"  {domain}: beam search skipped (time budget)")
+            res.set(domain, "beam", {"skipped": "time budget"})
+            continue
+        hyps, bspeed = translate(model, tokenizer, c["test_src"], num_beams=args.beams, **kw)
+        khyps, kspeed = translate_with_knn(
+            model, tokenizer, c["test_src"], c["store"], **c["setting"], num_beams=args.beams, **kw
+        )
+        beam = {"num_beams": args.beams, "base_test_bleu": corpus_bleu(hyps, c["test_ref"]),
+                "knn_test_bleu": corpus_bleu(khyps, c["test_ref"]), "base_tokens_per_second": bspeed["tokens_per_second"],
+                "knn_tokens_per_second": kspeed["tokens_per_second"]}  # fmt: skip
+        res.set(domain, "beam", beam)
+        log(f"  {domain} beam {args.beams}: base {beam['base_test_bleu']:.2f}, kNN {beam['knn_test_bleu']:.2f}")
 
-        log("  greedy-merge neighbours and entry log-probs")
+    # -- phase 3: pruning / compression / adaptive retrieval -----------------------------------------------------------
+    for domain, c in ctx.items() if args.sweep else ():
+        store = c["store"]
+        base_bleu = c["base"]["test_bleu_greedy"]
+        full_gain = c["knn"]["test_bleu_greedy"] - base_bleu
+        ev = dict(model=model, tokenizer=tokenizer, test_src=c["test_src"], test_ref=c["test_ref"],
+                  setting=c["setting"], kw=kw, res=res, domain=domain, base_bleu=base_bleu,
+                  full_gain=full_gain)  # fmt: skip
+        res.set(domain, "sweep", "full", {"bleu": c["knn"]["test_bleu_greedy"], "entries": len(store),
+                                          "bytes": store.nbytes, "tokens_per_second": c["knn"]["tokens_per_second_greedy"],
+                                          "gain_kept": 1.0, "method": "full", "fraction": 1.0})  # fmt: skip
+        done = res.get(domain, "sweep") or {}
+        log(
+            f"  {domain}: greedy-merge neighbours ({args.merge_neighbors}, {args.merge_passes} passes), entry log-probs"
+        )
         t0 = time.time()
         neighbours = datastore_neighbours(store, args.merge_neighbors, device=device)
-        merges = greedy_merge_sequence(store, args.merge_neighbors, neighbours=neighbours)
+        merges = greedy_merge_sequence(
+            store, args.merge_neighbors, neighbours=neighbours, max_passes=args.merge_passes, device=device
+        )
+        del neighbours
         log_probs = entry_model_log_probs(store, model)
         res.set(domain, "greedy_merge_min_fraction", 1 - len(merges) / len(store))
-        log(f"  ({time.time() - t0:.1f}s)")
-        for fraction in fractions:
-            for method in ("random", "greedy_merge", "confidence"):
-                name = f"{method}@{fraction:g}"
-                if name in done:
-                    continue
-                if method == "random":
-                    pruned = random_prune(store, fraction, seed=0)
-                elif method == "greedy_merge":
-                    pruned = greedy_merge(store, args.merge_neighbors, fraction=fraction, merges=merges)
-                else:
-                    pruned = confidence_prune(store, fraction, log_probs=log_probs)
-                evaluate_store(name, pruned, method=method, fraction=len(pruned) / len(store), **ev)
-        for spec in args.compression.split(","):
-            name = spec
-            if name in done or not spec:
-                continue
-            small = store
-            for part in spec.split("+"):
-                if part.startswith("pca"):
-                    small = pca_compress(small, int(part[3:]), device=device)
-                elif part.startswith("pq"):
-                    small = pq_compress(small, int(part[2:]), device=device)
-                elif part.startswith("merge"):
-                    if small is not store:
-                        raise ValueError(
-                            f"{spec}: merging must come first (the merge sequence indexes the full store)"
-                        )
-                    small = greedy_merge(small, args.merge_neighbors, fraction=float(part[5:]), merges=merges)
-                else:
-                    raise ValueError(f"unknown compression step {part!r} (pcaN, pqM, mergeF)")
-            evaluate_store(name, small, method="compression", fraction=small.nbytes / store.nbytes, **ev)
-        for threshold in [float(x) for x in args.skip_thresholds.split(",") if x]:
-            name = f"adaptive@{threshold:g}"
+        log(f"  ({time.time() - t0:.1f}s; merging can reach {1 - len(merges) / len(store):.1%})")
+        jobs = [(f"{m}@{f:g}", m, f) for f in fractions for m in ("random", "greedy_merge", "confidence")]
+        jobs += [(spec, "compression", None) for spec in args.compression.split(",") if spec]
+        jobs += [(f"adaptive@{t:g}", "adaptive", t) for t in (float(x) for x in args.skip_thresholds.split(",") if x)]
+        for name, method, param in jobs:
             if name in done:
                 continue
-            from hf_realm.knn_generation import KNNLogitsProcessor
+            if time_left() < args.reserve_seconds:
+                log(f"  {domain} {name}: skipped (time budget)")
+                continue
+            if method == "random":
+                evaluate_store(name, random_prune(store, param, seed=0), method=method, **ev)
+            elif method == "greedy_merge":
+                pruned = greedy_merge(store, args.merge_neighbors, fraction=param, merges=merges)
+                evaluate_store(name, pruned, method=method, **ev)
+            elif method == "confidence":
+                evaluate_store(name, confidence_prune(store, param, log_probs=log_probs), method=method, **ev)
+            elif method == "compression":
+                small = store
+                for part in name.split("+"):
+                    if part.startswith("pca"):
+                        small = pca_compress(small, int(part[3:]), device=device)
+                    elif part.startswith("pq"):
+                        small = pq_compress(small, int(part[2:]), device=device)
+                    elif part.startswith("merge"):
+                        if small is not store:
+                            raise ValueError(f"{name}: merging must come first (the merges index the full store)")
+                        small = greedy_merge(small, args.merge_neighbors, fraction=float(part[5:]), merges=merges)
+                    else:
+                        raise ValueError(f"unknown compression step {part!r} (pcaN, pqM, mergeF)")
+                evaluate_store(name, small, method=method, **ev)
+            else:
+                proc = KNNLogitsProcessor(store, **c["setting"], skip_threshold=param)
+                with proc.attach(model, tokenizer=tokenizer):
+                    hyps, speed = translate(model, tokenizer, c["test_src"], processor=proc, num_beams=1, **kw)
+                bleu = corpus_bleu(hyps, c["test_ref"])
+                saved = proc.num_skipped / max(1, proc.num_skipped + proc.num_searches)
+                res.set(domain, "sweep", name, {"bleu": bleu, "tokens_per_second": speed["tokens_per_second"],
+                                                "entries": len(store), "bytes": store.nbytes, "searches_saved": saved,
+                                                "method": "adaptive", "fraction": 1.0,
+                                                "gain_kept": (bleu - base_bleu) / full_gain if full_gain else None})  # fmt: skip
+                log(f"  {domain} {name:28s} BLEU {bleu:6.2f}  searches saved {saved:.1%}  "
+                    f"{speed['tokens_per_second']:7.0f} tok/s")  # fmt: skip
 
-            proc = KNNLogitsProcessor(store, **setting, skip_threshold=threshold)
-            with proc.attach(model, tokenizer=tokenizer):
-                hyps, speed = translate(model, tokenizer, test_src, processor=proc, num_beams=1, **kw)
-            bleu = corpus_bleu(hyps, test_ref)
-            saved = proc.num_skipped / max(1, proc.num_skipped + proc.num_searches)
-            res.set(domain, "sweep", name, {"bleu": bleu, "tokens_per_second": speed["tokens_per_second"],
-                                            "entries": len(store), "bytes": store.nbytes, "searches_saved": saved,
-                                            "method": "adaptive", "fraction": 1.0,
-                                            "gain_kept": (bleu - base_bleu) / full_gain if full_gain else None})  # fmt: skip
-            log(f"  {domain} {name:28s} BLEU {bleu:6.2f}  searches saved {saved:.1%}  "
-                f"{speed['tokens_per_second']:7.0f} tok/s")  # fmt: skip
-        del store
-
+    res.set("seconds", time.time() - t_start)
     table = summary_table(res.data)
     (out_dir / "knn_mt_table.md").write_text(table)
     try:
@@ -588,12 +612,15 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--max_new_tokens", type=int, default=128)
     e.add_argument("--sweep", type=int, default=1)
     e.add_argument("--fractions", default="0.5,0.25,0.1,0.05")
-    e.add_argument("--merge_neighbors", type=int, default=64)
+    e.add_argument("--merge_neighbors", type=int, default=32)
+    e.add_argument("--merge_passes", type=int, default=4)
     e.add_argument("--compression", default="pca64,pq32,pca64+pq16,merge0.25+pca64+pq16")
     e.add_argument("--skip_thresholds", default="0.9,0.5")
     e.add_argument("--max_datastore_pairs", type=int, default=None)
     e.add_argument("--max_dev_pairs", type=int, default=None)
     e.add_argument("--max_test_pairs", type=int, default=None)
+    e.add_argument("--max_minutes", type=float, default=8.5, help="wall-clock budget; later steps are skipped")
+    e.add_argument("--reserve_seconds", type=float, default=20, help="kept for the table and the plot")
     e.add_argument("--device", default=None)
     return p
 

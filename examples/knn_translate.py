@@ -2,8 +2,8 @@
 
 With no arguments the script runs a built-in task on the CPU in a few minutes: a synthetic language pair (word
 translation + adjective/noun reordering) with two domains. A tiny Marian model is trained on the *general* domain,
-where 25 ambiguous source nouns always take their general-domain translation; in the *target* domain those nouns take
-another translation and domain-specific words are frequent. The datastore, built by the general model teacher-forced
+where 25 ambiguous source nouns always take their general-domain translation; in the *target* domain those nouns
+mostly (85%) take another translation and domain-specific words are frequent. The datastore, built by the general model teacher-forced
 on target-domain pairs, adapts it with no training; k / T / λ are tuned on a target-domain dev set (never on the test
 set or on datastore sentences), and BLEU is reported on the target-domain test set.
 
@@ -103,7 +103,7 @@ class RunArguments:
     seed: int = field(default=42)
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the datastore to the Hub."})
     hub_datastore_id: str | None = field(default=None)
-    synthetic_train_steps: int = field(default=1000, metadata={"help": "Training steps of the built-in tiny model."})
+    synthetic_train_steps: int = field(default=2000, metadata={"help": "Training steps of the built-in tiny model."})
     device: str | None = field(default=None)
 
 
@@ -133,7 +133,8 @@ def make_synthetic_task(
     Source grammar `DET NOUN [ADJ] VERB DET NOUN [ADJ] [PREP DET NOUN [ADJ]]`, target `DET [ADJ] NOUN ...` (adjectives
     move before nouns); every word has one translation except 25 *ambiguous* nouns, translated one way in the general
     domain and another way in the target domain. General sentences use mostly general words (5% domain words, ambiguous
-    nouns always in their general sense); target-domain sentences use mostly domain words and the domain senses.
+    nouns always in their general sense); target-domain sentences use mostly domain words and, 85% of the time, the
+    domain senses.
     """
     rng = random.Random(seed)
     src_taken, tgt_taken = set(), set()
@@ -159,7 +160,8 @@ def make_synthetic_task(
     def noun_phrase(domain):
         det, noun = rng.choice(src["det"]), pick(domain, "noun")
         adj = pick(domain, "adj") if rng.random() < 0.5 else None
-        sense = amb_general if domain == "general" else amb_domain
+        # the target domain uses the domain sense of an ambiguous noun 85% of the time (so no system reaches 100)
+        sense = amb_domain if domain != "general" and rng.random() < 0.85 else amb_general
         t_noun = sense.get(noun) or lexicon[noun]
         s = [det, noun] + ([adj] if adj else [])
         t = [lexicon[det]] + ([lexicon[adj]] if adj else []) + [t_noun]
@@ -368,6 +370,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     results: dict = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"}
     if model_args.model_name_or_path is None:
+        if device == "cpu":
+            # a model this small gains nothing from intra-op threads, and they slow it down badly on a busy machine
+            torch.set_num_threads(1)
         log("Built-in task: a synthetic two-domain language pair; training a tiny Marian on the general domain")
         task = make_synthetic_task(run_args.seed)
         tokenizer = word_tokenizer([p for split in task.values() for p in split])
