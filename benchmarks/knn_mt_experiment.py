@@ -464,6 +464,12 @@ def cmd_evaluate(args) -> dict:
                 evaluate_store(name, random_prune(store, param, seed=0), method=method, **ev)
             elif method == "greedy_merge":
                 pruned = greedy_merge(store, args.merge_neighbors, fraction=param, merges=merges)
+                same = next((n for n, r in (res.get(domain, "sweep") or {}).items()
+                             if r.get("method") == method and r["entries"] == len(pruned)), None)  # fmt: skip
+                if same is not None:  # merging saturated: the same store as a larger fraction
+                    res.set(domain, "sweep", name, {**res.get(domain, "sweep", same), "same_as": same})
+                    log(f"  {domain} {name}: merging saturated, same store as {same}")
+                    continue
                 evaluate_store(name, pruned, method=method, **ev)
             elif method == "confidence":
                 evaluate_store(name, confidence_prune(store, param, log_probs=log_probs), method=method, **ev)
