@@ -6,7 +6,8 @@ IT), within a time budget, in bf16 on a GPU. Saves the model in fp16 (+ tokenize
 
 Step 2 (`evaluate`): for the Koran domain (train = datastore, dev = tune k / T / λ, test = BLEU) and the IT domain
 (first 1,500 dev lines = datastore, last 500 = tune, test = BLEU): base BLEU, kNN-MT BLEU with the tuned setting,
-datastore size; then the pruning sweeps (random / greedy merging / model-confidence at 50/25/10/5%), PCA and PQ
+datastore size; then the pruning sweeps (random / per-value clustering / greedy merging with first or mean keys /
+model-confidence at 25/10/50/5%), PCA and PQ
 compression, adaptive retrieval, each with BLEU, tokens/s and bytes; and the plot (BLEU vs retained fraction).
 Tuning decodes greedily; the test set is decoded greedily (all rows) and with beam search (base and tuned kNN).
 Nothing is tuned on a test set or on datastore sentences.
@@ -37,6 +38,7 @@ from knn_translate import corpus_bleu, read_lines, translate, translate_with_knn
 
 from hf_realm.knn_generation import KNNDatastore  # noqa: E402
 from hf_realm.knn_pruning import (  # noqa: E402
+    cluster_prune,
     confidence_prune,
     datastore_neighbours,
     entry_model_log_probs,
@@ -427,43 +429,50 @@ def cmd_evaluate(args) -> dict:
         res.set(domain, "beam", beam)
         log(f"  {domain} beam {args.beams}: base {beam['base_test_bleu']:.2f}, kNN {beam['knn_test_bleu']:.2f}")
 
-    # -- phase 3: pruning / compression / adaptive retrieval -----------------------------------------------------------
+    # -- phase 3: pruning / compression / adaptive retrieval (jobs in priority order, domains interleaved) -----------
     for domain, c in ctx.items() if args.sweep else ():
         store = c["store"]
         base_bleu = c["base"]["test_bleu_greedy"]
-        full_gain = c["knn"]["test_bleu_greedy"] - base_bleu
-        ev = dict(model=model, tokenizer=tokenizer, test_src=c["test_src"], test_ref=c["test_ref"],
-                  setting=c["setting"], kw=kw, res=res, domain=domain, base_bleu=base_bleu,
-                  full_gain=full_gain)  # fmt: skip
+        c["ev"] = dict(model=model, tokenizer=tokenizer, test_src=c["test_src"], test_ref=c["test_ref"],
+                       setting=c["setting"], kw=kw, res=res, domain=domain, base_bleu=base_bleu,
+                       full_gain=c["knn"]["test_bleu_greedy"] - base_bleu)  # fmt: skip
         res.set(domain, "sweep", "full", {"bleu": c["knn"]["test_bleu_greedy"], "entries": len(store),
                                           "bytes": store.nbytes, "tokens_per_second": c["knn"]["tokens_per_second_greedy"],
                                           "gain_kept": 1.0, "method": "full", "fraction": 1.0})  # fmt: skip
-        done = res.get(domain, "sweep") or {}
         log(
             f"  {domain}: greedy-merge neighbours ({args.merge_neighbors}, {args.merge_passes} passes), entry log-probs"
         )
         t0 = time.time()
         neighbours = datastore_neighbours(store, args.merge_neighbors, device=device)
-        merges = greedy_merge_sequence(
+        c["merges"] = greedy_merge_sequence(
             store, args.merge_neighbors, neighbours=neighbours, max_passes=args.merge_passes, device=device
         )
         del neighbours
-        log_probs = entry_model_log_probs(store, model)
-        res.set(domain, "greedy_merge_min_fraction", 1 - len(merges) / len(store))
-        log(f"  ({time.time() - t0:.1f}s; merging can reach {1 - len(merges) / len(store):.1%})")
-        jobs = [(f"{m}@{f:g}", m, f) for f in fractions for m in ("random", "greedy_merge", "confidence")]
-        jobs += [(spec, "compression", None) for spec in args.compression.split(",") if spec]
-        jobs += [(f"adaptive@{t:g}", "adaptive", t) for t in (float(x) for x in args.skip_thresholds.split(",") if x)]
-        for name, method, param in jobs:
-            if name in done:
+        c["log_probs"] = entry_model_log_probs(store, model)
+        reach = 1 - len(c["merges"]) / len(store)
+        res.set(domain, "greedy_merge_min_fraction", reach)
+        log(f"  ({time.time() - t0:.1f}s; merging can reach {reach:.1%} of the entries)")
+    methods = [m for m in args.methods.split(",") if m]
+    first, *rest = fractions
+    jobs = [(f"{m}@{first:g}", m, first) for m in methods]
+    jobs += [(spec, "compression", None) for spec in args.compression.split(",") if spec]
+    jobs += [(f"{m}@{f:g}", m, f) for f in rest for m in methods]
+    jobs += [(f"adaptive@{t:g}", "adaptive", t) for t in (float(x) for x in args.skip_thresholds.split(",") if x)]
+    for name, method, param in jobs:
+        for domain, c in ctx.items() if args.sweep else ():
+            store, ev = c["store"], c["ev"]
+            if name in (res.get(domain, "sweep") or {}):
                 continue
             if time_left() < args.reserve_seconds:
                 log(f"  {domain} {name}: skipped (time budget)")
                 continue
             if method == "random":
                 evaluate_store(name, random_prune(store, param, seed=0), method=method, **ev)
-            elif method == "greedy_merge":
-                pruned = greedy_merge(store, args.merge_neighbors, fraction=param, merges=merges)
+            elif method in ("greedy_merge", "greedy_merge_mean"):
+                keys = "mean" if method == "greedy_merge_mean" else "first"
+                pruned = greedy_merge(
+                    store, args.merge_neighbors, fraction=param, merges=c["merges"], merged_keys=keys
+                )
                 same = next((n for n, r in (res.get(domain, "sweep") or {}).items()
                              if r.get("method") == method and r["entries"] == len(pruned)), None)  # fmt: skip
                 if same is not None:  # merging saturated: the same store as a larger fraction
@@ -471,8 +480,10 @@ def cmd_evaluate(args) -> dict:
                     log(f"  {domain} {name}: merging saturated, same store as {same}")
                     continue
                 evaluate_store(name, pruned, method=method, **ev)
+            elif method == "cluster":
+                evaluate_store(name, cluster_prune(store, param, device=device), method=method, **ev)
             elif method == "confidence":
-                evaluate_store(name, confidence_prune(store, param, log_probs=log_probs), method=method, **ev)
+                evaluate_store(name, confidence_prune(store, param, log_probs=c["log_probs"]), method=method, **ev)
             elif method == "compression":
                 small = store
                 for part in name.split("+"):
@@ -480,12 +491,10 @@ def cmd_evaluate(args) -> dict:
                         small = pca_compress(small, int(part[3:]), device=device)
                     elif part.startswith("pq"):
                         small = pq_compress(small, int(part[2:]), device=device)
-                    elif part.startswith("merge"):
-                        if small is not store:
-                            raise ValueError(f"{name}: merging must come first (the merges index the full store)")
-                        small = greedy_merge(small, args.merge_neighbors, fraction=float(part[5:]), merges=merges)
+                    elif part.startswith("cluster"):
+                        small = cluster_prune(small, float(part[7:]), device=device)
                     else:
-                        raise ValueError(f"unknown compression step {part!r} (pcaN, pqM, mergeF)")
+                        raise ValueError(f"unknown compression step {part!r} (pcaN, pqM, clusterF)")
                 evaluate_store(name, small, method=method, **ev)
             else:
                 proc = KNNLogitsProcessor(store, **c["setting"], skip_threshold=param)
@@ -493,10 +502,11 @@ def cmd_evaluate(args) -> dict:
                     hyps, speed = translate(model, tokenizer, c["test_src"], processor=proc, num_beams=1, **kw)
                 bleu = corpus_bleu(hyps, c["test_ref"])
                 saved = proc.num_skipped / max(1, proc.num_skipped + proc.num_searches)
+                gain = ev["full_gain"]
                 res.set(domain, "sweep", name, {"bleu": bleu, "tokens_per_second": speed["tokens_per_second"],
                                                 "entries": len(store), "bytes": store.nbytes, "searches_saved": saved,
                                                 "method": "adaptive", "fraction": 1.0,
-                                                "gain_kept": (bleu - base_bleu) / full_gain if full_gain else None})  # fmt: skip
+                                                "gain_kept": (bleu - ev["base_bleu"]) / gain if gain else None})  # fmt: skip
                 log(f"  {domain} {name:28s} BLEU {bleu:6.2f}  searches saved {saved:.1%}  "
                     f"{speed['tokens_per_second']:7.0f} tok/s")  # fmt: skip
 
@@ -556,13 +566,13 @@ def plot(data: dict, path: Path) -> None:
     if not domains:
         return
     fig, axes = plt.subplots(1, len(domains), figsize=(6 * len(domains), 4.5), squeeze=False)
-    styles = {"random": "o-", "greedy_merge": "s-", "confidence": "^-"}
+    styles = {"random": "o-", "cluster": "P-", "greedy_merge_mean": "s-", "greedy_merge": "s--", "confidence": "^-"}
     for ax, domain in zip(axes[0], domains, strict=True):
         d = data[domain]
         sweep = d["sweep"]
         full = sweep["full"]
         for method, style in styles.items():
-            pts = sorted((r["fraction"], r["bleu"]) for n, r in sweep.items() if r.get("method") == method)
+            pts = sorted({(r["fraction"], r["bleu"]) for n, r in sweep.items() if r.get("method") == method})
             pts = [(1.0, full["bleu"]), *pts]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=method.replace("_", " "))
         for name, r in sweep.items():
@@ -617,10 +627,11 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch_size", type=int, default=128)
     e.add_argument("--max_new_tokens", type=int, default=128)
     e.add_argument("--sweep", type=int, default=1)
-    e.add_argument("--fractions", default="0.5,0.25,0.1,0.05")
+    e.add_argument("--fractions", default="0.25,0.1,0.5,0.05", help="retained fractions; the first is swept first")
+    e.add_argument("--methods", default="random,cluster,greedy_merge_mean,greedy_merge,confidence")
     e.add_argument("--merge_neighbors", type=int, default=32)
     e.add_argument("--merge_passes", type=int, default=4)
-    e.add_argument("--compression", default="pca64,pq32,pca64+pq16,merge0.25+pca64+pq16")
+    e.add_argument("--compression", default="pca64,pq32,pca64+pq16,cluster0.25+pca64+pq16")
     e.add_argument("--skip_thresholds", default="0.9,0.5")
     e.add_argument("--max_datastore_pairs", type=int, default=None)
     e.add_argument("--max_dev_pairs", type=int, default=None)

@@ -718,3 +718,65 @@ def test_knn_lm_perplexity_matches_numpy_reference():
     np.testing.assert_allclose(out["base_perplexity"], np.exp(nll_base / count), rtol=1e-5)
     np.testing.assert_allclose(out["knn_perplexity"][0.0], np.exp(nll_base / count), rtol=1e-5)
     np.testing.assert_allclose(out["knn_perplexity"][0.4], np.exp(nll_knn / count), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The example and the real-data experiment, end to end (slow)
+# ----------------------------------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _load_script(relpath: str):
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(REPO / "examples"))
+    spec = importlib.util.spec_from_file_location(Path(relpath).stem, REPO / relpath)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_knn_translate_builtin_task_gains_bleu(tmp_path):
+    with torch.enable_grad():
+        results = _load_script("examples/knn_translate.py").main(
+            [
+                "--output_dir",
+                str(tmp_path),
+                "--k_grid",
+                "8,16",
+                "--temperature_grid",
+                "1,10",
+                "--lmbda_grid",
+                "0.5,0.7",
+            ]
+        )
+    saved = json.loads((tmp_path / "all_results.json").read_text())
+    assert saved["test_knn_bleu"] == results["test_knn_bleu"]
+    assert results["test_knn_bleu"] >= results["test_base_bleu"] + 5, results
+    assert results["datastore_entries"] == len(KNNDatastore.from_pretrained(tmp_path / "datastore"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "multi_domain_deen").is_dir(), reason="shared data not present")
+def test_knn_mt_experiment_pipeline_on_cpu(tmp_path):
+    exp = _load_script("benchmarks/knn_mt_experiment.py")
+    with torch.enable_grad():
+        exp.main(["train", "--data_dir", str(SHARED_DATA), "--output_dir", str(tmp_path / "model"), "--max_pairs",
+                  "2000", "--max_steps", "30", "--d_model", "32", "--layers", "1", "--heads", "4", "--ffn_dim", "64",
+                  "--vocab_size", "800", "--max_tokens", "2000", "--dev_samples", "10"])  # fmt: skip
+    data = exp.main(["evaluate", "--model_dir", str(tmp_path / "model"), "--data_dir", str(SHARED_DATA),
+                     "--output_dir", str(tmp_path / "out"), "--work_dir", str(tmp_path / "work"),
+                     "--max_datastore_pairs", "60", "--max_dev_pairs", "8", "--max_test_pairs", "8", "--k_grid", "4",
+                     "--lmbda_grid", "0.5", "--temperature_factors", "1", "--beams", "2", "--fractions", "0.5",
+                     "--merge_neighbors", "4", "--merge_passes", "2", "--compression", "pca16,cluster0.5+pca16+pq4",
+                     "--skip_thresholds", "0.9", "--max_new_tokens", "8"])  # fmt: skip
+    for domain in ("koran", "it"):
+        sweep = data[domain]["sweep"]
+        names = {"full", "random@0.5", "cluster@0.5", "greedy_merge@0.5", "greedy_merge_mean@0.5", "confidence@0.5"}
+        assert names | {"pca16", "cluster0.5+pca16+pq4", "adaptive@0.9"} <= set(sweep)
+        assert sweep["random@0.5"]["entries"] == round(data[domain]["datastore"]["entries"] * 0.5)
+    assert (tmp_path / "out" / "knn_mt_pruning.png").is_file() and (tmp_path / "out" / "knn_mt_table.md").is_file()

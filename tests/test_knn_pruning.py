@@ -10,6 +10,7 @@ from transformers import LogitsProcessorList, MarianConfig, MarianMTModel
 
 from hf_realm.knn_generation import KNNDatastore, KNNLogitsProcessor, pq_decode
 from hf_realm.knn_pruning import (
+    cluster_prune,
     compression_report,
     confidence_prune,
     datastore_neighbours,
@@ -106,6 +107,42 @@ def test_greedy_merge_matches_naive_early_stopping(fraction):
     keep, ref_counts = _naive_greedy_merge(keys, values, counts, 5, round(300 * fraction))
     assert merged.provenance[:, 0].tolist() == keep.tolist()
     assert merged.counts.tolist() == ref_counts.tolist()
+
+
+def test_greedy_merge_mean_keys_hand_computed():
+    merged = greedy_merge(hand_store(), num_neighbors=2, merged_keys="mean", device="cpu")
+    assert merged.counts.tolist() == [3, 1, 1, 6]
+    # entry 0 stands for keys 0.0 (count 1) and 0.1 (count 2); entry 4 for 10.0, 10.2 (count 1 each), 10.5 (count 4)
+    keys = hand_store().keys[:, 0].astype(np.float64)
+    expected = [(keys[0] + 2 * keys[1]) / 3, keys[2], keys[3], (keys[4] + keys[5] + 4 * keys[6]) / 6]
+    np.testing.assert_allclose(merged.keys[:, 0].astype(np.float64), expected, rtol=1e-3)
+    assert merged.provenance.tolist() == [[0, 0], [2, 20], [3, 30], [4, 40]]
+    with pytest.raises(ValueError, match="merged_keys must be 'first' or 'mean'"):
+        greedy_merge(hand_store(), merged_keys="median")
+
+
+def test_cluster_prune_centroids_counts_and_provenance():
+    rng = np.random.default_rng(0)
+    # value 5: three tight groups of 8 points; value 6: one group of 4; value 7: a single entry
+    centers = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    keys5 = np.concatenate([c + rng.normal(scale=0.1, size=(8, 2)) for c in centers])
+    keys6 = np.array([5.0, 5.0]) + rng.normal(scale=0.1, size=(4, 2))
+    keys = np.concatenate([keys5, keys6, [[20.0, 20.0]]]).astype(np.float16)
+    values = np.array([5] * 24 + [6] * 4 + [7])
+    counts = rng.integers(1, 4, 29)
+    prov = np.stack([np.arange(29), np.zeros(29, int)], 1)
+    store = KNNDatastore(keys=keys, values=values, counts=counts, provenance=prov)
+    small = cluster_prune(store, 0.125, device="cpu")  # 24 -> 3 clusters, 4 -> 1 (rounded 0.5 -> at least 1), 1 -> 1
+    assert small.values.tolist() == [5, 5, 5, 6, 7]
+    assert int(small.counts.sum()) == int(counts.sum())
+    k64 = keys.astype(np.float64)
+    for key, count, (row, _) in zip(small.keys.astype(np.float64), small.counts, small.provenance, strict=True):
+        members = np.flatnonzero((values == values[row]) & (np.linalg.norm(k64 - key, axis=1) < 1.0))
+        assert count == counts[members].sum()
+        mean = (k64[members] * counts[members, None]).sum(0) / counts[members].sum()
+        np.testing.assert_allclose(key, mean, atol=4e-3)  # float16 spacing at 10 is 2^-7
+        assert row == members[np.argmin(((k64[members] - mean) ** 2).sum(1))]  # nearest member names it
+    assert set(prune_datastore(store, "cluster", 1.0, device="cpu").values.tolist()) == {5, 6, 7}
 
 
 def test_merged_counts_weight_the_knn_distribution():

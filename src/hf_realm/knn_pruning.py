@@ -6,6 +6,8 @@ Pruning returns a new [`KNNDatastore`] with a subset of the entries, provenance 
 - [`greedy_merge`] (He et al. 2021, "Efficient Nearest Neighbor Language Models", arXiv:2109.04212): visit entries in
   order; an entry still present absorbs its nearest neighbours that share its value, adding their counts to its own;
   the counts weight p_kNN at search time (`p ∝ count * exp(-d / T)`).
+- [`cluster_prune`]: k-means over the keys of each value separately; one entry (the centroid, with the cluster size
+  as its count) per cluster, so each value keeps its density around every query.
 - [`confidence_prune`]: drop the entries the model already predicts best. The key *is* the input of the output layer,
   so p_LM(value | context) = softmax(output_embedding(key) + final_logits_bias)[value] needs no forward pass; entries
   with the highest p_LM add least to the mixture p = λ p_kNN + (1 - λ) p_LM and go first.
@@ -31,7 +33,7 @@ from torch import nn
 from .knn_generation import KNNDatastore, pq_decode
 
 
-PRUNING_METHODS = ("random", "greedy_merge", "confidence")
+PRUNING_METHODS = ("random", "greedy_merge", "cluster", "confidence")
 
 
 def _default_device(device: str | torch.device | None) -> torch.device:
@@ -198,6 +200,7 @@ def greedy_merge(
     fraction: float | None = None,
     neighbours: np.ndarray | None = None,
     merges: np.ndarray | None = None,
+    merged_keys: str = "first",
     device: str | torch.device | None = None,
 ) -> KNNDatastore:
     """Greedy merging (He et al. 2021): entries absorb their same-value nearest neighbours and carry their counts.
@@ -216,6 +219,9 @@ def greedy_merge(
             lists (from [`datastore_neighbours`]), nearest first.
         merges (`np.ndarray` of shape `(num_merges, 2)`, *optional*): a precomputed [`greedy_merge_sequence`] (with
             the same ``num_neighbors``), reused across fractions in sweeps.
+        merged_keys (`str`, *optional*, defaults to `"first"`): the key of a merged entry: `"first"` keeps the key of
+            the entry that absorbed the others (He et al.); `"mean"` takes the count-weighted mean of the merged keys
+            (the centre of the region the entry now stands for).
         device (`str` or `torch.device`, *optional*): where to search the neighbours.
 
     Example:
@@ -233,6 +239,8 @@ def greedy_merge(
     n = len(datastore)
     if fraction is not None:
         _check_fraction(fraction)
+    if merged_keys not in ("first", "mean"):
+        raise ValueError(f"merged_keys must be 'first' or 'mean', got {merged_keys!r}")
     if merges is None:
         merges = greedy_merge_sequence(datastore, num_neighbors, neighbours=neighbours, device=device)
     elif merges.ndim != 2 or merges.shape[1] != 2 or (merges.size and merges.max() >= n):
@@ -255,8 +263,29 @@ def greedy_merge(
     new_counts = counts[keep]
     if new_counts.max(initial=0) > np.iinfo(np.int32).max:
         raise OverflowError("a merged count exceeds int32")
-    history = {"method": "greedy_merge", "num_neighbors": num_neighbors, "fraction": fraction}
-    return datastore.select(keep, counts=new_counts.astype(np.int32), history=history)
+    history = {"method": "greedy_merge", "num_neighbors": num_neighbors, "fraction": fraction, "keys": merged_keys}
+    merged = datastore.select(keep, counts=new_counts.astype(np.int32), history=history)
+    if merged_keys == "mean":
+        if datastore.keys is None:
+            raise ValueError("merged_keys='mean' needs float keys: merge before product quantisation")
+        parent = np.arange(n)
+        prefix = merges[:steps]
+        parent[prefix[:, 1]] = prefix[:, 0]
+        root = parent.copy()
+        while True:  # every merged entry ends at the entry that survives
+            nxt = root[root]
+            if np.array_equal(nxt, root):
+                break
+            root = nxt
+        weights = torch.from_numpy(datastore.counts.astype(np.float64) if datastore.counts is not None else np.ones(n))
+        sums = torch.zeros((n, datastore.key_dim), dtype=torch.float64)
+        for start in range(0, n, 1 << 18):
+            part = torch.from_numpy(np.asarray(datastore.keys[start : start + (1 << 18)], dtype=np.float64))
+            w = weights[start : start + part.shape[0], None]
+            sums.index_add_(0, torch.from_numpy(root[start : start + part.shape[0]]), part * w)
+        totals = torch.zeros(n, dtype=torch.float64).index_add_(0, torch.from_numpy(root), weights)
+        merged.keys = (sums[keep] / totals[keep, None]).numpy().astype(np.float16)
+    return merged
 
 
 @torch.no_grad()
@@ -333,11 +362,13 @@ def confidence_prune(
 
 
 def prune_datastore(datastore: KNNDatastore, method: str, fraction: float, **kwargs) -> KNNDatastore:
-    """Dispatches to [`random_prune`], [`greedy_merge`] or [`confidence_prune`] by ``method`` name."""
+    """Dispatches to [`random_prune`], [`greedy_merge`], [`cluster_prune`] or [`confidence_prune`] by name."""
     if method == "random":
         return random_prune(datastore, fraction, **kwargs)
     if method == "greedy_merge":
         return greedy_merge(datastore, fraction=fraction, **kwargs)
+    if method == "cluster":
+        return cluster_prune(datastore, fraction, **kwargs)
     if method == "confidence":
         return confidence_prune(datastore, fraction, **kwargs)
     raise ValueError(f"method must be one of {PRUNING_METHODS}, got {method!r}")
@@ -425,42 +456,142 @@ def pca_compress(
 
 @torch.no_grad()
 def kmeans(
-    x: torch.Tensor, num_clusters: int, iters: int = 20, seed: int = 0, chunk: int = 1 << 16
+    x: torch.Tensor,
+    num_clusters: int,
+    iters: int = 20,
+    seed: int = 0,
+    init: str = "k-means++",
+    weights: torch.Tensor | None = None,
+    max_scores: int = 1 << 26,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means in torch (k-means++ seeding). Returns centroids `(num_clusters, d)` and assignments `(n,)`.
+    """Lloyd's k-means in torch. Returns centroids `(num_clusters, d)` and assignments `(n,)`.
 
-    Empty clusters are re-seeded with the points farthest from their centroid.
+    The returned centroids are the (``weights``-weighted) means of the points assigned to them. ``init`` is
+    `"k-means++"` (sequential, for up to a few hundred clusters) or `"random"` (distinct random points). Empty
+    clusters are re-seeded with the points farthest from their centroid.
     """
     n = x.shape[0]
     if not 1 <= num_clusters <= n:
         raise ValueError(f"num_clusters must be in [1, {n}] (the number of points), got {num_clusters}")
+    if init not in ("k-means++", "random"):
+        raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    # k-means++ seeding on up to 64 points per cluster
-    pool = x[torch.randperm(n, generator=gen)[: min(n, 64 * num_clusters)].to(x.device)]
-    centroids = torch.empty((num_clusters, x.shape[1]), dtype=x.dtype, device=x.device)
-    centroids[0] = pool[int(torch.randint(pool.shape[0], (1,), generator=gen))]
-    nearest = (pool - centroids[0]).pow(2).sum(-1)
-    for c in range(1, num_clusters):
-        weights = nearest.double().cpu()
-        pick = int(torch.multinomial(weights, 1, generator=gen)) if weights.sum() > 0 else c % pool.shape[0]
-        centroids[c] = pool[pick]
-        nearest = torch.minimum(nearest, (pool - centroids[c]).pow(2).sum(-1))
+    if init == "random":
+        centroids = x[torch.randperm(n, generator=gen)[:num_clusters].to(x.device)].clone()
+    else:  # k-means++ seeding on up to 64 points per cluster
+        pool = x[torch.randperm(n, generator=gen)[: min(n, 64 * num_clusters)].to(x.device)]
+        centroids = torch.empty((num_clusters, x.shape[1]), dtype=x.dtype, device=x.device)
+        centroids[0] = pool[int(torch.randint(pool.shape[0], (1,), generator=gen))]
+        nearest = (pool - centroids[0]).pow(2).sum(-1)
+        for c in range(1, num_clusters):
+            w = nearest.double().cpu()
+            pick = int(torch.multinomial(w, 1, generator=gen)) if w.sum() > 0 else c % pool.shape[0]
+            centroids[c] = pool[pick]
+            nearest = torch.minimum(nearest, (pool - centroids[c]).pow(2).sum(-1))
+    w = torch.ones(n, dtype=x.dtype, device=x.device) if weights is None else weights.to(x.dtype)
     assign = torch.empty(n, dtype=torch.long, device=x.device)
     best = torch.empty(n, dtype=x.dtype, device=x.device)
+    chunk = max(1, max_scores // num_clusters)
     for _ in range(iters + 1):
         c_norm = centroids.pow(2).sum(-1)
         for s in range(0, n, chunk):
             part = x[s : s + chunk]
             d = part.pow(2).sum(-1, keepdim=True) - 2 * part @ centroids.T + c_norm
             best[s : s + chunk], assign[s : s + chunk] = d.min(1)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
-        sizes = torch.bincount(assign, minlength=num_clusters).to(x.dtype)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x * w[:, None])
+        sizes = torch.zeros(num_clusters, dtype=x.dtype, device=x.device).index_add_(0, assign, w)
         empty = sizes == 0
-        centroids = torch.where(empty[:, None], centroids, sums / sizes.clamp_min(1)[:, None])
+        centroids = torch.where(empty[:, None], centroids, sums / sizes.clamp_min(1e-12)[:, None])
         if empty.any():
-            far = best.topk(int(empty.sum())).indices
-            centroids[empty] = x[far]
+            far = best.topk(min(n, int(empty.sum()))).indices
+            centroids[empty.nonzero()[: far.numel(), 0]] = x[far]
     return centroids, assign
+
+
+@torch.no_grad()
+def cluster_prune(
+    datastore: KNNDatastore,
+    fraction: float,
+    iters: int = 10,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> KNNDatastore:
+    """Clusters the keys of every value separately and keeps one entry per cluster: the centroid, with a count.
+
+    A value held by `n` entries gets `max(1, round(n * fraction))` k-means clusters; each cluster becomes one entry
+    whose key is the (count-weighted) mean of its members, whose count is the sum of their counts (a weight at
+    search time, as in greedy merging) and whose provenance is that of the member nearest to the centroid. Every value
+    keeps at least one entry. Unlike sampling, the density of each value around a query is kept (through the counts),
+    so the nearest neighbours of a query do not shift towards the values that happened to keep more entries.
+
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> from hf_realm.knn_generation import KNNDatastore
+    >>> from hf_realm.knn_pruning import cluster_prune
+    >>> keys = np.array([[0.0], [0.2], [10.0], [10.2], [5.0]], np.float16)
+    >>> small = cluster_prune(KNNDatastore(keys=keys, values=[1, 1, 1, 1, 2]), 0.5, device="cpu")
+    >>> small.values.tolist(), small.counts.tolist(), small.keys[:, 0].tolist()
+    ([1, 1, 2], [2, 2, 1], [0.0999755859375, 10.1015625, 5.0])
+    ```
+    """
+    _check_fraction(fraction)
+    if datastore.keys is None:
+        raise ValueError("cluster pruning needs float keys: apply it before product quantisation")
+    device = _default_device(device)
+    values = np.asarray(datastore.values)
+    counts = datastore.counts if datastore.counts is not None else np.ones(len(datastore), np.int32)
+    order = np.argsort(values, kind="stable")
+    uniq, starts = np.unique(values[order], return_index=True)
+    bounds = np.append(starts, len(order))
+    new_keys, new_vals, new_counts, new_prov = [], [], [], []
+    for v, lo, hi in zip(uniq.tolist(), bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        idx = np.sort(order[lo:hi])
+        c = max(1, int(round(len(idx) * fraction)))
+        cnt = torch.from_numpy(counts[idx].astype(np.float64)).to(device)
+        if c >= len(idx):
+            keys = torch.from_numpy(np.asarray(datastore.keys[idx], dtype=np.float32))
+            new_keys.append(keys)
+            new_counts.append(cnt.cpu())
+            new_prov.append(datastore.provenance[idx])
+            new_vals.append(np.full(len(idx), v))
+            continue
+        x = torch.from_numpy(np.asarray(datastore.keys[idx], dtype=np.float32)).to(device).double()
+        if c == 1:
+            centroids = ((x * cnt[:, None]).sum(0) / cnt.sum())[None]
+            assign = torch.zeros(len(idx), dtype=torch.long, device=device)
+        else:
+            init = "k-means++" if c <= 256 else "random"
+            centroids, assign = kmeans(x, c, iters=iters, seed=seed, init=init, weights=cnt)
+        sizes = torch.zeros(c, dtype=cnt.dtype, device=device).index_add_(0, assign, cnt)
+        # the member nearest to its centroid names the cluster (provenance)
+        dist = (x - centroids[assign]).pow(2).sum(-1)
+        rep = torch.full((c,), len(idx), dtype=torch.long, device=device)
+        best = torch.full((c,), float("inf"), dtype=dist.dtype, device=device).scatter_reduce(
+            0, assign, dist, reduce="amin"
+        )
+        is_best = dist == best[assign]
+        rep = rep.scatter_reduce(0, assign[is_best], torch.nonzero(is_best)[:, 0], reduce="amin")
+        used = sizes > 0
+        new_keys.append(centroids[used].float().cpu())
+        new_counts.append(sizes[used].cpu())
+        new_prov.append(datastore.provenance[idx[rep[used].cpu().numpy()]])
+        new_vals.append(np.full(int(used.sum()), v))
+    keys = torch.cat(new_keys).numpy()
+    sizes = torch.cat(new_counts).round().numpy()
+    if sizes.max(initial=0) > np.iinfo(np.int32).max:
+        raise OverflowError("a cluster count exceeds int32")
+    meta = dict(datastore.metadata)
+    meta["history"] = [*datastore.metadata.get("history", []), {"method": "cluster", "fraction": fraction}]
+    return KNNDatastore(
+        keys=keys,
+        values=np.concatenate(new_vals),
+        provenance=np.concatenate(new_prov),
+        counts=sizes.astype(np.int32),
+        metadata=meta,
+        projection=datastore.projection,
+    )
 
 
 @torch.no_grad()
@@ -507,8 +638,9 @@ def pq_compress(
     )  # (m, ksub, dsub)
     codes = np.empty((len(datastore), m), dtype=np.uint8)
     cb_norm = codebooks.pow(2).sum(-1)  # (m, ksub)
-    for start in range(0, len(datastore), 1 << 16):
-        chunk = torch.from_numpy(np.asarray(datastore.keys[start : start + (1 << 16)], dtype=np.float32)).to(device)
+    step = max(1, (1 << 27) // (m * ksub))  # bounds the (m, step, ksub) distance block to 512 MiB
+    for start in range(0, len(datastore), step):
+        chunk = torch.from_numpy(np.asarray(datastore.keys[start : start + step], dtype=np.float32)).to(device)
         sub = chunk.view(chunk.shape[0], m, dsub).transpose(0, 1)  # (m, b, dsub)
         dist = cb_norm[:, None, :] - 2 * torch.bmm(sub, codebooks.transpose(1, 2))  # (m, b, ksub)
         codes[start : start + chunk.shape[0]] = dist.argmin(-1).T.to(torch.uint8).cpu().numpy()
