@@ -46,6 +46,15 @@ def _no_grad():
         yield
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: intra-op threads only add overhead, and on a busy machine they slow everything down many times
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_marian(seed: int = 0) -> MarianMTModel:
     torch.manual_seed(seed)
     config = MarianConfig(

@@ -31,6 +31,15 @@ def _no_grad():
         yield
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: intra-op threads only add overhead, and on a busy machine they slow everything down many times
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def hand_store():
     #            0    1    2    3     4     5     6
     x = np.array([0.0, 0.1, 0.3, 0.35, 10.0, 10.2, 10.5])
