@@ -572,8 +572,10 @@ def plot(data: dict, path: Path) -> None:
         sweep = d["sweep"]
         full = sweep["full"]
         for method, style in styles.items():
-            pts = sorted({(r["fraction"], r["bleu"]) for n, r in sweep.items() if r.get("method") == method})
-            pts = [(1.0, full["bleu"]), *pts]
+            pts = sorted({(r["fraction"], r["bleu"]) for r in sweep.values() if r.get("method") == method})
+            if not pts:
+                continue
+            pts = sorted({(1.0, full["bleu"]), *pts})
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=method.replace("_", " "))
         for name, r in sweep.items():
             if r.get("method") == "compression":
