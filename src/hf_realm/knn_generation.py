@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -1264,11 +1265,11 @@ class KNNLogitsProcessor(LogitsProcessor):
     ):
         if not isinstance(datastore, KNNDatastore):
             raise TypeError(f"datastore must be a KNNDatastore, got {type(datastore).__name__}")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(datastore):
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= len(datastore):
             raise ValueError(f"`k` has to be an integer in [1, {len(datastore)}] (the datastore size), but is {k}")
-        if not isinstance(temperature, int | float) or not math.isfinite(temperature) or temperature <= 0:
+        if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"`temperature` has to be a strictly positive finite float, but is {temperature}")
-        if not isinstance(lmbda, int | float) or not 0.0 <= lmbda <= 1.0:
+        if not isinstance(lmbda, numbers.Real) or not 0.0 <= lmbda <= 1.0:
             raise ValueError(f"`lmbda` has to be a float in [0, 1], but is {lmbda}")
         if skip_metric not in ("max_prob", "entropy"):
             raise ValueError(f"`skip_metric` has to be 'max_prob' or 'entropy', but is {skip_metric!r}")
