@@ -744,6 +744,7 @@ def _load_script(relpath: str):
     sys.path.insert(0, str(REPO / "examples"))
     spec = importlib.util.spec_from_file_location(Path(relpath).stem, REPO / relpath)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses with postponed annotations look their module up
     spec.loader.exec_module(module)
     return module
 
