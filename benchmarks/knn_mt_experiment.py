@@ -199,6 +199,7 @@ def cmd_train(args) -> dict:
     rng = random.Random(args.seed)
     deadline = t_start + args.max_minutes * 60
     step, epoch, tokens_seen = 0, 0, 0
+    loss = torch.tensor(float("nan"))
     model.train()
     t_train = time.time()
     done = False
