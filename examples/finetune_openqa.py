@@ -277,7 +277,8 @@ def main(argv=None) -> dict:
             lora_dropout=model_args.lora_dropout,
             target_modules=targets,
             # new heads train in full: the span scorer, and the projection when the retriever starts from a BERT
-            modules_to_save=["qa_outputs"] + (["embedder.cls"] if checkpoint is None and bert else []),
+            modules_to_save=["qa_outputs"]
+            + (["embedder.cls.dense", "embedder.cls.LayerNorm"] if checkpoint is None and bert else []),
         )
         model = get_peft_model(model, lora)
         trainable, total = model.get_nb_trainable_parameters()
