@@ -11,7 +11,7 @@ DATA=/tmp/squad_open_data
 mkdir -p "$RESULTS"
 python examples/prepare_squad_open.py --squad_path "$SQUAD" --output_dir $DATA > "$RESULTS/split.json"
 COMMON="--corpus_file $DATA/corpus.jsonl --train_file $DATA/train.jsonl --eval_file $DATA/test.jsonl
-  --bert_name_or_path ${BERT:-minilm} --reader_seq_len 320 --searcher_beam_size 50 --reader_beam_size 5
+  --bert_name_or_path ${BERT:-minilm} --reader_seq_len 320 --searcher_beam_size ${SEARCH:-50} --reader_beam_size 5
   --max_steps ${STEPS:-300} --per_device_train_batch_size 16 --max_eval_examples ${EVAL:-1500}
   --ict_batch_size 64 --ict_learning_rate 5e-5 ${BF16:---bf16 true} --disable_tqdm true --logging_steps 50"
 run() {  # name, extra args
