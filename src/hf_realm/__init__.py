@@ -27,6 +27,23 @@ from .corpus_index import (
     sharded_search,
 )
 from .data_collator import DataCollatorForSalientSpanMasking
+from .knn_generation import (
+    KNNDatastore,
+    KNNDatastoreWriter,
+    KNNLogitsProcessor,
+    KNNQueryHook,
+    knn_lm_perplexity,
+    merge_datastores,
+)
+from .knn_pruning import (
+    cluster_prune,
+    confidence_prune,
+    greedy_merge,
+    pca_compress,
+    pq_compress,
+    prune_datastore,
+    random_prune,
+)
 from .masking import SalientSpanMasker, find_salient_spans
 from .modeling_realm import (
     RealmEmbedder,
@@ -68,6 +85,19 @@ def _register() -> None:
 _register()
 
 __all__ = [
+    "KNNDatastore",
+    "KNNDatastoreWriter",
+    "KNNLogitsProcessor",
+    "KNNQueryHook",
+    "cluster_prune",
+    "confidence_prune",
+    "greedy_merge",
+    "knn_lm_perplexity",
+    "merge_datastores",
+    "pca_compress",
+    "pq_compress",
+    "prune_datastore",
+    "random_prune",
     "CorpusTokens",
     "DataCollatorForOpenQA",
     "IndexRefreshCallback",
