@@ -64,6 +64,20 @@ class ModelArguments:
     num_candidates: int = field(default=8, metadata={"help": "k, the null document included (REALM: 8)."})
     share_embedders: bool = field(default=True, metadata={"help": "One embedder for queries and documents."})
     max_position_embeddings: int = 128
+    tie_word_embeddings: bool = field(
+        default=False,
+        metadata={
+            "help": "Tie the MLM decoder to the input embeddings (4.x REALM does; from scratch, an untied decoder "
+            "learns to copy from the retrieved block several times faster)."
+        },
+    )
+    encoder_from_retriever: bool = field(
+        default=False, metadata={"help": "Start the knowledge-augmented encoder from the ICT-trained embedder's BERT."}
+    )
+    dropout: float = field(
+        default=0.0,
+        metadata={"help": "Hidden and attention dropout (a 2-layer model learns to copy ~5x slower at 0.1)."},
+    )
 
 
 @dataclass
@@ -115,6 +129,9 @@ def realm_config(model_args: ModelArguments, vocab_size: int) -> RealmConfig:
         num_candidates=model_args.num_candidates,
         share_embedders=model_args.share_embedders,
         max_position_embeddings=model_args.max_position_embeddings,
+        tie_word_embeddings=model_args.tie_word_embeddings,
+        hidden_dropout_prob=model_args.dropout,
+        attention_probs_dropout_prob=model_args.dropout,
         hidden_act="gelu",
         pad_token_id=0,
     )
@@ -189,6 +206,10 @@ def main(argv: list[str] | None = None) -> dict:
     if model_args.bert_name_or_path:
         bert = RealmForMaskedLM.from_bert(model_args.bert_name_or_path, **_realm_fields(config))
         model.encoder.load_state_dict(bert.encoder.state_dict())
+    elif model_args.encoder_from_retriever:
+        # REALM starts both from BERT; from scratch, the ICT-trained BERT is the closest thing we have: the reader
+        # starts with token representations that already match names between query and block.
+        model.encoder.realm.load_state_dict(ict.embedder.realm.state_dict())
     device = args.device
     model.to(device)
     index = RealmBlockIndex.build(

@@ -320,7 +320,13 @@ class RealmPreTrainedModel(PreTrainedModel):
                     f"'{RealmConfig.model_type}'. To start a REALM model from a BERT-family encoder use "
                     f"{cls.__name__}.from_bert(...)."
                 )
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        # Attached objects are set after loading: transformers deep-copies keyword arguments while reading the config,
+        # which would copy a whole corpus index (or fail on its lock).
+        attached = {name: kwargs.pop(name) for name in ("index", "retriever") if name in kwargs}
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        for name, value in attached.items():
+            setattr(model, name, value)
+        return model
 
     @classmethod
     def from_bert(cls, bert, *model_args, **config_overrides):
