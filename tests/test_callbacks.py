@@ -188,3 +188,13 @@ def test_bad_arguments():
         IndexRefreshCallback(index, mode="sometimes")
     with pytest.raises(ValueError, match="refresh_steps must be >= 0"):
         IndexRefreshCallback(index, refresh_steps=-1)
+
+
+def test_from_pretrained_attaches_a_real_index_without_copying_it(tmp_path):
+    model, index, _ = make(tmp_path)
+    model.save_pretrained(tmp_path / "model", save_index=False)
+    reloaded = RealmForMaskedLM.from_pretrained(tmp_path / "model", index=index)
+    assert reloaded.index is index  # attached, not deep-copied (transformers copies config kwargs)
+    batch = collate(examples(4))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**batch).loss, reloaded.eval()(**batch).loss)
