@@ -85,9 +85,7 @@ def test_scorer_separate_query_embedder_loads_4x_query_weights():
     model = RealmScorer.from_pretrained(os.path.join(FIXTURE, "scorer"), query_embedder=query).eval()
     assert model.query_embedder is query
     # 4.x saved the shared embedder under both prefixes: the separate query tower gets the same weights.
-    torch.testing.assert_close(
-        model.query_embedder.cls.dense.weight, model.embedder.cls.dense.weight, atol=0, rtol=0
-    )
+    torch.testing.assert_close(model.query_embedder.cls.dense.weight, model.embedder.cls.dense.weight, atol=0, rtol=0)
     with torch.no_grad():
         out = model(**inputs("scorer"))
     assert_matches("scorer", out)
@@ -145,9 +143,7 @@ def test_retriever_matches_4x(retriever):
     assert isinstance(retriever.tokenizer, RealmTokenizer)
     args = inputs("openqa")
     answer_ids = args["answer_ids"].tolist()
-    has, starts, ends, concat = retriever(
-        np.array([1, 4, 0, 7]), args["input_ids"], answer_ids, max_length=32
-    )
+    has, starts, ends, concat = retriever(np.array([1, 4, 0, 7]), args["input_ids"], answer_ids, max_length=32)
     assert has == OUTPUTS["retriever.has_answers"].tolist()
     assert starts == OUTPUTS["retriever.start_pos"].tolist()
     assert ends == OUTPUTS["retriever.end_pos"].tolist()
