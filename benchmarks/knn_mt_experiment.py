@@ -294,6 +294,20 @@ def median_neighbour_distance(store, model, tokenizer, sources, targets, k, devi
     return float(sqdist[:, -1].median())
 
 
+def retune_setting(store, c, model, tokenizer, kw, lmbdas, temperature_factors=(0.5, 1.0, 2.0)):
+    """Dev-set grid around the full store's setting (same k; T x 0.5 / 1 / 2; the λ grid) for a compressed store."""
+    base = c["setting"]
+    grid = []
+    for f in temperature_factors:
+        for lm in lmbdas:
+            t = base["temperature"] * f
+            hyps, _ = translate_with_knn(model, tokenizer, c["dev_src"], store, base["k"], t, lm, num_beams=1, **kw)
+            grid.append({"k": base["k"], "temperature": t, "lmbda": lm, "dev_bleu": corpus_bleu(hyps, c["dev_ref"])})
+    best = max(grid, key=lambda g: g["dev_bleu"])
+    log(f"    retuned on dev: T={best['temperature']:g} λ={best['lmbda']:g} (dev BLEU {best['dev_bleu']:.2f})")
+    return {key: best[key] for key in ("k", "temperature", "lmbda")}, grid
+
+
 def evaluate_store(name, store, model, tokenizer, test_src, test_ref, setting, kw, res, domain, base_bleu, full_gain,
                    **extra):  # fmt: skip
     hyps, speed = translate_with_knn(
@@ -410,7 +424,8 @@ def cmd_evaluate(args) -> dict:
             res.set(domain, "knn", knn)
         log(f"  kNN-MT: test BLEU {knn['test_bleu_greedy']:.2f} vs base {base['test_bleu_greedy']:.2f} (greedy); "
             f"{time_left():.0f}s left")  # fmt: skip
-        ctx[domain] = dict(store=store, test_src=test_src, test_ref=test_ref, setting=setting, base=base, knn=knn)
+        ctx[domain] = dict(store=store, test_src=test_src, test_ref=test_ref, setting=setting, base=base, knn=knn,
+                           dev_src=dev_src, dev_ref=dev_ref)  # fmt: skip
 
     # -- phase 2: beam search on the test sets -------------------------------------------------------------------------
     for domain, c in ctx.items():
@@ -453,6 +468,7 @@ def cmd_evaluate(args) -> dict:
         reach = 1 - len(c["merges"]) / len(store)
         res.set(domain, "greedy_merge_min_fraction", reach)
         log(f"  ({time.time() - t0:.1f}s; merging can reach {reach:.1%} of the entries)")
+    retune = {x for x in args.retune.split(",") if x}
     methods = [m for m in args.methods.split(",") if m]
     first, *rest = fractions
     jobs = [(f"{m}@{first:g}", m, first) for m in methods]
@@ -462,7 +478,8 @@ def cmd_evaluate(args) -> dict:
     for name, method, param in jobs:
         for domain, c in ctx.items() if args.sweep else ():
             store, ev = c["store"], c["ev"]
-            if name in (res.get(domain, "sweep") or {}):
+            done = res.get(domain, "sweep") or {}
+            if name in done and (name not in retune or f"{name} (retuned)" in done):
                 continue
             if time_left() < args.reserve_seconds:
                 log(f"  {domain} {name}: skipped (time budget)")
@@ -496,7 +513,14 @@ def cmd_evaluate(args) -> dict:
                         small = cluster_prune(small, float(part[7:]), device=device)
                     else:
                         raise ValueError(f"unknown compression step {part!r} (pcaN, pqM, clusterF)")
-                evaluate_store(name, small, method=method, **ev)
+                if name not in done:
+                    evaluate_store(name, small, method=method, **ev)
+                if name in retune and time_left() > args.reserve_seconds + 60:
+                    # The compressed store's own k / T / λ, chosen on dev (never on test): its distances differ.
+                    setting, grid = retune_setting(small, c, model, tokenizer, kw, lmbdas)
+                    res.set(domain, "retune_grid", name, grid)
+                    evaluate_store(f"{name} (retuned)", small, method=method, **{**ev, "setting": setting},
+                                   retuned=setting)  # fmt: skip
             else:
                 proc = KNNLogitsProcessor(store, **c["setting"], skip_threshold=param)
                 with proc.attach(model, tokenizer=tokenizer):
@@ -635,6 +659,7 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--merge_neighbors", type=int, default=32)
     e.add_argument("--merge_passes", type=int, default=4)
     e.add_argument("--compression", default="pca64,pq32,pca64+pq16,cluster0.25+pca64+pq16")
+    e.add_argument("--retune", default="", help="compression specs whose k/T/λ are re-tuned on dev (extra rows)")
     e.add_argument("--skip_thresholds", default="0.9,0.5")
     e.add_argument("--max_datastore_pairs", type=int, default=None)
     e.add_argument("--max_dev_pairs", type=int, default=None)

@@ -59,8 +59,9 @@ def exact_topk(
         chunk_size (`int`, *optional*, defaults to 1M):
             Keys scored at once by the torch path; bounds its temporary score matrix to ``num_queries x chunk_size``.
         backend (`str`, *optional*, defaults to `"auto"`):
-            `"auto"` uses the fused Triton kernel for CUDA keys when Triton is installed and ``k <= TRITON_MAX_K``,
-            else the chunked torch path. `"torch"` forces the torch path; `"triton"` forces the kernel (on CPU
+            `"auto"` uses the fused Triton kernel for fp16 / bf16 CUDA keys when Triton is installed and
+            ``k <= TRITON_MAX_K``, else the chunked torch path (fp32 keys included: the kernel's exact fp32 `tl.dot`
+            is far slower to tune and to run than cuBLAS). `"torch"` forces the torch path; `"triton"` forces the kernel (on CPU
             tensors it runs in Triton's interpreter: slow, for tests only).
 
     Returns:
@@ -183,7 +184,7 @@ def _triton_eligible(queries: torch.Tensor, keys: torch.Tensor, k: int) -> bool:
     return (
         keys.is_cuda
         and k <= TRITON_MAX_K
-        and keys.dtype in _TRITON_DTYPES
+        and keys.dtype in (torch.float16, torch.bfloat16)
         and keys.shape[1] <= 4096
         and triton_available()
     )
