@@ -783,10 +783,14 @@ def test_knn_mt_experiment_pipeline_on_cpu(tmp_path):
                      "--max_datastore_pairs", "60", "--max_dev_pairs", "8", "--max_test_pairs", "8", "--k_grid", "4",
                      "--lmbda_grid", "0.5", "--temperature_factors", "1", "--beams", "2", "--fractions", "0.5",
                      "--merge_neighbors", "4", "--merge_passes", "2", "--compression", "pca16,cluster0.5+pca16+pq4",
-                     "--skip_thresholds", "0.9", "--max_new_tokens", "8"])  # fmt: skip
+                     "--skip_thresholds", "0.9", "--max_new_tokens", "8", "--retune", "pca16"])  # fmt: skip
     for domain in ("koran", "it"):
         sweep = data[domain]["sweep"]
         names = {"full", "random@0.5", "cluster@0.5", "greedy_merge@0.5", "greedy_merge_mean@0.5", "confidence@0.5"}
-        assert names | {"pca16", "cluster0.5+pca16+pq4", "adaptive@0.9"} <= set(sweep)
+        assert names | {"pca16", "pca16 (retuned)", "cluster0.5+pca16+pq4", "adaptive@0.9"} <= set(sweep)
+        # the retuned row uses the setting picked on dev, from the grid it records
+        grid = data[domain]["retune_grid"]["pca16"]
+        best = max(grid, key=lambda g: g["dev_bleu"])
+        assert sweep["pca16 (retuned)"]["retuned"] == {key: best[key] for key in ("k", "temperature", "lmbda")}
         assert sweep["random@0.5"]["entries"] == round(data[domain]["datastore"]["entries"] * 0.5)
     assert (tmp_path / "out" / "knn_mt_pruning.png").is_file() and (tmp_path / "out" / "knn_mt_table.md").is_file()
