@@ -247,17 +247,19 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"ict_seconds": ict_seconds, "realm_seconds": realm_seconds, **train_result.metrics}
     results["index_refreshes"] = callback.num_refreshes
     results["index_staleness_at_end"] = trainer.state.global_step - callback.built_at_step
+    heldout = pretraining["test"]
+    if data_args.max_eval_examples:
+        heldout = heldout.select(range(min(data_args.max_eval_examples, len(heldout))))
+    eval_collator = DataCollatorForSalientSpanMasking(
+        tokenizer, strategy="salient", max_length=model_args.max_position_embeddings // 2
+    )
     if args.process_index == 0:
-        heldout = pretraining["test"]
-        if data_args.max_eval_examples:
-            heldout = heldout.select(range(min(data_args.max_eval_examples, len(heldout))))
-        eval_collator = DataCollatorForSalientSpanMasking(
-            tokenizer, strategy="salient", max_length=model_args.max_position_embeddings // 2
-        )
         metrics = evaluate_masked_lm(model, heldout, eval_collator, batch_size=64)
         results.update({f"eval_{k}": v for k, v in metrics.items()})
-        # The same model with an index re-embedded by its final doc encoder: what refreshing buys at the end.
-        callback.refresh(model.embedder, trainer.state.global_step)
+    # The same model with an index re-embedded by its final doc encoder: what refreshing buys at the end. Every
+    # process takes part (the refresh is sharded across them).
+    callback.refresh(model.embedder, trainer.state.global_step)
+    if args.process_index == 0:
         fresh = evaluate_masked_lm(model, heldout, eval_collator, batch_size=64)
         results.update({f"eval_fresh_index_{k}": v for k, v in fresh.items() if k.startswith("recall")})
         closed = max(metrics["closed_book_span_accuracy"], 1e-9)

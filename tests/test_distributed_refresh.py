@@ -56,3 +56,28 @@ def test_two_process_refresh_equals_one_process(tmp_path):
         assert info["world"] == 2
         counts.append(info["blocks_embedded"])
     assert counts == [25, 25]  # each rank embedded its own half, then all gathered the whole
+
+
+@pytest.mark.skipif(
+    shutil.which("accelerate") is None
+    and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "accelerate")),
+    reason="accelerate CLI not installed",
+)
+def test_train_realm_two_processes(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 examples/train_realm.py --use_cpu true`: every refresh,
+    the final one included (all ranks take part), succeeds."""
+    launcher = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", os.path.join(root, "examples", "train_realm.py"), "--use_cpu", "true",
+           "--num_entities", "100", "--max_steps", "10", "--ict_steps", "10", "--refresh_steps", "5",
+           "--max_eval_examples", "20", "--output_dir", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "failed" not in result.stderr, result.stderr[-3000:]
+    # the final refresh ran on both ranks: two log lines for each refreshed step
+    assert result.stderr.count("index refreshed at step 10") == 2, result.stderr[-3000:]
+    with open(tmp_path / "all_results.json") as f:
+        results = json.load(f)
+    assert results["eval_num_examples"] == 20 and results["index_refreshes"] == 1
