@@ -45,6 +45,14 @@ class DataArguments:
     num_entities: int = field(default=1000, metadata={"help": "People in the generated world (one block each)."})
     world_seed: int = field(default=0, metadata={"help": "Seed of the generated world."})
     block_seq_len: int = field(default=288, metadata={"help": "Most wordpieces per corpus block."})
+    synthetic_blocks: int = field(
+        default=0,
+        metadata={
+            "help": "Append this many distractor blocks of random wordpieces (block_seq_len long, at most "
+            "max_position_embeddings) to the corpus: a "
+            "Wikipedia-size index for scaling runs, with the world's facts still to be found in it."
+        },
+    )
     masking: str = field(
         default="salient", metadata={"help": "Masking strategy: salient, random_span or random_token."}
     )
@@ -116,6 +124,36 @@ def parse_args(argv: list[str] | None = None):
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
         return parser.parse_yaml_file(os.path.abspath(argv[0]))
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def add_synthetic_blocks(corpus, num_blocks: int, seq_len: int, vocab_size: int, tokenizer, seed: int = 0):
+    """``corpus`` followed by ``num_blocks`` blocks of random wordpieces, ``[CLS] title [SEP] body [SEP]``, each its own
+    document, built as Arrow arrays directly (no tokenization: millions of blocks take seconds)."""
+    import datasets
+    import numpy as np
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    first = max(tokenizer.all_special_ids) + 1
+    offsets = np.arange(num_blocks + 1, dtype=np.int64) * seq_len
+    values = rng.integers(first, vocab_size, offsets[-1], dtype=np.int32)
+    title_len = 8
+    values[offsets[:-1]] = tokenizer.cls_token_id
+    values[offsets[:-1] + title_len + 1] = tokenizer.sep_token_id
+    values[offsets[1:] - 1] = tokenizer.sep_token_id
+    start_block, start_doc = len(corpus), max(corpus["doc_id"]) + 1
+    table = pa.table(
+        {
+            "block_id": pa.array(np.arange(start_block, start_block + num_blocks)),
+            "doc_id": pa.array(np.arange(start_doc, start_doc + num_blocks)),
+            "title": pa.array([""] * num_blocks, pa.string()),
+            "text": pa.array([""] * num_blocks, pa.string()),
+            "input_ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)).cast(pa.list_(pa.int32())),
+            "token_type_start": pa.array(np.full(num_blocks, title_len + 2, np.int32)),
+        }
+    )
+    filler = datasets.Dataset(table).cast(corpus.features)
+    return datasets.concatenate_datasets([corpus, filler])
 
 
 def realm_config(model_args: ModelArguments, vocab_size: int) -> RealmConfig:
@@ -192,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info(f"{world}: {len(corpus)} blocks, {len(pretraining['train'])} training sentences")
     config = realm_config(model_args, vocab_size=len(tokenizer))
 
-    # 1. ICT warm start of the retriever
+    # 1. ICT warm start of the retriever (on the world's blocks)
     ict_start = time.time()
     ict = train_ict(model_args, args, config, corpus, tokenizer)
     ict_seconds = time.time() - ict_start
@@ -212,6 +250,17 @@ def main(argv: list[str] | None = None) -> dict:
         model.encoder.realm.load_state_dict(ict.embedder.realm.state_dict())
     device = args.device
     model.to(device)
+    if data_args.synthetic_blocks:
+        with args.main_process_first(desc="synthetic blocks"):
+            corpus = add_synthetic_blocks(
+                corpus,
+                data_args.synthetic_blocks,
+                min(data_args.block_seq_len, model_args.max_position_embeddings),
+                len(tokenizer),
+                tokenizer,
+                args.seed,
+            )
+        logger.info(f"corpus: {len(corpus):,} blocks with {data_args.synthetic_blocks:,} synthetic ones")
     index = RealmBlockIndex.build(
         corpus,
         model.embedder,

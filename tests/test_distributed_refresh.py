@@ -81,3 +81,30 @@ def test_train_realm_two_processes(tmp_path):
     with open(tmp_path / "all_results.json") as f:
         results = json.load(f)
     assert results["eval_num_examples"] == 20 and results["index_refreshes"] == 1
+
+
+def test_synthetic_blocks_extend_the_world_corpus():
+    """`train_realm.py --synthetic_blocks`: the world's blocks keep their ids, the fillers follow, each its own
+    document, `[CLS] title [SEP] body [SEP]` of exactly `seq_len` non-special wordpieces otherwise."""
+    import numpy as np
+
+    from hf_realm import KnowledgeWorld, build_corpus
+
+    from .test_knn_generation import _load_script
+
+    train_realm = _load_script("examples/train_realm.py")
+    world = KnowledgeWorld(num_entities=20, seed=0)
+    tokenizer = world.tokenizer()
+    corpus = build_corpus(world.corpus(), tokenizer)
+    full = train_realm.add_synthetic_blocks(corpus, 50, 40, len(tokenizer), tokenizer, seed=0)
+    assert len(full) == len(corpus) + 50
+    assert full.select(range(len(corpus)))["input_ids"] == corpus["input_ids"]
+    filler = full.select(range(len(corpus), len(full)))
+    assert filler["block_id"] == list(range(len(corpus), len(corpus) + 50))
+    assert filler["doc_id"] == list(range(max(corpus["doc_id"]) + 1, max(corpus["doc_id"]) + 51))
+    ids = np.array(filler["input_ids"])
+    assert ids.shape == (50, 40)
+    assert (ids[:, 0] == tokenizer.cls_token_id).all() and (ids[:, [9, 39]] == tokenizer.sep_token_id).all()
+    body = np.delete(ids, [0, 9, 39], axis=1)
+    assert body.min() > max(tokenizer.all_special_ids) and body.max() < len(tokenizer)
+    assert filler["token_type_start"] == [10] * 50
