@@ -16,24 +16,10 @@ from hf_realm import (
     RealmReader,
     RealmRetriever,
     RealmScorer,
-    RealmTokenizer,
 )
 
 from .hub_mock import mock_hub
-
-
-WORDS = (
-    "[PAD] [UNK] [CLS] [SEP] [MASK] who what where wrote painted founded born in the a of and was is "
-    "hamlet shakespeare mona lisa leonardo rome romulus paris london 1564 1452 city river play painting ?"
-).split()
-BLOCKS = [
-    "shakespeare wrote hamlet in london",
-    "leonardo painted the mona lisa",
-    "romulus founded rome",
-    "paris is a city of the river",
-    "shakespeare was born in 1564",
-    "leonardo was born in 1452",
-]
+from .toy import BLOCKS, WORDS, toy_tokenizer
 
 
 def tiny_config(**overrides):
@@ -59,7 +45,7 @@ def tiny_config(**overrides):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return RealmTokenizer(vocab={w: i for i, w in enumerate(WORDS)})
+    return toy_tokenizer()
 
 
 def make_openqa(tokenizer, **overrides):

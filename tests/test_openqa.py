@@ -8,25 +8,14 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from hf_realm import RealmConfig, RealmForOpenQA, RealmRetriever, RealmTokenizer
+from hf_realm import RealmConfig, RealmForOpenQA, RealmRetriever
 from hf_realm.corpus_index import RealmBlockIndex, build_corpus
 from hf_realm.openqa import DataCollatorForOpenQA, evaluate_open_qa
 
 from .hub_mock import mock_hub
+from .toy import BLOCKS, WORDS, toy_tokenizer
 
 
-WORDS = (
-    "[PAD] [UNK] [CLS] [SEP] [MASK] who what where wrote painted founded born in the a of and was is "
-    "hamlet shakespeare mona lisa leonardo rome romulus paris london 1564 1452 city river play painting ?"
-).split()
-BLOCKS = [
-    "shakespeare wrote hamlet in london",
-    "leonardo painted the mona lisa",
-    "romulus founded rome",
-    "paris is a city of the river",
-    "shakespeare was born in 1564",
-    "leonardo was born in 1452",
-]
 QUESTIONS = [
     {"question": "who wrote hamlet ?", "answers": ["shakespeare"]},
     {"question": "who painted the mona lisa ?", "answers": ["leonardo"]},
@@ -37,7 +26,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return RealmTokenizer(vocab={w: i for i, w in enumerate(WORDS)})
+    return toy_tokenizer()
 
 
 def config(**kw):

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .metrics import answer_hits, exact_match, f1_score, gold_block_hits, recall_at_k, regex_match
+from .metrics import answer_hits, answer_metrics, gold_block_hits, recall_at_k
 
 
 @dataclass
@@ -159,15 +159,7 @@ def evaluate_open_qa(
         model.retriever = retriever
         model.train(was_training)
 
-    if match == "regex":
-        metrics = {
-            "exact_match": float(np.mean([regex_match(p, a) for p, a in zip(predictions, answers_all, strict=True)]))
-        }
-    else:
-        metrics = {
-            "exact_match": float(np.mean([exact_match(p, a) for p, a in zip(predictions, answers_all, strict=True)])),
-            "f1": float(np.mean([f1_score(p, a) for p, a in zip(predictions, answers_all, strict=True)])),
-        }
+    metrics = answer_metrics(predictions, answers_all, match)
     if recall_ks:
         texts = _block_texts(model, np.asarray(retrieved_all))
         hits = answer_hits(texts, answers_all, "regex" if match == "regex" else "string")

@@ -164,6 +164,19 @@ def regex_match(prediction: str, patterns: str | Sequence[str], normalize: bool 
 _SIMPLE_TOKEN_RE = regex.compile(r"([\p{L}\p{N}\p{M}]+)|([^\p{Z}\p{C}])", flags=regex.IGNORECASE | regex.UNICODE)
 
 
+def answer_metrics(
+    predictions: Sequence[str], answers: Sequence[str | Sequence[str]], match: str = "string"
+) -> dict[str, float]:
+    """Mean exact match (and F1 for ``match="string"``; ``match="regex"``: DrQA pattern match) over paired lists."""
+    pairs = list(zip(predictions, answers, strict=True))
+    if match == "regex":
+        return {"exact_match": float(np.mean([regex_match(p, a) for p, a in pairs]))}
+    return {
+        "exact_match": float(np.mean([exact_match(p, a) for p, a in pairs])),
+        "f1": float(np.mean([f1_score(p, a) for p, a in pairs])),
+    }
+
+
 def simple_tokenize(text: str) -> list[str]:
     """DrQA's ``SimpleTokenizer``, uncased: runs of letters/digits/marks, and every other non-space character alone.
 
@@ -380,15 +393,7 @@ def make_open_qa_compute_metrics(
         predictions = list(decode_predictions(eval_pred))
         if len(predictions) != len(answers):
             raise ValueError(f"{len(predictions)} predictions != {len(answers)} gold answer lists")
-        if match == "regex":
-            result = {
-                "exact_match": float(np.mean([regex_match(p, a) for p, a in zip(predictions, answers, strict=True)]))
-            }
-        else:
-            result = {
-                "exact_match": float(np.mean([exact_match(p, a) for p, a in zip(predictions, answers, strict=True)])),
-                "f1": float(np.mean([f1_score(p, a) for p, a in zip(predictions, answers, strict=True)])),
-            }
+        result = answer_metrics(predictions, answers, match)
         if retrieved_ids is not None:
             result.update(recall_at_k(gold_block_hits(retrieved_ids(eval_pred), gold_block_ids), ks))
         if retrieved_texts is not None:
