@@ -10,7 +10,9 @@ datastore size; then the pruning sweeps (random / per-value clustering / greedy 
 model-confidence at 25/10/50/5%), PCA and PQ
 compression, adaptive retrieval, each with BLEU, tokens/s and bytes; and the plot (BLEU vs retained fraction).
 Tuning decodes greedily; the test set is decoded greedily (all rows) and with beam search (base and tuned kNN).
-Nothing is tuned on a test set or on datastore sentences.
+Rows named in `--retune` get their own T / λ on dev as an extra row, and for each size budget (25% of the entries,
+10x fewer bytes) the re-tuned store with the best dev BLEU is picked and its test BLEU reported.
+Nothing is tuned or chosen on a test set or on datastore sentences.
 
     python benchmarks/knn_mt_experiment.py train --data_dir ../shared/data --output_dir $OUT/model --max_minutes 7
     python benchmarks/knn_mt_experiment.py evaluate --model_dir model --data_dir ../shared/data --output_dir $OUT
@@ -275,6 +277,72 @@ class Results:
         return node
 
 
+def hyps_path(res, domain: str, name: str) -> Path:
+    """Where the test hypotheses of a row are kept (next to the results JSON), for the bootstrap intervals."""
+    return res.path.parent / "hyps" / domain / (name.replace(" ", "_").replace("(", "").replace(")", "") + ".txt")
+
+
+def save_hyps(res, domain: str, name: str, hyps: list[str]) -> None:
+    path = hyps_path(res, domain, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(h.replace("\n", " ") + "\n" for h in hyps))
+
+
+def load_hyps(res, domain: str, name: str) -> list[str] | None:
+    path = hyps_path(res, domain, name)
+    return path.read_text().split("\n")[:-1] if path.is_file() else None
+
+
+def sentence_bleu_stats(hyps: list[str], refs: list[str]) -> np.ndarray:
+    """Per-sentence BLEU sufficient statistics (hyp len, ref len, 4 matches, 4 totals), sacrebleu's 13a tokens."""
+    from sacrebleu.metrics import BLEU
+
+    bleu = BLEU()
+    rows = []
+    for h, r in zip(hyps, refs, strict=True):
+        s = bleu.sentence_score(h, [r])
+        rows.append([s.sys_len, s.ref_len, *s.counts, *s.totals])
+    return np.asarray(rows, dtype=np.int64)
+
+
+def bleu_from_stats(stats: np.ndarray) -> float:
+    """Corpus BLEU from summed statistics (the same number as sacrebleu.corpus_bleu on those sentences)."""
+    from sacrebleu.metrics import BLEU
+
+    return float(BLEU.compute_bleu(stats[2:6].tolist(), stats[6:10].tolist(), int(stats[0]), int(stats[1])).score)
+
+
+def bootstrap_gain_kept(base: np.ndarray, full: np.ndarray, row: np.ndarray, samples: int = 1000, seed: int = 0):
+    """Paired bootstrap (test sentences resampled with replacement) of (BLEU_row - BLEU_base) / (BLEU_full - BLEU_base).
+
+    Takes the per-sentence statistics of the three systems on the same test set; returns the 2.5 / 97.5 percentiles
+    and the share of resamples where the row keeps at least 90% of the gain.
+    """
+    rng = np.random.default_rng(seed)
+    n = base.shape[0]
+    kept = []
+    for _ in range(samples):
+        idx = rng.integers(0, n, n)
+        b, f, r = (bleu_from_stats(x[idx].sum(0)) for x in (base, full, row))
+        kept.append((r - b) / (f - b) if f != b else float("nan"))
+    kept = np.asarray(kept)
+    lo, hi = np.nanpercentile(kept, [2.5, 97.5])
+    return {"ci95": [float(lo), float(hi)], "p_at_least_90": float(np.mean(kept >= 0.9)), "samples": samples}
+
+
+def add_bootstrap(res, domain: str, refs: list[str], samples: int) -> None:
+    """A bootstrap interval of the gain kept for every sweep row whose test hypotheses were saved."""
+    base, full = load_hyps(res, domain, "base"), load_hyps(res, domain, "full")
+    if not samples or base is None or full is None:
+        return
+    base, full = sentence_bleu_stats(base, refs), sentence_bleu_stats(full, refs)
+    for name in list(res.get(domain, "sweep") or {}):
+        hyps = load_hyps(res, domain, name) if name != "full" else None
+        if hyps is not None:
+            res.set(domain, "sweep", name, "bootstrap", bootstrap_gain_kept(base, full, sentence_bleu_stats(hyps, refs),
+                                                                          samples))  # fmt: skip
+
+
 def median_neighbour_distance(store, model, tokenizer, sources, targets, k, device) -> float:
     """Median squared L2 distance of the k-th neighbour of teacher-forced dev states (to scale the T grid)."""
     import datasets
@@ -294,9 +362,15 @@ def median_neighbour_distance(store, model, tokenizer, sources, targets, k, devi
     return float(sqdist[:, -1].median())
 
 
-def retune_setting(store, c, model, tokenizer, kw, lmbdas, temperature_factors=(0.5, 1.0, 2.0)):
-    """Dev-set grid around the full store's setting (same k; T x 0.5 / 1 / 2; the λ grid) for a compressed store."""
+def retune_setting(store, c, model, tokenizer, kw, lmbdas, temperature_factors=(0.5, 1.0, 2.0), grid=None):
+    """Dev-set grid around the full store's setting (same k; T x 0.5 / 1 / 2; the λ grid) for a smaller store.
+
+    A ``grid`` measured before (a resumed run) is reused instead of decoding dev again.
+    """
     base = c["setting"]
+    if grid:
+        best = max(grid, key=lambda g: g["dev_bleu"])
+        return {key: best[key] for key in ("k", "temperature", "lmbda")}, grid
     grid = []
     for f in temperature_factors:
         for lm in lmbdas:
@@ -314,6 +388,7 @@ def evaluate_store(name, store, model, tokenizer, test_src, test_ref, setting, k
         model, tokenizer, test_src, store, setting["k"], setting["temperature"], setting["lmbda"], num_beams=1, **kw
     )
     bleu = corpus_bleu(hyps, test_ref)
+    save_hyps(res, domain, name, hyps)
     full = res.get(domain, "datastore")
     row = {
         "fraction": (store.nbytes / full["bytes"])
@@ -378,12 +453,16 @@ def cmd_evaluate(args) -> dict:
             f"({overlap} dev/test sources also in the datastore)")  # fmt: skip
 
         base = res.get(domain, "base")
-        if base is None:
+        if base is None or load_hyps(res, domain, "base") is None:
             hyps, speed = translate(model, tokenizer, test_src, num_beams=1, **kw)
-            dev_hyps, _ = translate(model, tokenizer, dev_src, num_beams=1, **kw)
-            base = {"test_bleu_greedy": corpus_bleu(hyps, test_ref), "dev_bleu_greedy": corpus_bleu(dev_hyps, dev_ref),
-                    "tokens_per_second_greedy": speed["tokens_per_second"]}  # fmt: skip
-            res.set(domain, "base", base)
+            save_hyps(res, domain, "base", hyps)
+            if base is None:
+                dev_hyps, _ = translate(model, tokenizer, dev_src, num_beams=1, **kw)
+                base = {"test_bleu_greedy": corpus_bleu(hyps, test_ref), "dev_bleu_greedy": corpus_bleu(dev_hyps, dev_ref),
+                        "tokens_per_second_greedy": speed["tokens_per_second"]}  # fmt: skip
+                res.set(domain, "base", base)
+            else:  # a resumed run without hypotheses: decoded again, for the bootstrap
+                res.set(domain, "base", "rerun_test_bleu_greedy", corpus_bleu(hyps, test_ref))
         log(f"  base: test BLEU {base['test_bleu_greedy']:.2f} (greedy), dev {base['dev_bleu_greedy']:.2f}")
 
         t0 = time.time()
@@ -415,13 +494,17 @@ def cmd_evaluate(args) -> dict:
             f"(dev BLEU {tuned['dev_bleu']:.2f})")  # fmt: skip
         setting = {key: tuned[key] for key in ("k", "temperature", "lmbda")}
         knn = res.get(domain, "knn")
-        if knn is None:
+        if knn is None or load_hyps(res, domain, "full") is None:
             hyps, speed = translate_with_knn(model, tokenizer, test_src, store, **setting, num_beams=1, **kw)
-            knn = {
-                "test_bleu_greedy": corpus_bleu(hyps, test_ref),
-                "tokens_per_second_greedy": speed["tokens_per_second"],
-            }
-            res.set(domain, "knn", knn)
+            save_hyps(res, domain, "full", hyps)
+            if knn is None:
+                knn = {
+                    "test_bleu_greedy": corpus_bleu(hyps, test_ref),
+                    "tokens_per_second_greedy": speed["tokens_per_second"],
+                }
+                res.set(domain, "knn", knn)
+            else:
+                res.set(domain, "knn", "rerun_test_bleu_greedy", corpus_bleu(hyps, test_ref))
         log(f"  kNN-MT: test BLEU {knn['test_bleu_greedy']:.2f} vs base {base['test_bleu_greedy']:.2f} (greedy); "
             f"{time_left():.0f}s left")  # fmt: skip
         ctx[domain] = dict(store=store, test_src=test_src, test_ref=test_ref, setting=setting, base=base, knn=knn,
@@ -484,25 +567,37 @@ def cmd_evaluate(args) -> dict:
             if time_left() < args.reserve_seconds:
                 log(f"  {domain} {name}: skipped (time budget)")
                 continue
+            if method == "adaptive":
+                proc = KNNLogitsProcessor(store, **c["setting"], skip_threshold=param)
+                with proc.attach(model, tokenizer=tokenizer):
+                    hyps, speed = translate(model, tokenizer, c["test_src"], processor=proc, num_beams=1, **kw)
+                bleu = corpus_bleu(hyps, c["test_ref"])
+                save_hyps(res, domain, name, hyps)
+                saved = proc.num_skipped / max(1, proc.num_skipped + proc.num_searches)
+                gain = ev["full_gain"]
+                res.set(domain, "sweep", name, {"bleu": bleu, "tokens_per_second": speed["tokens_per_second"],
+                                                "entries": len(store), "bytes": store.nbytes, "searches_saved": saved,
+                                                "method": "adaptive", "fraction": 1.0,
+                                                "gain_kept": (bleu - ev["base_bleu"]) / gain if gain else None})  # fmt: skip
+                log(f"  {domain} {name:28s} BLEU {bleu:6.2f}  searches saved {saved:.1%}  "
+                    f"{speed['tokens_per_second']:7.0f} tok/s")  # fmt: skip
+                continue
             if method == "random":
-                evaluate_store(name, random_prune(store, param, seed=0), method=method, **ev)
+                small = random_prune(store, param, seed=0)
             elif method in ("greedy_merge", "greedy_merge_mean"):
                 keys = "mean" if method == "greedy_merge_mean" else "first"
-                pruned = greedy_merge(
-                    store, args.merge_neighbors, fraction=param, merges=c["merges"], merged_keys=keys
-                )
+                small = greedy_merge(store, args.merge_neighbors, fraction=param, merges=c["merges"], merged_keys=keys)
                 same = next((n for n, r in (res.get(domain, "sweep") or {}).items()
-                             if r.get("method") == method and r["entries"] == len(pruned)), None)  # fmt: skip
+                             if r.get("method") == method and r["entries"] == len(small)), None)  # fmt: skip
                 if same is not None:  # merging saturated: the same store as a larger fraction
                     res.set(domain, "sweep", name, {**res.get(domain, "sweep", same), "same_as": same})
                     log(f"  {domain} {name}: merging saturated, same store as {same}")
                     continue
-                evaluate_store(name, pruned, method=method, **ev)
             elif method == "cluster":
-                evaluate_store(name, cluster_prune(store, param, device=device), method=method, **ev)
+                small = cluster_prune(store, param, device=device)
             elif method == "confidence":
-                evaluate_store(name, confidence_prune(store, param, log_probs=c["log_probs"]), method=method, **ev)
-            elif method == "compression":
+                small = confidence_prune(store, param, log_probs=c["log_probs"])
+            else:
                 small = store
                 for part in name.split("+"):
                     if part.startswith("pca"):
@@ -513,28 +608,20 @@ def cmd_evaluate(args) -> dict:
                         small = cluster_prune(small, float(part[7:]), device=device)
                     else:
                         raise ValueError(f"unknown compression step {part!r} (pcaN, pqM, clusterF)")
-                if name not in done:
-                    evaluate_store(name, small, method=method, **ev)
-                if name in retune and time_left() > args.reserve_seconds + 60:
-                    # The compressed store's own k / T / λ, chosen on dev (never on test): its distances differ.
-                    setting, grid = retune_setting(small, c, model, tokenizer, kw, lmbdas)
-                    res.set(domain, "retune_grid", name, grid)
-                    evaluate_store(f"{name} (retuned)", small, method=method, **{**ev, "setting": setting},
-                                   retuned=setting)  # fmt: skip
-            else:
-                proc = KNNLogitsProcessor(store, **c["setting"], skip_threshold=param)
-                with proc.attach(model, tokenizer=tokenizer):
-                    hyps, speed = translate(model, tokenizer, c["test_src"], processor=proc, num_beams=1, **kw)
-                bleu = corpus_bleu(hyps, c["test_ref"])
-                saved = proc.num_skipped / max(1, proc.num_skipped + proc.num_searches)
-                gain = ev["full_gain"]
-                res.set(domain, "sweep", name, {"bleu": bleu, "tokens_per_second": speed["tokens_per_second"],
-                                                "entries": len(store), "bytes": store.nbytes, "searches_saved": saved,
-                                                "method": "adaptive", "fraction": 1.0,
-                                                "gain_kept": (bleu - ev["base_bleu"]) / gain if gain else None})  # fmt: skip
-                log(f"  {domain} {name:28s} BLEU {bleu:6.2f}  searches saved {saved:.1%}  "
-                    f"{speed['tokens_per_second']:7.0f} tok/s")  # fmt: skip
+            if name not in done:
+                evaluate_store(name, small, method=method, **ev)
+            if name in retune and time_left() > args.reserve_seconds + 60:
+                # The smaller store's own k / T / λ, chosen on dev (never on test): its distances and densities differ.
+                setting, grid = retune_setting(small, c, model, tokenizer, kw, lmbdas,
+                                               grid=res.get(domain, "retune_grid", name))  # fmt: skip
+                res.set(domain, "retune_grid", name, grid)
+                evaluate_store(f"{name} (retuned)", small, method=method, **{**ev, "setting": setting},
+                               retuned=setting, dev_bleu=max(g["dev_bleu"] for g in grid))  # fmt: skip
 
+    for domain, c in ctx.items():
+        add_bootstrap(res, domain, c["test_ref"], args.bootstrap)
+        if budget_picks(res.data[domain]):
+            res.set(domain, "budget_picks", budget_picks(res.data[domain]))
     res.set("seconds", time.time() - t_start)
     table = summary_table(res.data)
     (out_dir / "knn_mt_table.md").write_text(table)
@@ -570,15 +657,58 @@ def summary_table(data: dict) -> str:
             )
         if d.get("sweep"):
             lines.append("")
-            lines.append("| store | BLEU (greedy) | gain kept | entries | MiB | tokens/s |")
+            lines.append("| store | BLEU (greedy) | gain kept [95% CI] | entries | MiB | tokens/s |")
             lines.append("|---|---:|---:|---:|---:|---:|")
             for name, r in d["sweep"].items():
                 kept = f"{r['gain_kept']:.0%}" if r.get("gain_kept") is not None else "-"
+                if "bootstrap" in r:
+                    kept += " [{:.0%}, {:.0%}]".format(*r["bootstrap"]["ci95"])
                 extra = f" (searches saved {r['searches_saved']:.0%})" if "searches_saved" in r else ""
                 lines.append(f"| {name}{extra} | {r['bleu']:.2f} | {kept} | {r['entries']:,} | "
                              f"{r['bytes'] / 2**20:.2f} | {r['tokens_per_second']:.0f} |")  # fmt: skip
+        picks = budget_picks(d)
+        if picks:
+            lines.append("")
+            lines.append("| budget | chosen on dev (of the retuned stores within it) | dev gain kept | test BLEU | "
+                         "test gain kept [95% CI] |")  # fmt: skip
+            lines.append("|---|---|---:|---:|---:|")
+            for p in picks:
+                ci = " [{:.0%}, {:.0%}]".format(*p["bootstrap"]["ci95"]) if p.get("bootstrap") else ""
+                lines.append(f"| {p['budget']} | {p['chosen']} (of {len(p['candidates'])}) | {p['dev_gain_kept']:.0%} | "
+                             f"{p['test_bleu']:.2f} | {p['test_gain_kept']:.0%}{ci} |")  # fmt: skip
         lines.append("")
     return "\n".join(lines)
+
+
+BUDGETS = {"25% of the entries": lambda r, full: r["entries"] <= round(0.25 * full["entries"]),
+           "10x fewer bytes": lambda r, full: 10 * r["bytes"] <= full["bytes"]}  # fmt: skip
+
+
+def budget_picks(d: dict) -> list[dict]:
+    """For each size budget, the store with the best dev BLEU among those re-tuned on dev that fit it, and its test.
+
+    The choice of method is made on dev, like the choice of k / T / λ, so the test gain reported for a budget is not
+    the best of several test scores.
+    """
+    sweep, grids = d.get("sweep") or {}, d.get("retune_grid") or {}
+    if "full" not in sweep or "tuned" not in d:
+        return []
+    dev_base, dev_full = d["base"]["dev_bleu_greedy"], d["tuned"]["dev_bleu"]
+    picks = []
+    for budget, fits in BUDGETS.items():
+        cands = {}
+        for name, r in sweep.items():
+            base_name = name.removesuffix(" (retuned)")
+            if "retuned" in r and base_name in grids and fits(r, sweep["full"]):
+                cands[name] = r.get("dev_bleu", max(g["dev_bleu"] for g in grids[base_name]))
+        if not cands:
+            continue
+        chosen = max(cands, key=cands.get)
+        picks.append({"budget": budget, "candidates": sorted(cands), "chosen": chosen,
+                      "dev_bleu": cands[chosen], "dev_gain_kept": (cands[chosen] - dev_base) / (dev_full - dev_base),
+                      "test_bleu": sweep[chosen]["bleu"], "test_gain_kept": sweep[chosen]["gain_kept"],
+                      "bootstrap": sweep[chosen].get("bootstrap")})  # fmt: skip
+    return picks
 
 
 def plot(data: dict, path: Path) -> None:
@@ -597,13 +727,18 @@ def plot(data: dict, path: Path) -> None:
         sweep = d["sweep"]
         full = sweep["full"]
         for method, style in styles.items():
-            pts = sorted({(r["fraction"], r["bleu"]) for r in sweep.values() if r.get("method") == method})
+            rows = [r for r in sweep.values() if r.get("method") == method]
+            pts = sorted({(r["fraction"], r["bleu"]) for r in rows if "retuned" not in r})
+            tuned = [(r["fraction"], r["bleu"]) for r in rows if "retuned" in r]
             if not pts:
                 continue
             pts = sorted({(1.0, full["bleu"]), *pts})
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=method.replace("_", " "))
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=method.replace("_", " "))
+            if tuned:
+                ax.plot(*zip(*tuned, strict=True), "*", ms=12, color=line.get_color(),
+                        label=f"{method.replace('_', ' ')}, T/λ re-tuned on dev")  # fmt: skip
         for name, r in sweep.items():
-            if r.get("method") == "compression":
+            if r.get("method") == "compression" and ("retuned" in r or f"{name} (retuned)" not in sweep):
                 ax.plot(r["fraction"], r["bleu"], "D", color="gray")
                 ax.annotate(name, (r["fraction"], r["bleu"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.axhline(d["base"]["test_bleu_greedy"], color="k", linestyle="--", label="base model (no datastore)")
@@ -658,9 +793,17 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--methods", default="random,cluster,greedy_merge_mean,greedy_merge,confidence")
     e.add_argument("--merge_neighbors", type=int, default=32)
     e.add_argument("--merge_passes", type=int, default=4)
-    e.add_argument("--compression", default="pca64,pq32,pca64+pq16,cluster0.25+pca64+pq16")
-    e.add_argument("--retune", default="", help="compression specs whose k/T/λ are re-tuned on dev (extra rows)")
+    e.add_argument("--compression", default="pca64,pq32,pca64+pq16,pca64+pq32,pca128+pq32,cluster0.25+pca64+pq16")
+    e.add_argument(
+        "--retune",
+        default="",
+        help="sweep rows (e.g. pq32,cluster@0.25) whose T/λ are re-tuned on dev "
+        "(extra rows; the per-budget picks choose among them on dev)",
+    )
     e.add_argument("--skip_thresholds", default="0.9,0.5")
+    e.add_argument(
+        "--bootstrap", type=int, default=1000, help="paired bootstrap resamples of the gain kept (0 = none)"
+    )
     e.add_argument("--max_datastore_pairs", type=int, default=None)
     e.add_argument("--max_dev_pairs", type=int, default=None)
     e.add_argument("--max_test_pairs", type=int, default=None)

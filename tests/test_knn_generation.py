@@ -783,7 +783,7 @@ def test_knn_mt_experiment_pipeline_on_cpu(tmp_path):
                      "--max_datastore_pairs", "60", "--max_dev_pairs", "8", "--max_test_pairs", "8", "--k_grid", "4",
                      "--lmbda_grid", "0.5", "--temperature_factors", "1", "--beams", "2", "--fractions", "0.5",
                      "--merge_neighbors", "4", "--merge_passes", "2", "--compression", "pca16,cluster0.5+pca16+pq4",
-                     "--skip_thresholds", "0.9", "--max_new_tokens", "8", "--retune", "pca16"])  # fmt: skip
+                     "--skip_thresholds", "0.9", "--max_new_tokens", "8", "--retune", "pca16,cluster@0.5"])  # fmt: skip
     for domain in ("koran", "it"):
         sweep = data[domain]["sweep"]
         names = {"full", "random@0.5", "cluster@0.5", "greedy_merge@0.5", "greedy_merge_mean@0.5", "confidence@0.5"}
@@ -793,4 +793,98 @@ def test_knn_mt_experiment_pipeline_on_cpu(tmp_path):
         best = max(grid, key=lambda g: g["dev_bleu"])
         assert sweep["pca16 (retuned)"]["retuned"] == {key: best[key] for key in ("k", "temperature", "lmbda")}
         assert sweep["random@0.5"]["entries"] == round(data[domain]["datastore"]["entries"] * 0.5)
+        assert sweep["cluster@0.5 (retuned)"]["entries"] == sweep["cluster@0.5"]["entries"]
+        # the saved hypotheses give the row's BLEU, and the bootstrap interval is taken from them
+        refs = exp._pairs(SHARED_DATA / "multi_domain_deen", *(f"{exp.DOMAINS[domain][2]}.{x}" for x in ("de", "en")),
+                          None, 8)[1]  # fmt: skip
+        hyps = (tmp_path / "out" / "hyps" / domain / "cluster@0.5_retuned.txt").read_text().split("\n")[:-1]
+        assert exp.corpus_bleu(hyps, refs) == sweep["cluster@0.5 (retuned)"]["bleu"]
+        assert "ci95" in sweep["cluster@0.5 (retuned)"]["bootstrap"]
+        assert sweep["cluster@0.5 (retuned)"]["dev_bleu"] == max(
+            g["dev_bleu"] for g in data[domain]["retune_grid"]["cluster@0.5"]
+        )
     assert (tmp_path / "out" / "knn_mt_pruning.png").is_file() and (tmp_path / "out" / "knn_mt_table.md").is_file()
+
+
+def test_knn_mt_experiment_budget_picks_choose_on_dev():
+    """The per-budget pick is the re-tuned store with the best dev BLEU that fits, whatever its test BLEU."""
+    exp = _load_script("benchmarks/knn_mt_experiment.py")
+    full = {"entries": 1000, "bytes": 100_000, "bleu": 12.0, "gain_kept": 1.0}
+    d = {
+        "base": {"dev_bleu_greedy": 4.0, "test_bleu_greedy": 2.0},
+        "tuned": {"dev_bleu": 14.0, "k": 8, "temperature": 10.0, "lmbda": 0.5},
+        "retune_grid": {
+            name: [{"dev_bleu": dev - 1}, {"dev_bleu": dev}]
+            for name, dev in [
+                ("cluster@0.25", 13.0),
+                ("random@0.25", 12.0),
+                ("cluster@0.5", 13.9),
+                ("pq32", 11.0),
+                ("pca64+pq32", 12.5),
+            ]
+        },  # fmt: skip
+        "sweep": {
+            "full": full,
+            "cluster@0.25": {"entries": 250, "bytes": 25_000, "bleu": 11.5, "gain_kept": 0.95},
+            "cluster@0.25 (retuned)": {"entries": 250, "bytes": 25_000, "bleu": 10.0, "gain_kept": 0.8, "retuned": {}},
+            "random@0.25 (retuned)": {"entries": 250, "bytes": 25_000, "bleu": 11.9, "gain_kept": 0.99, "retuned": {}},
+            "cluster@0.5 (retuned)": {"entries": 500, "bytes": 50_000, "bleu": 12.0, "gain_kept": 1.0, "retuned": {}},
+            "pq32 (retuned)": {
+                "entries": 1000,
+                "bytes": 9_000,
+                "bleu": 9.0,
+                "gain_kept": 0.7,
+                "retuned": {},
+                "dev_bleu": 11.0,
+            },  # fmt: skip
+            "pca64+pq32 (retuned)": {"entries": 1000, "bytes": 10_000, "bleu": 8.0, "gain_kept": 0.6, "retuned": {}},
+        },
+    }
+    for row in d["sweep"].values():
+        row["tokens_per_second"] = 1.0
+    picks = {p["budget"]: p for p in exp.budget_picks(d)}
+    entries, nbytes = picks["25% of the entries"], picks["10x fewer bytes"]
+    # cluster@0.5 has the best dev BLEU but does not fit; random@0.25 has the best test BLEU but loses on dev
+    assert entries["candidates"] == ["cluster@0.25 (retuned)", "random@0.25 (retuned)"]
+    assert (entries["chosen"], entries["test_bleu"], entries["test_gain_kept"]) == (
+        "cluster@0.25 (retuned)",
+        10.0,
+        0.8,
+    )
+    assert entries["dev_gain_kept"] == pytest.approx((13.0 - 4.0) / (14.0 - 4.0))
+    assert nbytes["chosen"] == "pca64+pq32 (retuned)" and nbytes["dev_gain_kept"] == pytest.approx(0.85)
+    assert "budget | chosen on dev" in exp.summary_table({"it": d})
+
+
+def test_knn_mt_experiment_bleu_statistics_and_bootstrap():
+    """Summed per-sentence statistics give sacrebleu's corpus BLEU; the bootstrap ratio is exact at the two ends."""
+    import sacrebleu
+
+    exp = _load_script("benchmarks/knn_mt_experiment.py")
+    rng = np.random.default_rng(0)
+    words = "the cat sat on a mat . dog ran far away , and then it slept".split()
+    refs = [" ".join(rng.choice(words, rng.integers(3, 15))) for _ in range(60)]
+
+    def noisy(p):
+        return [" ".join(w if rng.random() > p else str(rng.choice(words)) for w in r.split()) for r in refs]
+
+    base, full, row = noisy(0.7), noisy(0.2), noisy(0.3)
+    base[0] = ""  # an empty hypothesis
+    stats = {name: exp.sentence_bleu_stats(h, refs) for name, h in (("base", base), ("full", full), ("row", row))}
+    for name, h in (("base", base), ("full", full), ("row", row)):
+        assert exp.bleu_from_stats(stats[name].sum(0)) == pytest.approx(
+            sacrebleu.corpus_bleu(h, [refs]).score, abs=1e-9
+        )
+        idx = rng.integers(0, len(refs), len(refs))  # a resample is the corpus BLEU of the resampled sentences
+        assert exp.bleu_from_stats(stats[name][idx].sum(0)) == pytest.approx(
+            sacrebleu.corpus_bleu([h[i] for i in idx], [[refs[i] for i in idx]]).score, abs=1e-9
+        )
+    same = exp.bootstrap_gain_kept(stats["base"], stats["full"], stats["full"], samples=50)
+    assert same["ci95"] == [1.0, 1.0] and same["p_at_least_90"] == 1.0
+    none = exp.bootstrap_gain_kept(stats["base"], stats["full"], stats["base"], samples=50)
+    assert none["ci95"] == [0.0, 0.0] and none["p_at_least_90"] == 0.0
+    mid = exp.bootstrap_gain_kept(stats["base"], stats["full"], stats["row"], samples=200)
+    point = (exp.bleu_from_stats(stats["row"].sum(0)) - exp.bleu_from_stats(stats["base"].sum(0))) / (
+        exp.bleu_from_stats(stats["full"].sum(0)) - exp.bleu_from_stats(stats["base"].sum(0))
+    )
+    assert mid["ci95"][0] < point < mid["ci95"][1]

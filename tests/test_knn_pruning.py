@@ -141,7 +141,8 @@ def test_cluster_prune_centroids_counts_and_provenance():
     counts = rng.integers(1, 4, 29)
     prov = np.stack([np.arange(29), np.zeros(29, int)], 1)
     store = KNNDatastore(keys=keys, values=values, counts=counts, provenance=prov)
-    small = cluster_prune(store, 0.125, device="cpu")  # 24 -> 3 clusters, 4 -> 1 (rounded 0.5 -> at least 1), 1 -> 1
+    # target round(29 * 0.18) = 5: one per value, the 2 left shared 23:3 (1.77, 0.23) -> 1 + the largest remainder
+    small = cluster_prune(store, 0.18, device="cpu")  # so 24 -> 3 clusters, 4 -> 1, 1 -> 1
     assert small.values.tolist() == [5, 5, 5, 6, 7]
     assert int(small.counts.sum()) == int(counts.sum())
     k64 = keys.astype(np.float64)
@@ -152,6 +153,32 @@ def test_cluster_prune_centroids_counts_and_provenance():
         np.testing.assert_allclose(key, mean, atol=4e-3)  # float16 spacing at 10 is 2^-7
         assert row == members[np.argmin(((k64[members] - mean) ** 2).sum(1))]  # nearest member names it
     assert set(prune_datastore(store, "cluster", 1.0, device="cpu").values.tolist()) == {5, 6, 7}
+
+
+def test_cluster_prune_hits_the_target_size_exactly():
+    rng = np.random.default_rng(1)
+    sizes = [300, 120, 45, 9, 3, 2, 1, 1, 1]
+    values = np.repeat(np.arange(len(sizes)), sizes)
+    keys = rng.normal(size=(len(values), 4)).astype(np.float16)
+    store = KNNDatastore(keys=keys, values=values)
+    n = len(store)
+    for fraction in (0.05, 0.1, 0.25, 0.5):
+        small = cluster_prune(store, fraction, device="cpu")
+        assert len(small) == round(n * fraction)  # 483 entries: 24, 48, 121, 242 (all >= 9 values)
+        assert set(small.values.tolist()) == set(range(len(sizes)))  # every value keeps an entry
+        assert int(small.counts.sum()) == n
+        held = np.bincount(small.values, minlength=len(sizes))
+        assert (held <= np.array(sizes)).all() and (held >= 1).all()
+    # without keep_singletons the share is purely proportional: 24 entries at 5% leave the rare values out
+    small = cluster_prune(store, 0.05, device="cpu", keep_singletons=False)
+    assert len(small) == 24
+    expected = np.floor(np.array(sizes) * 24 / n).astype(int)  # 14.9, 5.96, 2.24, 0.45, ... -> 14, 5, 2, 0, ...
+    expected[np.argsort(-(np.array(sizes) * 24 / n - expected), kind="stable")[: 24 - expected.sum()]] += 1
+    assert np.bincount(small.values, minlength=len(sizes)).tolist() == expected.tolist()
+    assert 8 not in small.values.tolist()
+    # more values than the target: one entry per value, with a warning
+    with pytest.warns(UserWarning, match="9 distinct values need one entry each, more than the target of 5"):
+        assert len(cluster_prune(store, 0.01, device="cpu")) == 9
 
 
 def test_merged_counts_weight_the_knn_distribution():

@@ -509,20 +509,54 @@ def kmeans(
 
 
 @torch.no_grad()
+def _cluster_budget(sizes: np.ndarray, budget: int, keep_singletons: bool) -> np.ndarray:
+    """Clusters per value: proportional to the value's entries, at most its entries, summing to exactly ``budget``.
+
+    With ``keep_singletons`` every value gets one cluster first and the rest of the budget is shared out in proportion
+    to the entries beyond the first (so the sum is ``max(budget, number of values)``); without it, values whose share
+    rounds to zero get none. Shares are rounded by the largest-remainder method (ties to the larger value).
+    """
+    base = np.ones_like(sizes) if keep_singletons else np.zeros_like(sizes)
+    spare = sizes - base
+    extra = budget - int(base.sum())
+    if extra <= 0:
+        return base
+    share = spare.astype(np.float64) * extra / max(1, int(spare.sum()))
+    alloc = np.floor(share).astype(np.int64)
+    left = extra - int(alloc.sum())
+    if left > 0:
+        order = np.lexsort((-sizes, -(share - alloc)))  # largest remainder first, then the larger value
+        alloc[order[:left]] += 1
+    return base + np.minimum(alloc, spare)
+
+
 def cluster_prune(
     datastore: KNNDatastore,
     fraction: float,
     iters: int = 10,
     seed: int = 0,
     device: str | torch.device | None = None,
+    keep_singletons: bool = True,
 ) -> KNNDatastore:
     """Clusters the keys of every value separately and keeps one entry per cluster: the centroid, with a count.
 
-    A value held by `n` entries gets `max(1, round(n * fraction))` k-means clusters; each cluster becomes one entry
-    whose key is the (count-weighted) mean of its members, whose count is the sum of their counts (a weight at
-    search time, as in greedy merging) and whose provenance is that of the member nearest to the centroid. Every value
-    keeps at least one entry. Unlike sampling, the density of each value around a query is kept (through the counts),
-    so the nearest neighbours of a query do not shift towards the values that happened to keep more entries.
+    The target of `round(len(datastore) * fraction)` entries is shared out over the values in proportion to their
+    entries (every value first gets one with `keep_singletons`); a value given `c` clusters is k-means clustered
+    into `c` clusters, and each cluster becomes one entry whose key is the (count-weighted) mean of its members, whose
+    count is the sum of their counts (a weight at search time, as in greedy merging) and whose provenance is that of
+    the member nearest to the centroid. Unlike sampling, the density of each value around a query is kept (through
+    the counts), so the nearest neighbours of a query do not shift towards the values that happened to keep more
+    entries.
+
+    Args:
+        datastore (`KNNDatastore`): the store to prune (float keys: before product quantisation).
+        fraction (`float`): share of entries kept, in `(0, 1]`.
+        iters (`int`, *optional*, defaults to 10): k-means iterations.
+        seed (`int`, *optional*, defaults to 0): k-means initialisation seed.
+        device (`str` or `torch.device`, *optional*): where k-means runs (CUDA when available).
+        keep_singletons (`bool`, *optional*, defaults to `True`): every value keeps at least one entry, so no target
+            token disappears from the store; when the store has more values than the target size, the result has
+            one entry per value (with a warning).
 
     Example:
 
@@ -531,7 +565,7 @@ def cluster_prune(
     >>> from hf_realm.knn_generation import KNNDatastore
     >>> from hf_realm.knn_pruning import cluster_prune
     >>> keys = np.array([[0.0], [0.2], [10.0], [10.2], [5.0]], np.float16)
-    >>> small = cluster_prune(KNNDatastore(keys=keys, values=[1, 1, 1, 1, 2]), 0.5, device="cpu")
+    >>> small = cluster_prune(KNNDatastore(keys=keys, values=[1, 1, 1, 1, 2]), 0.6, device="cpu")
     >>> small.values.tolist(), small.counts.tolist(), small.keys[:, 0].tolist()
     ([1, 1, 2], [2, 2, 1], [0.0999755859375, 10.1015625, 5.0])
     ```
@@ -545,10 +579,19 @@ def cluster_prune(
     order = np.argsort(values, kind="stable")
     uniq, starts = np.unique(values[order], return_index=True)
     bounds = np.append(starts, len(order))
+    target = _target_size(len(values), fraction)
+    if keep_singletons and len(uniq) > target:
+        warnings.warn(
+            f"keep_singletons: {len(uniq)} distinct values need one entry each, more than the target of {target} "
+            "entries; keeping one entry per value",
+            stacklevel=2,
+        )
+    per_value = _cluster_budget(np.diff(bounds), target, keep_singletons)
     new_keys, new_vals, new_counts, new_prov = [], [], [], []
-    for v, lo, hi in zip(uniq.tolist(), bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+    for v, lo, hi, c in zip(uniq.tolist(), bounds[:-1].tolist(), bounds[1:].tolist(), per_value.tolist(), strict=True):
+        if c == 0:
+            continue
         idx = np.sort(order[lo:hi])
-        c = max(1, int(round(len(idx) * fraction)))
         cnt = torch.from_numpy(counts[idx].astype(np.float64)).to(device)
         if c >= len(idx):
             keys = torch.from_numpy(np.asarray(datastore.keys[idx], dtype=np.float32))
@@ -583,7 +626,10 @@ def cluster_prune(
     if sizes.max(initial=0) > np.iinfo(np.int32).max:
         raise OverflowError("a cluster count exceeds int32")
     meta = dict(datastore.metadata)
-    meta["history"] = [*datastore.metadata.get("history", []), {"method": "cluster", "fraction": fraction}]
+    meta["history"] = [
+        *datastore.metadata.get("history", []),
+        {"method": "cluster", "fraction": fraction, "keep_singletons": keep_singletons},
+    ]
     return KNNDatastore(
         keys=keys,
         values=np.concatenate(new_vals),
