@@ -16,6 +16,7 @@ Nothing is tuned or chosen on a test set or on datastore sentences.
 
     python benchmarks/knn_mt_experiment.py train --data_dir ../shared/data --output_dir $OUT/model --max_minutes 7
     python benchmarks/knn_mt_experiment.py evaluate --model_dir model --data_dir ../shared/data --output_dir $OUT
+    python benchmarks/knn_mt_experiment.py report --output_dir $OUT --data_dir ../shared/data   # table + plot again
 
 Prints progress (flushed) and a table last; writes `knn_mt_results.json` (updated after every step, so a killed run
 still leaves what it measured), `knn_mt_table.md` and `knn_mt_pruning.png`.
@@ -618,18 +619,8 @@ def cmd_evaluate(args) -> dict:
                 evaluate_store(f"{name} (retuned)", small, method=method, **{**ev, "setting": setting},
                                retuned=setting, dev_bleu=max(g["dev_bleu"] for g in grid))  # fmt: skip
 
-    for domain, c in ctx.items():
-        add_bootstrap(res, domain, c["test_ref"], args.bootstrap)
-        if budget_picks(res.data[domain]):
-            res.set(domain, "budget_picks", budget_picks(res.data[domain]))
     res.set("seconds", time.time() - t_start)
-    table = summary_table(res.data)
-    (out_dir / "knn_mt_table.md").write_text(table)
-    try:
-        plot(res.data, out_dir / "knn_mt_pruning.png")
-    except Exception as err:  # the numbers matter more than the figure
-        log(f"plot failed: {err!r}")
-    print(table, flush=True)
+    print(write_report(res, list(ctx), data_dir.parent, args.bootstrap), flush=True)
     return res.data
 
 
@@ -752,6 +743,35 @@ def plot(data: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def write_report(res: Results, domains, data_dir: Path, samples: int) -> str:
+    """Bootstrap intervals, per-budget picks, the table (`knn_mt_table.md`) and the plot, from the results so far."""
+    for domain in domains:
+        if res.get(domain, "sweep") is None:
+            continue
+        test_base = DOMAINS[domain][2]
+        n_test = res.get(domain, "sizes", "test_pairs")  # the evaluate run's --max_test_pairs, if it had one
+        refs = _pairs(data_dir / "multi_domain_deen", f"{test_base}.de", f"{test_base}.en", None, n_test)[1]
+        add_bootstrap(res, domain, refs, samples)
+        if budget_picks(res.data[domain]):
+            res.set(domain, "budget_picks", budget_picks(res.data[domain]))
+    table = summary_table(res.data)
+    (res.path.parent / "knn_mt_table.md").write_text(table)
+    try:
+        plot(res.data, res.path.parent / "knn_mt_pruning.png")
+    except Exception as err:  # the numbers matter more than the figure
+        log(f"plot failed: {err!r}")
+    return table
+
+
+def cmd_report(args) -> dict:
+    """Recomputes the bootstrap intervals, budget picks, table and plot of a finished (or copied) `evaluate` run."""
+    res = Results(Path(args.output_dir) / "knn_mt_results.json")
+    if not res.data:
+        raise FileNotFoundError(f"no knn_mt_results.json in {args.output_dir}")
+    print(write_report(res, DOMAINS, Path(args.data_dir), args.bootstrap), flush=True)
+    return res.data
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -810,6 +830,10 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--max_minutes", type=float, default=8.5, help="wall-clock budget; later steps are skipped")
     e.add_argument("--reserve_seconds", type=float, default=20, help="kept for the table and the plot")
     e.add_argument("--device", default=None)
+    r = sub.add_parser("report", help="bootstrap intervals, per-budget picks, table and plot of an evaluate run")
+    r.add_argument("--output_dir", default="outputs/knn_mt", help="the evaluate run's --output_dir")
+    r.add_argument("--data_dir", default="../shared/data")
+    r.add_argument("--bootstrap", type=int, default=1000)
     return p
 
 
@@ -817,7 +841,7 @@ def main(argv=None):
     args = make_parser().parse_args(argv)
     torch.manual_seed(0)
     np.random.seed(0)
-    return cmd_train(args) if args.command == "train" else cmd_evaluate(args)
+    return {"train": cmd_train, "evaluate": cmd_evaluate, "report": cmd_report}[args.command](args)
 
 
 if __name__ == "__main__":

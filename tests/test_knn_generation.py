@@ -804,6 +804,11 @@ def test_knn_mt_experiment_pipeline_on_cpu(tmp_path):
             g["dev_bleu"] for g in data[domain]["retune_grid"]["cluster@0.5"]
         )
     assert (tmp_path / "out" / "knn_mt_pruning.png").is_file() and (tmp_path / "out" / "knn_mt_table.md").is_file()
+    # `report` rebuilds the same table from the saved results and hypotheses
+    table = (tmp_path / "out" / "knn_mt_table.md").read_text()
+    (tmp_path / "out" / "knn_mt_table.md").unlink()
+    exp.main(["report", "--output_dir", str(tmp_path / "out"), "--data_dir", str(SHARED_DATA)])
+    assert (tmp_path / "out" / "knn_mt_table.md").read_text() == table
 
 
 def test_knn_mt_experiment_budget_picks_choose_on_dev():
