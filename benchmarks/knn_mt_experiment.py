@@ -711,7 +711,7 @@ def plot(data: dict, path: Path) -> None:
     domains = [d for d in DOMAINS if d in data and data[d].get("sweep")]
     if not domains:
         return
-    fig, axes = plt.subplots(1, len(domains), figsize=(6 * len(domains), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(domains), figsize=(8.5 * len(domains), 4.8), squeeze=False)
     styles = {"random": "o-", "cluster": "P-", "greedy_merge_mean": "s-", "greedy_merge": "s--", "confidence": "^-"}
     for ax, domain in zip(axes[0], domains, strict=True):
         d = data[domain]
@@ -738,7 +738,7 @@ def plot(data: dict, path: Path) -> None:
         ax.set_ylabel("test BLEU (greedy)")
         ax.set_title(f"{domain}: full datastore {full['entries']:,} entries")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
