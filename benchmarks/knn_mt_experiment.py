@@ -38,18 +38,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from knn_translate import corpus_bleu, read_lines, translate, translate_with_knn  # noqa: E402
+from prune_datastore import plot_sweep, sweep_table  # noqa: E402
 
 from hf_realm.knn_generation import KNNDatastore  # noqa: E402
 from hf_realm.knn_pruning import (  # noqa: E402
-    cluster_prune,
-    confidence_prune,
     datastore_neighbours,
     entry_model_log_probs,
-    greedy_merge,
     greedy_merge_sequence,
-    pca_compress,
-    pq_compress,
-    random_prune,
+    shrink_datastore,
 )
 
 
@@ -583,32 +579,15 @@ def cmd_evaluate(args) -> dict:
                 log(f"  {domain} {name:28s} BLEU {bleu:6.2f}  searches saved {saved:.1%}  "
                     f"{speed['tokens_per_second']:7.0f} tok/s")  # fmt: skip
                 continue
-            if method == "random":
-                small = random_prune(store, param, seed=0)
-            elif method in ("greedy_merge", "greedy_merge_mean"):
-                keys = "mean" if method == "greedy_merge_mean" else "first"
-                small = greedy_merge(store, args.merge_neighbors, fraction=param, merges=c["merges"], merged_keys=keys)
+            small = shrink_datastore(store, name, merges=c["merges"], log_probs=c["log_probs"],
+                                     num_neighbors=args.merge_neighbors, device=device)  # fmt: skip
+            if method in ("greedy_merge", "greedy_merge_mean"):
                 same = next((n for n, r in (res.get(domain, "sweep") or {}).items()
                              if r.get("method") == method and r["entries"] == len(small)), None)  # fmt: skip
                 if same is not None:  # merging saturated: the same store as a larger fraction
                     res.set(domain, "sweep", name, {**res.get(domain, "sweep", same), "same_as": same})
                     log(f"  {domain} {name}: merging saturated, same store as {same}")
                     continue
-            elif method == "cluster":
-                small = cluster_prune(store, param, device=device)
-            elif method == "confidence":
-                small = confidence_prune(store, param, log_probs=c["log_probs"])
-            else:
-                small = store
-                for part in name.split("+"):
-                    if part.startswith("pca"):
-                        small = pca_compress(small, int(part[3:]), device=device)
-                    elif part.startswith("pq"):
-                        small = pq_compress(small, int(part[2:]), device=device)
-                    elif part.startswith("cluster"):
-                        small = cluster_prune(small, float(part[7:]), device=device)
-                    else:
-                        raise ValueError(f"unknown compression step {part!r} (pcaN, pqM, clusterF)")
             if name not in done:
                 evaluate_store(name, small, method=method, **ev)
             if name in retune and time_left() > args.reserve_seconds + 60:
@@ -648,15 +627,7 @@ def summary_table(data: dict) -> str:
             )
         if d.get("sweep"):
             lines.append("")
-            lines.append("| store | BLEU (greedy) | gain kept [95% CI] | entries | MiB | tokens/s |")
-            lines.append("|---|---:|---:|---:|---:|---:|")
-            for name, r in d["sweep"].items():
-                kept = f"{r['gain_kept']:.0%}" if r.get("gain_kept") is not None else "-"
-                if "bootstrap" in r:
-                    kept += " [{:.0%}, {:.0%}]".format(*r["bootstrap"]["ci95"])
-                extra = f" (searches saved {r['searches_saved']:.0%})" if "searches_saved" in r else ""
-                lines.append(f"| {name}{extra} | {r['bleu']:.2f} | {kept} | {r['entries']:,} | "
-                             f"{r['bytes'] / 2**20:.2f} | {r['tokens_per_second']:.0f} |")  # fmt: skip
+            lines.extend(sweep_table(d["sweep"], bleu_label="BLEU (greedy)"))
         picks = budget_picks(d)
         if picks:
             lines.append("")
@@ -712,33 +683,10 @@ def plot(data: dict, path: Path) -> None:
     if not domains:
         return
     fig, axes = plt.subplots(1, len(domains), figsize=(8.5 * len(domains), 4.8), squeeze=False)
-    styles = {"random": "o-", "cluster": "P-", "greedy_merge_mean": "s-", "greedy_merge": "s--", "confidence": "^-"}
     for ax, domain in zip(axes[0], domains, strict=True):
         d = data[domain]
-        sweep = d["sweep"]
-        full = sweep["full"]
-        for method, style in styles.items():
-            rows = [r for r in sweep.values() if r.get("method") == method]
-            pts = sorted({(r["fraction"], r["bleu"]) for r in rows if "retuned" not in r})
-            tuned = [(r["fraction"], r["bleu"]) for r in rows if "retuned" in r]
-            if not pts:
-                continue
-            pts = sorted({(1.0, full["bleu"]), *pts})
-            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=method.replace("_", " "))
-            if tuned:
-                ax.plot(*zip(*tuned, strict=True), "*", ms=12, color=line.get_color(),
-                        label=f"{method.replace('_', ' ')}, T/λ re-tuned on dev")  # fmt: skip
-        for name, r in sweep.items():
-            if r.get("method") == "compression" and ("retuned" in r or f"{name} (retuned)" not in sweep):
-                ax.plot(r["fraction"], r["bleu"], "D", color="gray")
-                ax.annotate(name, (r["fraction"], r["bleu"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.axhline(d["base"]["test_bleu_greedy"], color="k", linestyle="--", label="base model (no datastore)")
-        ax.set_xscale("log")
-        ax.set_xlabel("retained fraction (entries for pruning; bytes for PCA/PQ, gray)")
-        ax.set_ylabel("test BLEU (greedy)")
-        ax.set_title(f"{domain}: full datastore {full['entries']:,} entries")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        title = f"{domain}: full datastore {d['sweep']['full']['entries']:,} entries"
+        plot_sweep(ax, d["sweep"], d["base"]["test_bleu_greedy"], title, ylabel="test BLEU (greedy)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

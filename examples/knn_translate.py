@@ -20,7 +20,9 @@ set or on datastore sentences), and BLEU is reported on the target-domain test s
         --source_lang de --target_lang en --datastore_split train --dev_split validation --test_split test
 
 Writes `<output_dir>/all_results.json` (BLEU with and without kNN, the tuned k / T / λ, the grid, the datastore size
-and bytes, tokens/s) and the datastore in `<output_dir>/datastore` (`--push_to_hub` uploads it).
+and bytes, tokens/s), the test hypotheses, the datastore in `<output_dir>/datastore` (`--push_to_hub` uploads it) and,
+for the built-in task, the trained model in `<output_dir>/model`. `examples/prune_datastore.py --knn_dir <output_dir>`
+then sweeps pruning and compression of that datastore.
 """
 
 from __future__ import annotations
@@ -449,6 +451,10 @@ def main(argv: list[str] | None = None) -> dict:
     with open(out_dir / "test_hypotheses.jsonl", "w") as f:
         for src, ref, b, h in zip(test_src, test_ref, base_hyps, knn_hyps, strict=True):
             f.write(json.dumps({"source": src, "reference": ref, "base": b, "knn": h}, ensure_ascii=False) + "\n")
+    if results["task"] == "synthetic":  # kept, so that examples/prune_datastore.py can sweep this datastore
+        model.save_pretrained(out_dir / "model")
+        tokenizer.save_pretrained(out_dir / "model")
+        results["model_dir"] = str(out_dir / "model")
     with open(out_dir / "all_results.json", "w") as f:
         json.dump(results, f, indent=2)
     if run_args.push_to_hub:

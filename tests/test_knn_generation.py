@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 from transformers import (
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
     BartConfig,
     BartForConditionalGeneration,
     BertConfig,
@@ -893,3 +895,54 @@ def test_knn_mt_experiment_bleu_statistics_and_bootstrap():
         exp.bleu_from_stats(stats["full"].sum(0)) - exp.bleu_from_stats(stats["base"].sum(0))
     )
     assert mid["ci95"][0] < point < mid["ci95"][1]
+
+
+def test_prune_datastore_example_sweeps_a_knn_translate_run(tmp_path):
+    """examples/prune_datastore.py on a quick knn_translate.py run: every row is the BLEU of its own smaller store."""
+    from hf_realm.knn_pruning import shrink_datastore
+
+    knn_translate = _load_script("examples/knn_translate.py")
+    prune = _load_script("examples/prune_datastore.py")
+    knn_dir, out = tmp_path / "knn", tmp_path / "prune"
+    # bad input fails before anything is written
+    with pytest.raises(ValueError, match="--methods: expected some of"):
+        prune.main(["--knn_dir", str(knn_dir), "--output_dir", str(out), "--methods", "random,magic"])
+    with pytest.raises(ValueError, match="unknown step 'pcb8'"):
+        prune.main(["--knn_dir", str(knn_dir), "--output_dir", str(out), "--compression", "pcb8"])
+    with pytest.raises(FileNotFoundError, match="expected the output of knn_translate.py"):
+        prune.main(["--knn_dir", str(knn_dir), "--output_dir", str(out)])
+    assert not out.exists()
+
+    with torch.enable_grad():
+        knn_translate.main(["--output_dir", str(knn_dir), "--synthetic_train_steps", "300", "--tune", "false",
+                            "--k", "8", "--temperature", "10", "--lmbda", "0.7", "--num_beams", "1"])  # fmt: skip
+    results = prune.main(["--knn_dir", str(knn_dir), "--output_dir", str(out), "--methods", "random,cluster,greedy_merge",
+                          "--fractions", "0.5,0.1", "--compression", "pca16,cluster@0.5+pq8", "--max_test_samples", "60",
+                          "--merge_neighbors", "8", "--save_stores", "true"])  # fmt: skip
+    sweep = results["sweep"]
+    assert list(sweep) == ["full", "random@0.5", "random@0.1", "cluster@0.5", "cluster@0.1", "greedy_merge@0.5",
+                           "greedy_merge@0.1", "pca16", "cluster@0.5+pq8"]  # fmt: skip
+
+    # the reference: the same stores built and decoded by hand
+    tok = AutoTokenizer.from_pretrained(knn_dir / "model")
+    model = AutoModelForSeq2SeqLM.from_pretrained(knn_dir / "model").eval()
+    store = KNNDatastore.from_pretrained(knn_dir / "datastore")
+    rows = [json.loads(line) for line in (knn_dir / "test_hypotheses.jsonl").read_text().splitlines()[:60]]
+    src, ref = [r["source"] for r in rows], [r["reference"] for r in rows]
+    kw = dict(batch_size=64, max_new_tokens=62, max_source_length=64, num_beams=1)
+    base = knn_translate.corpus_bleu(knn_translate.translate(model, tok, src, **kw)[0], ref)
+    assert results["base"]["bleu"] == base
+    full = sweep["full"]["bleu"]
+    for name in ("full", "random@0.1", "cluster@0.5+pq8"):
+        small = store if name == "full" else shrink_datastore(store, name, device="cpu")
+        hyps, _ = knn_translate.translate_with_knn(model, tok, src, small, 8, 10.0, 0.7, **kw)
+        assert sweep[name]["bleu"] == knn_translate.corpus_bleu(hyps, ref), name
+        assert sweep[name]["entries"] == len(small) and sweep[name]["bytes"] == small.nbytes
+        assert sweep[name]["gain_kept"] == pytest.approx((sweep[name]["bleu"] - base) / (full - base))
+    assert sweep["random@0.1"]["fraction"] == sweep["random@0.1"]["entries"] / len(store)  # entries for pruning
+    assert sweep["cluster@0.5+pq8"]["fraction"] == sweep["cluster@0.5+pq8"]["bytes"] / store.nbytes  # bytes otherwise
+    assert sweep["random@0.1"]["entries"] == round(len(store) * 0.1)
+    saved = KNNDatastore.from_pretrained(out / "stores" / "random@0.1")
+    np.testing.assert_array_equal(saved.values, shrink_datastore(store, "random@0.1", device="cpu").values)
+    assert json.loads((out / "prune_results.json").read_text())["sweep"] == sweep
+    assert "| random@0.1 |" in (out / "prune_table.md").read_text() and (out / "prune_plot.png").stat().st_size > 0

@@ -18,10 +18,12 @@ from hf_realm.knn_pruning import (
     greedy_merge,
     greedy_merge_sequence,
     kmeans,
+    parse_shrink_spec,
     pca_compress,
     pq_compress,
     prune_datastore,
     random_prune,
+    shrink_datastore,
 )
 
 
@@ -362,3 +364,39 @@ def test_prune_then_pca_then_pq_roundtrip_and_generate(tmp_path):
     with proc.attach(model):  # the metadata (model fingerprint) survives pruning and compression
         out = model.generate(torch.tensor(src[:2]), max_new_tokens=4, logits_processor=LogitsProcessorList([proc]))
     assert out.shape[0] == 2 and proc.num_searches > 0
+
+
+def test_shrink_spec_parsing_and_errors():
+    assert parse_shrink_spec("cluster@0.25+pca64+pq16") == [("cluster", 0.25), ("pca", 64), ("pq", 16)]
+    assert parse_shrink_spec("cluster0.25+pca64") == [("cluster", 0.25), ("pca", 64)]  # the benchmark's old names
+    assert parse_shrink_spec("greedy_merge_mean@0.1") == [("greedy_merge_mean", 0.1)]
+    with pytest.raises(ValueError, match="unknown step 'pcb8' in 'random@0.5\\+pcb8'"):
+        parse_shrink_spec("random@0.5+pcb8")
+    with pytest.raises(ValueError, match="pruning needs float keys, so it has to come before pq"):
+        parse_shrink_spec("pq8+cluster@0.5")
+    with pytest.raises(ValueError, match="has to be in \\(0, 1\\], but is 1.5"):
+        parse_shrink_spec("random@1.5")
+
+
+def test_shrink_datastore_equals_the_steps_applied_by_hand():
+    rng = np.random.default_rng(0)
+    store = KNNDatastore(keys=rng.normal(size=(600, 16)).astype(np.float16), values=rng.integers(0, 6, 600),
+                         provenance=np.stack([np.arange(600), np.zeros(600, int)], 1))  # fmt: skip
+    by_hand = pq_compress(pca_compress(random_prune(store, 0.5, seed=3), 8, seed=3, device="cpu"), 4, seed=3,
+                          device="cpu")  # fmt: skip
+    chained = shrink_datastore(store, "random@0.5+pca8+pq4", seed=3, device="cpu")
+    np.testing.assert_array_equal(chained.pq["codes"], by_hand.pq["codes"])
+    np.testing.assert_array_equal(chained.values, by_hand.values)
+    np.testing.assert_array_equal(chained.provenance, by_hand.provenance)
+    merged = shrink_datastore(store, "greedy_merge_mean@0.5", num_neighbors=4, device="cpu")
+    reused = shrink_datastore(store, "greedy_merge_mean@0.5", num_neighbors=4, device="cpu",
+                              merges=greedy_merge_sequence(store, 4, device="cpu"))  # fmt: skip
+    expected = greedy_merge(store, 4, fraction=0.5, merged_keys="mean", device="cpu")
+    for got in (merged, reused):
+        np.testing.assert_array_equal(got.keys, expected.keys)
+        np.testing.assert_array_equal(got.counts, expected.counts)
+    log_probs = rng.normal(size=600)
+    conf = shrink_datastore(store, "confidence@0.25", log_probs=log_probs, keep_singletons=True)
+    np.testing.assert_array_equal(
+        conf.provenance, confidence_prune(store, 0.25, log_probs=log_probs, keep_singletons=True).provenance
+    )

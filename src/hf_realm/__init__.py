@@ -43,6 +43,7 @@ from .knn_pruning import (
     pq_compress,
     prune_datastore,
     random_prune,
+    shrink_datastore,
 )
 from .masking import SalientSpanMasker, find_salient_spans
 from .modeling_realm import (
@@ -97,6 +98,7 @@ __all__ = [
     "pca_compress",
     "pq_compress",
     "prune_datastore",
+    "shrink_datastore",
     "random_prune",
     "CorpusTokens",
     "DataCollatorForOpenQA",

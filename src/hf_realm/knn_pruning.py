@@ -23,6 +23,7 @@ Compression, composable with pruning and with each other (PCA first, then PQ):
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any
 
@@ -714,3 +715,95 @@ def compression_report(original: KNNDatastore, compressed: KNNDatastore) -> dict
         "bits_per_entry": 8 * compressed.nbytes / max(1, len(compressed)),
         "history": compressed.metadata.get("history", []),
     }
+
+
+_SPEC_STEP = re.compile(r"^(random|cluster|greedy_merge_mean|greedy_merge|confidence)@?([0-9.]+)$|^(pca|pq)([0-9]+)$")
+
+
+def parse_shrink_spec(spec: str) -> list[tuple[str, float | int]]:
+    """Splits a spec such as ``"cluster@0.25+pca64+pq16"`` into steps: ``[("cluster", 0.25), ("pca", 64), ("pq", 16)]``.
+
+    Steps: `random@F`, `cluster@F`, `greedy_merge@F`, `greedy_merge_mean@F`, `confidence@F` (a retained fraction F),
+    `pcaN` (N dims), `pqM` (M bytes per key); joined by `+`, applied left to right. Pruning has to come before `pq`.
+    """
+    steps: list[tuple[str, float | int]] = []
+    for part in spec.split("+"):
+        m = _SPEC_STEP.match(part.strip())
+        if m is None:
+            raise ValueError(
+                f"unknown step {part!r} in {spec!r}: expected random@F, cluster@F, greedy_merge@F, greedy_merge_mean@F, "
+                "confidence@F (0 < F <= 1), pcaN or pqM"
+            )
+        if m.group(1):
+            fraction = float(m.group(2))
+            _check_fraction(fraction)
+            steps.append((m.group(1), fraction))
+        else:
+            steps.append((m.group(3), int(m.group(4))))
+    kinds = [k for k, _ in steps]
+    if "pq" in kinds and any(k not in ("pca", "pq") for k in kinds[kinds.index("pq") :]):
+        raise ValueError(f"{spec!r}: pruning needs float keys, so it has to come before pq")
+    return steps
+
+
+def shrink_datastore(
+    datastore: KNNDatastore,
+    spec: str,
+    *,
+    model: nn.Module | None = None,
+    num_neighbors: int = 32,
+    merges: np.ndarray | None = None,
+    log_probs: np.ndarray | None = None,
+    keep_singletons: bool = False,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> KNNDatastore:
+    """Applies the pruning and compression steps named by ``spec`` (see [`parse_shrink_spec`]) in order.
+
+    Args:
+        datastore (`KNNDatastore`): the store to shrink.
+        spec (`str`): e.g. `"random@0.25"`, `"pq32"`, `"cluster@0.25+pca64+pq16"`.
+        model (`nn.Module`, *optional*): the datastore's model, for `confidence@F` when `log_probs` is not given.
+        num_neighbors (`int`, *optional*, defaults to 32): neighbours for greedy merging.
+        merges (`np.ndarray`, *optional*): a [`greedy_merge_sequence`] of ``datastore``, so that several fractions
+            share one neighbour search (only for a greedy step that comes first).
+        log_probs (`np.ndarray`, *optional*): [`entry_model_log_probs`] of ``datastore`` (a confidence step first).
+        keep_singletons (`bool`, *optional*, defaults to `False`): random and confidence pruning keep the last entry
+            of every value (clustering always does).
+        seed (`int`, *optional*, defaults to 0): seed of sampling, k-means, PCA and PQ training.
+        device (`str` or `torch.device`, *optional*): where k-means, PCA and PQ run.
+
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> from hf_realm.knn_generation import KNNDatastore
+    >>> from hf_realm.knn_pruning import shrink_datastore
+    >>> rng = np.random.default_rng(0)
+    >>> store = KNNDatastore(keys=rng.normal(size=(2000, 16)).astype(np.float16), values=rng.integers(0, 5, 2000))
+    >>> small = shrink_datastore(store, "cluster@0.25+pca8+pq4", device="cpu")
+    >>> len(small), small.keys is None, [h["method"] for h in small.metadata["history"]]
+    (500, True, ['cluster', 'pca', 'pq'])
+    ```
+    """
+    steps = parse_shrink_spec(spec)
+    store = datastore
+    for i, (kind, arg) in enumerate(steps):
+        first = i == 0
+        if kind == "random":
+            store = random_prune(store, arg, seed=seed, keep_singletons=keep_singletons)
+        elif kind == "cluster":
+            store = cluster_prune(store, arg, seed=seed, device=device)
+        elif kind in ("greedy_merge", "greedy_merge_mean"):
+            keys = "mean" if kind == "greedy_merge_mean" else "first"
+            store = greedy_merge(store, num_neighbors, fraction=arg, merges=merges if first else None,
+                                 merged_keys=keys, device=device)  # fmt: skip
+        elif kind == "confidence":
+            lp = log_probs if first else None
+            store = confidence_prune(store, arg, model=None if lp is not None else model, log_probs=lp,
+                                     keep_singletons=keep_singletons)  # fmt: skip
+        elif kind == "pca":
+            store = pca_compress(store, arg, seed=seed, device=device)
+        else:
+            store = pq_compress(store, arg, seed=seed, device=device)
+    return store
