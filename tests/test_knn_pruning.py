@@ -366,8 +366,11 @@ def test_shrink_spec_parsing_and_errors():
     assert parse_shrink_spec("greedy_merge_mean@0.1") == [("greedy_merge_mean", 0.1)]
     with pytest.raises(ValueError, match="unknown step 'pcb8' in 'random@0.5\\+pcb8'"):
         parse_shrink_spec("random@0.5+pcb8")
-    with pytest.raises(ValueError, match="pruning needs float keys, so it has to come before pq"):
-        parse_shrink_spec("pq8+cluster@0.5")
+    for spec in ("pq8+cluster@0.5", "pq8+pca4", "pq8+pq4"):
+        with pytest.raises(ValueError, match="pq has to be the last step"):
+            parse_shrink_spec(spec)
+    with pytest.raises(ValueError, match="unknown step 'random@0.2.5'"):
+        parse_shrink_spec("random@0.2.5")
     with pytest.raises(ValueError, match="has to be in \\(0, 1\\], but is 1.5"):
         parse_shrink_spec("random@1.5")
 

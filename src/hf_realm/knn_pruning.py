@@ -509,7 +509,6 @@ def kmeans(
     return centroids, assign
 
 
-@torch.no_grad()
 def _cluster_budget(sizes: np.ndarray, budget: int, keep_singletons: bool) -> np.ndarray:
     """Clusters per value: proportional to the value's entries, at most its entries, summing to exactly ``budget``.
 
@@ -531,6 +530,7 @@ def _cluster_budget(sizes: np.ndarray, budget: int, keep_singletons: bool) -> np
     return base + np.minimum(alloc, spare)
 
 
+@torch.no_grad()
 def cluster_prune(
     datastore: KNNDatastore,
     fraction: float,
@@ -717,14 +717,16 @@ def compression_report(original: KNNDatastore, compressed: KNNDatastore) -> dict
     }
 
 
-_SPEC_STEP = re.compile(r"^(random|cluster|greedy_merge_mean|greedy_merge|confidence)@?([0-9.]+)$|^(pca|pq)([0-9]+)$")
+_SPEC_STEP = re.compile(
+    r"^(random|cluster|greedy_merge_mean|greedy_merge|confidence)@?([0-9]*\.?[0-9]+)$|^(pca|pq)([0-9]+)$"
+)
 
 
 def parse_shrink_spec(spec: str) -> list[tuple[str, float | int]]:
     """Splits a spec such as ``"cluster@0.25+pca64+pq16"`` into steps: ``[("cluster", 0.25), ("pca", 64), ("pq", 16)]``.
 
     Steps: `random@F`, `cluster@F`, `greedy_merge@F`, `greedy_merge_mean@F`, `confidence@F` (a retained fraction F),
-    `pcaN` (N dims), `pqM` (M bytes per key); joined by `+`, applied left to right. Pruning has to come before `pq`.
+    `pcaN` (N dims), `pqM` (M bytes per key); joined by `+`, applied left to right, `pq` last.
     """
     steps: list[tuple[str, float | int]] = []
     for part in spec.split("+"):
@@ -741,8 +743,8 @@ def parse_shrink_spec(spec: str) -> list[tuple[str, float | int]]:
         else:
             steps.append((m.group(3), int(m.group(4))))
     kinds = [k for k, _ in steps]
-    if "pq" in kinds and any(k not in ("pca", "pq") for k in kinds[kinds.index("pq") :]):
-        raise ValueError(f"{spec!r}: pruning needs float keys, so it has to come before pq")
+    if "pq" in kinds[:-1]:
+        raise ValueError(f"{spec!r}: pq has to be the last step (pruning and PCA need float keys)")
     return steps
 
 
