@@ -547,6 +547,7 @@ def cmd_evaluate(args) -> dict:
         c["log_probs"] = entry_model_log_probs(store, model)
         reach = 1 - len(c["merges"]) / len(store)
         res.set(domain, "greedy_merge_min_fraction", reach)
+        res.set(domain, "greedy_merge_settings", {"neighbors": args.merge_neighbors, "max_passes": args.merge_passes})
         log(f"  ({time.time() - t0:.1f}s; merging can reach {reach:.1%} of the entries)")
     retune = {x for x in args.retune.split(",") if x}
     methods = [m for m in args.methods.split(",") if m]
