@@ -761,7 +761,7 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--fractions", default="0.25,0.1,0.5,0.05", help="retained fractions; the first is swept first")
     e.add_argument("--methods", default="random,cluster,greedy_merge_mean,greedy_merge,confidence")
     e.add_argument("--merge_neighbors", type=int, default=32)
-    e.add_argument("--merge_passes", type=int, default=4)
+    e.add_argument("--merge_passes", type=int, default=32)
     e.add_argument("--compression", default="pca64,pq32,pca64+pq16,pca64+pq32,pca128+pq32,cluster0.25+pca64+pq16")
     e.add_argument(
         "--retune",
