@@ -40,9 +40,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_pretraining import corpus_dataset  # noqa: E402
 from bench_refresh import make_config, synthetic_tokens  # noqa: E402
 
-from hf_realm import RealmBlockIndex, RealmConfig, RealmForMaskedLM  # noqa: E402
-from hf_realm.corpus_index import _gather_shards, embed_corpus, shard_range, sharded_search  # noqa: E402
+from hf_realm import RealmBlockIndex, RealmConfig, RealmForMaskedLM, embed_corpus, shard_range, sharded_search  # noqa: E402  # noqa: E402
 from hf_realm.search import exact_topk  # noqa: E402
+from hf_realm.search.sharded import _gather_shards  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessorList, MarianConfig, MarianMTModel
 
-from hf_realm.knn_generation import KNNDatastore, KNNLogitsProcessor
+from hf_realm import KNNDatastore, KNNLogitsProcessor
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -28,8 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_refresh import make_config, synthetic_tokens  # noqa: E402
 
-from hf_realm import RealmConfig, RealmForMaskedLM  # noqa: E402
-from hf_realm.corpus_index import RealmBlockIndex, embed_corpus  # noqa: E402
+from hf_realm import RealmBlockIndex, RealmConfig, RealmForMaskedLM, embed_corpus  # noqa: E402  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -34,8 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from hf_realm import RealmConfig, RealmEmbedder  # noqa: E402
-from hf_realm.corpus_index import CorpusTokens, embed_corpus  # noqa: E402
+from hf_realm import CorpusTokens, RealmConfig, RealmEmbedder, embed_corpus  # noqa: E402  # noqa: E402
 
 
 def parse_args(argv=None):

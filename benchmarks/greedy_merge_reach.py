@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from knn_mt_experiment import DOMAINS, _pairs  # noqa: E402
 
-from hf_realm.knn_generation import KNNDatastore  # noqa: E402
+from hf_realm import KNNDatastore  # noqa: E402
 from hf_realm.knn_pruning import greedy_merge_sequence  # noqa: E402
 
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from knn_translate import corpus_bleu, read_lines, translate, translate_with_knn  # noqa: E402
 from prune_datastore import plot_sweep, sweep_table  # noqa: E402
 
-from hf_realm.knn_generation import KNNDatastore  # noqa: E402
+from hf_realm import KNNDatastore  # noqa: E402
 from hf_realm.knn_pruning import (  # noqa: E402
     datastore_neighbours,
     entry_model_log_probs,
@@ -344,7 +344,8 @@ def median_neighbour_distance(store, model, tokenizer, sources, targets, k, devi
     """Median squared L2 distance of the k-th neighbour of teacher-forced dev states (to scale the T grid)."""
     import datasets
 
-    from hf_realm.knn_generation import KNNQueryHook, _batch_tensors, _decoder_inputs
+    from hf_realm.knn_build import _batch_tensors, _decoder_inputs
+    from hf_realm.knn_hook import KNNQueryHook
 
     ds = datasets.Dataset.from_dict({"s": sources[:64], "t": targets[:64]})
     max_len = min(256, model.config.max_position_embeddings)

@@ -32,8 +32,7 @@ import numpy as np
 import torch
 from transformers import HfArgumentParser, set_seed
 
-from hf_realm import RealmConfig, RealmEmbedder
-from hf_realm.corpus_index import RealmBlockIndex, build_corpus, embed_corpus, embedder_fingerprint
+from hf_realm import RealmBlockIndex, RealmConfig, RealmEmbedder, build_corpus, embed_corpus, embedder_fingerprint
 
 
 logger = logging.getLogger("build_index")

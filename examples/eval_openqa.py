@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 import transformers
 from transformers import HfArgumentParser
 
-from hf_realm import RealmForOpenQA, RealmRetriever
-from hf_realm.corpus_index import RealmBlockIndex
+from hf_realm import RealmBlockIndex, RealmForOpenQA, RealmRetriever
 from hf_realm.openqa import evaluate_open_qa
 
 

@@ -33,8 +33,14 @@ import torch
 import transformers
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from hf_realm import RealmConfig, RealmForInverseClozeTask, RealmForOpenQA, RealmRetriever
-from hf_realm.corpus_index import RealmBlockIndex, build_corpus
+from hf_realm import (
+    RealmBlockIndex,
+    RealmConfig,
+    RealmForInverseClozeTask,
+    RealmForOpenQA,
+    RealmRetriever,
+    build_corpus,
+)
 from hf_realm.openqa import DataCollatorForOpenQA, evaluate_open_qa
 from hf_realm.pretraining import optimizer_grouped_parameters, train_inverse_cloze_task
 

@@ -47,7 +47,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from hf_realm.knn_generation import KNNDatastore, KNNLogitsProcessor
+from hf_realm import KNNDatastore, KNNLogitsProcessor
 
 
 @dataclass

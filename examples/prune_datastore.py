@@ -41,7 +41,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, HfArgumentParser
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from knn_translate import corpus_bleu, read_lines, translate, translate_with_knn  # noqa: E402
 
-from hf_realm.knn_generation import KNNDatastore  # noqa: E402
+from hf_realm import KNNDatastore  # noqa: E402
 from hf_realm.knn_pruning import (  # noqa: E402
     entry_model_log_probs,
     greedy_merge_sequence,

@@ -29,9 +29,8 @@ import torch
 import transformers
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from hf_realm import RealmConfig, RealmForInverseClozeTask, RealmForMaskedLM
+from hf_realm import RealmBlockIndex, RealmConfig, RealmForInverseClozeTask, RealmForMaskedLM, build_corpus
 from hf_realm.callbacks import IndexRefreshCallback
-from hf_realm.corpus_index import RealmBlockIndex, build_corpus
 from hf_realm.data_collator import DataCollatorForSalientSpanMasking
 from hf_realm.pretraining import evaluate_masked_lm, optimizer_grouped_parameters, train_inverse_cloze_task
 from hf_realm.world import KnowledgeWorld

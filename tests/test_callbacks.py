@@ -8,9 +8,8 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from hf_realm import RealmConfig, RealmForMaskedLM
+from hf_realm import RealmBlockIndex, RealmConfig, RealmForMaskedLM, embed_corpus
 from hf_realm.callbacks import IndexRefreshCallback
-from hf_realm.corpus_index import RealmBlockIndex, embed_corpus
 
 
 NUM_BLOCKS = 12

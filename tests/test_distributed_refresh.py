@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from hf_realm.corpus_index import embed_corpus
+from hf_realm import embed_corpus
 
 from .scripts.distributed_refresh_worker import build
 

@@ -28,7 +28,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from hf_realm.knn_generation import (
+from hf_realm import (
     KNNDatastore,
     KNNDatastoreWriter,
     KNNLogitsProcessor,

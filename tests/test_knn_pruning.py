@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LogitsProcessorList, MarianConfig, MarianMTModel
 
-from hf_realm.knn_generation import KNNDatastore, KNNLogitsProcessor, pq_decode
+from hf_realm import KNNDatastore, KNNLogitsProcessor
 from hf_realm.knn_pruning import (
     cluster_prune,
     compression_report,
@@ -25,6 +25,7 @@ from hf_realm.knn_pruning import (
     random_prune,
     shrink_datastore,
 )
+from hf_realm.search import pq_decode
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from hf_realm import RealmConfig, RealmForOpenQA, RealmRetriever
-from hf_realm.corpus_index import RealmBlockIndex, build_corpus
+from hf_realm import RealmBlockIndex, RealmConfig, RealmForOpenQA, RealmRetriever, build_corpus
 from hf_realm.openqa import DataCollatorForOpenQA, evaluate_open_qa
 
 from .hub_mock import mock_hub

@@ -16,10 +16,11 @@ import pytest
 import torch
 from transformers import BertTokenizer
 
-from hf_realm import RealmConfig, RealmEmbedder
-from hf_realm.corpus_index import (
+from hf_realm import (
     CorpusTokens,
     RealmBlockIndex,
+    RealmConfig,
+    RealmEmbedder,
     build_corpus,
     embed_corpus,
     embedder_fingerprint,
@@ -229,7 +230,7 @@ _TWO_PROCESS = textwrap.dedent(
     from accelerate import PartialState
     sys.path.insert(0, sys.argv[2])
     from test_retrieval_index import tiny_embedder
-    from hf_realm.corpus_index import embed_corpus, shard_range, sharded_search
+    from hf_realm import embed_corpus, shard_range, sharded_search
     state = PartialState(cpu=True)  # gloo
     assert state.num_processes == 2
     corpus = datasets.load_from_disk(sys.argv[1] + "/corpus")

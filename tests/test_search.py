@@ -93,8 +93,8 @@ _TRITON_CASES = textwrap.dedent(
     import json, sys
     import numpy as np
     import torch
-    from hf_realm import search
-    from hf_realm.search import _triton_topk
+    from hf_realm.search import exact as search
+    from hf_realm.search.exact import _triton_topk
 
     cases = json.loads(sys.argv[1])
     out = []
@@ -181,7 +181,7 @@ def test_triton_cuda_matches_brute_force(dtype):
 @cuda
 def test_triton_cuda_every_candidate_config():
     """Every launch config the tuner may pick gives the exact result (the tuner only times them)."""
-    from hf_realm.search import _candidate_configs, _default_config, _triton_topk
+    from hf_realm.search.exact import _candidate_configs, _default_config, _triton_topk
 
     g = torch.Generator().manual_seed(1)
     for b, d, k in [(1, 128, 8), (64, 128, 8), (1024, 128, 8), (128, 512, 64)]:

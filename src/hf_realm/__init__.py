@@ -17,24 +17,15 @@ from transformers import (
 from . import metrics
 from .callbacks import IndexRefreshCallback
 from .configuration_realm import RealmConfig
-from .corpus_index import (
-    CorpusTokens,
-    RealmBlockIndex,
-    build_corpus,
-    embed_corpus,
-    embedder_fingerprint,
-    shard_range,
-    sharded_search,
-)
+from .corpus import CorpusTokens, build_corpus
+from .corpus_index import RealmBlockIndex
 from .data_collator import DataCollatorForSalientSpanMasking
-from .knn_generation import (
-    KNNDatastore,
-    KNNDatastoreWriter,
-    KNNLogitsProcessor,
-    KNNQueryHook,
-    knn_lm_perplexity,
-    merge_datastores,
-)
+from .embedding import embed_corpus
+from .fingerprint import embedder_fingerprint
+from .knn_build import KNNDatastoreWriter, merge_datastores
+from .knn_datastore import KNNDatastore
+from .knn_generation import KNNLogitsProcessor, knn_lm_perplexity
+from .knn_hook import KNNQueryHook
 from .knn_pruning import (
     cluster_prune,
     confidence_prune,
@@ -70,7 +61,7 @@ from .pretraining import (
     train_inverse_cloze_task,
 )
 from .retrieval_realm import RealmRetriever, load_legacy_block_records
-from .search import exact_topk
+from .search import exact_topk, shard_range, sharded_search
 from .tokenization_realm import RealmTokenizer, RealmTokenizerFast
 from .world import KnowledgeWorld, WorldConfig
 

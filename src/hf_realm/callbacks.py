@@ -12,7 +12,9 @@ import torch
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .corpus_index import RealmBlockIndex, embed_corpus, embedder_fingerprint
+from .corpus_index import RealmBlockIndex
+from .embedding import embed_corpus
+from .fingerprint import embedder_fingerprint
 
 
 logger = logging.get_logger(__name__)

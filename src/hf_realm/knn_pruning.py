@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .knn_generation import KNNDatastore, pq_decode
+from .knn_datastore import KNNDatastore
+from .search.pq import pq_decode
 
 
 PRUNING_METHODS = ("random", "greedy_merge", "cluster", "confidence")
@@ -92,7 +93,7 @@ def random_prune(
 
     ```python
     >>> import numpy as np
-    >>> from hf_realm.knn_generation import KNNDatastore
+    >>> from hf_realm.knn_datastore import KNNDatastore
     >>> from hf_realm.knn_pruning import random_prune
     >>> store = KNNDatastore(keys=np.zeros((10, 4), np.float16), values=np.arange(10) % 3)
     >>> len(random_prune(store, 0.5))
@@ -229,7 +230,7 @@ def greedy_merge(
 
     ```python
     >>> import numpy as np
-    >>> from hf_realm.knn_generation import KNNDatastore
+    >>> from hf_realm.knn_datastore import KNNDatastore
     >>> from hf_realm.knn_pruning import greedy_merge
     >>> keys = np.array([[0.0], [0.1], [5.0], [5.1]], np.float16)
     >>> merged = greedy_merge(KNNDatastore(keys=keys, values=[7, 7, 8, 9]), num_neighbors=1)
@@ -341,7 +342,7 @@ def confidence_prune(
 
     ```python
     >>> import numpy as np
-    >>> from hf_realm.knn_generation import KNNDatastore
+    >>> from hf_realm.knn_datastore import KNNDatastore
     >>> from hf_realm.knn_pruning import confidence_prune
     >>> store = KNNDatastore(keys=np.zeros((4, 2), np.float16), values=[3, 4, 5, 6])
     >>> confidence_prune(store, 0.5, log_probs=np.log([0.9, 0.1, 0.5, 0.2])).values.tolist()
@@ -403,7 +404,7 @@ def pca_compress(
 
     ```python
     >>> import numpy as np
-    >>> from hf_realm.knn_generation import KNNDatastore
+    >>> from hf_realm.knn_datastore import KNNDatastore
     >>> from hf_realm.knn_pruning import pca_compress
     >>> keys = np.random.default_rng(0).normal(size=(100, 8)) * [5, 4, 3, 0, 0, 0, 0, 0]
     >>> small = pca_compress(KNNDatastore(keys=keys, values=np.arange(100)), 3)
@@ -563,7 +564,7 @@ def cluster_prune(
 
     ```python
     >>> import numpy as np
-    >>> from hf_realm.knn_generation import KNNDatastore
+    >>> from hf_realm.knn_datastore import KNNDatastore
     >>> from hf_realm.knn_pruning import cluster_prune
     >>> keys = np.array([[0.0], [0.2], [10.0], [10.2], [5.0]], np.float16)
     >>> small = cluster_prune(KNNDatastore(keys=keys, values=[1, 1, 1, 1, 2]), 0.6, device="cpu")
@@ -660,7 +661,7 @@ def pq_compress(
 
     ```python
     >>> import numpy as np
-    >>> from hf_realm.knn_generation import KNNDatastore
+    >>> from hf_realm.knn_datastore import KNNDatastore
     >>> from hf_realm.knn_pruning import pq_compress
     >>> keys = np.random.default_rng(0).normal(size=(512, 8))
     >>> small = pq_compress(KNNDatastore(keys=keys, values=np.arange(512)), m=4, nbits=4)
@@ -779,7 +780,7 @@ def shrink_datastore(
 
     ```python
     >>> import numpy as np
-    >>> from hf_realm.knn_generation import KNNDatastore
+    >>> from hf_realm.knn_datastore import KNNDatastore
     >>> from hf_realm.knn_pruning import shrink_datastore
     >>> rng = np.random.default_rng(0)
     >>> store = KNNDatastore(keys=rng.normal(size=(2000, 16)).astype(np.float16), values=rng.integers(0, 5, 2000))

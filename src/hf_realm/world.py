@@ -28,6 +28,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .hub_io import replace_directory
 from .masking import CAPITALIZED_STOPWORDS
 
 
@@ -631,7 +632,7 @@ class KnowledgeWorld:
         try:
             self.tokenizer(model_max_length).save_pretrained(tmp)
             (tmp / "vocab.txt").write_text("\n".join(self.vocab()) + "\n", encoding="utf-8")
-            _replace_dir(tmp, path)
+            replace_directory(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return str(path)
@@ -665,7 +666,7 @@ class KnowledgeWorld:
             self.pretraining().save_to_disk(str(tmp / "pretraining"))
             self.qa().save_to_disk(str(tmp / "qa"))
             self.save_tokenizer(tmp / "tokenizer")
-            _replace_dir(tmp, path)
+            replace_directory(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return str(path)
@@ -693,18 +694,3 @@ class KnowledgeWorld:
             f"KnowledgeWorld(num_entities={c.num_entities}, relations={list(c.relations)}, "
             f"blocks={len(self._blocks)}, facts={len(self._facts)}, seed={c.seed})"
         )
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, replacing an existing ``dst`` only once ``src`` is complete."""
-    if dst.exists():
-        backup = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, backup)
-        try:
-            os.replace(src, dst)
-        except BaseException:
-            os.replace(backup, dst)
-            raise
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(src, dst)

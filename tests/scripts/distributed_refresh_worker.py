@@ -8,9 +8,8 @@ import datasets
 import torch
 from accelerate import PartialState
 
-from hf_realm import RealmConfig, RealmEmbedder
+from hf_realm import RealmBlockIndex, RealmConfig, RealmEmbedder
 from hf_realm.callbacks import IndexRefreshCallback
-from hf_realm.corpus_index import RealmBlockIndex
 
 
 def build(num_blocks: int = 50):

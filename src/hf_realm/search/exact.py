@@ -191,7 +191,7 @@ def _triton_eligible(queries: torch.Tensor, keys: torch.Tensor, k: int) -> bool:
 
 
 def _triton_kernel(name: str, interpret: bool):
-    from ._triton_search import kernel
+    from ._triton import kernel
 
     return kernel(name, interpret)
 

@@ -1,0 +1,313 @@
+"""Building a kNN datastore: streaming .npy writes, teacher-forced batches, shards and their merge."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .hub_io import replace_directory
+from .knn_hook import KNNQueryHook
+
+
+DATASTORE_CONFIG_NAME = "knn_datastore.json"
+FORMAT_VERSION = 1
+_NPY_HEADER_BYTES = 256
+
+
+def _to_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    if isinstance(x, np.ndarray):  # keeps np.memmap as it is
+        return x
+    return np.asarray(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Streaming writes: .npy files whose size is not known in advance, in a temporary directory renamed at the end.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+    text = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {shape!r}, }}"
+    pad = _NPY_HEADER_BYTES - 10 - len(text) - 1
+    if pad < 0:
+        raise ValueError(f"npy header for shape {shape} does not fit in {_NPY_HEADER_BYTES} bytes")
+    text = text + " " * pad + "\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1")
+
+
+class _NpyAppender:
+    """Appends rows to a .npy file; the header (with the final row count) is written on close."""
+
+    def __init__(self, path: str | os.PathLike, dtype, row_shape: tuple[int, ...] = ()):
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        self.row_shape = tuple(row_shape)
+        self.rows = 0
+        self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        self._file.write(b"\0" * _NPY_HEADER_BYTES)
+
+    def append(self, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array, dtype=self.dtype)
+        if array.shape[1:] != self.row_shape:
+            raise ValueError(
+                f"rows of shape {array.shape[1:]} appended to {self.path.name}, expected {self.row_shape}"
+            )
+        self._file.write(array.tobytes())
+        self.rows += array.shape[0]
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        self._file.flush()
+        self._file.seek(0)
+        self._file.write(_npy_header(self.dtype, (self.rows, *self.row_shape)))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+
+class KNNDatastoreWriter:
+    """Streams (key, value, provenance) rows into a datastore directory of unknown final size.
+
+    Rows go to a temporary directory next to ``save_directory``; [`~KNNDatastoreWriter.commit`] writes the
+    metadata and renames it into place, so an interrupted build never leaves a half-written datastore behind (nor
+    damages one already at ``save_directory``).
+
+    Example:
+
+    ```python
+    >>> import numpy as np, tempfile
+    >>> from hf_realm import KNNDatastore, KNNDatastoreWriter
+    >>> path = tempfile.mkdtemp() + "/store"
+    >>> writer = KNNDatastoreWriter(path, key_dim=4)
+    >>> writer.add(np.eye(4, dtype=np.float16), np.arange(4), np.zeros((4, 2), dtype=np.int64))
+    >>> store = KNNDatastore.from_pretrained(writer.commit())
+    >>> len(store), store.key_dim
+    (4, 4)
+    ```
+    """
+
+    def __init__(self, save_directory: str | os.PathLike, key_dim: int, with_counts: bool = False):
+        self.save_directory = Path(save_directory)
+        self.key_dim = int(key_dim)
+        self.save_directory.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = Path(
+            tempfile.mkdtemp(prefix=f".{self.save_directory.name}.tmp-", dir=self.save_directory.parent)
+        )
+        self._keys = _NpyAppender(self.tmp_dir / "keys.npy", np.float16, (self.key_dim,))
+        self._values = _NpyAppender(self.tmp_dir / "values.npy", np.int32)
+        self._provenance = _NpyAppender(self.tmp_dir / "provenance.npy", np.int64, (2,))
+        self._counts = _NpyAppender(self.tmp_dir / "counts.npy", np.int32) if with_counts else None
+        self.max_value = -1
+        self._closed = False
+
+    def __len__(self) -> int:
+        return self._values.rows
+
+    def add(self, keys, values, provenance, counts=None) -> None:
+        """Appends rows. ``keys`` `(n, key_dim)`, ``values`` `(n,)`, ``provenance`` `(n, 2)`; arrays or tensors."""
+        keys, values, provenance = (_to_numpy(x) for x in (keys, values, provenance))
+        n = keys.shape[0]
+        if keys.ndim != 2 or keys.shape[1] != self.key_dim:
+            raise ValueError(f"keys of shape {keys.shape}, expected (n, {self.key_dim})")
+        if values.shape != (n,) or provenance.shape != (n, 2):
+            raise ValueError(f"got {n} keys, values of shape {values.shape}, provenance of shape {provenance.shape}")
+        keys16 = keys.astype(np.float16)
+        if not np.isfinite(keys16).all():
+            bad = int((~np.isfinite(keys16)).any(axis=1).sum())
+            raise ValueError(f"{bad} of {n} keys are not finite in float16 (NaN states, or values beyond +-65504)")
+        if n and (values.min() < 0 or values.max() > np.iinfo(np.int32).max):
+            raise ValueError(f"values must be token ids in [0, 2^31), got range [{values.min()}, {values.max()}]")
+        if (counts is None) != (self._counts is None):
+            raise ValueError("counts must be given on every add() exactly when the writer was made with_counts=True")
+        self._keys.append(keys16)
+        self._values.append(values)
+        self._provenance.append(provenance)
+        if self._counts is not None:
+            self._counts.append(_to_numpy(counts))
+        if n:
+            self.max_value = max(self.max_value, int(values.max()))
+
+    def commit(self, metadata: dict[str, Any] | None = None) -> Path:
+        """Finishes the files, writes the metadata and moves the datastore to ``save_directory``."""
+        for appender in (self._keys, self._values, self._provenance, self._counts):
+            if appender is not None:
+                appender.close()
+        meta = dict(metadata or {})
+        meta.update(
+            format_version=FORMAT_VERSION,
+            num_entries=len(self),
+            key_dim=self.key_dim,
+            input_dim=meta.get("input_dim", self.key_dim),
+            key_dtype="float16",
+            value_dtype="int32",
+            max_value=self.max_value,
+            has_counts=self._counts is not None,
+        )
+        with open(self.tmp_dir / DATASTORE_CONFIG_NAME, "w") as f:
+            json.dump(meta, f, indent=2)
+        replace_directory(self.tmp_dir, self.save_directory)
+        self._closed = True
+        return self.save_directory
+
+    def abort(self) -> None:
+        """Drops everything written so far."""
+        for appender in (self._keys, self._values, self._provenance, self._counts):
+            if appender is not None and not appender._file.closed:
+                appender._file.close()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self._closed = True
+
+
+def _save_npy_chunked(path: Path, array: np.ndarray, chunk: int = 1 << 20) -> None:
+    appender = _NpyAppender(path, array.dtype, array.shape[1:])
+    for start in range(0, array.shape[0], chunk):
+        appender.append(array[start : start + chunk])
+    appender.close()
+
+
+def merge_datastores(
+    directories: Sequence[str | os.PathLike], save_directory: str | os.PathLike, metadata: dict | None = None
+) -> Path:
+    """Concatenates saved datastores (same key dim) into one at ``save_directory``, streaming, in the given order."""
+    from .knn_datastore import KNNDatastore
+
+    stores = [KNNDatastore.from_pretrained(d, load_index=False) for d in directories]
+    dims = {s.key_dim for s in stores}
+    if len(dims) != 1:
+        raise ValueError(f"cannot merge datastores of key dims {sorted(dims)}")
+    with_counts = any(s.counts is not None for s in stores)
+    writer = KNNDatastoreWriter(save_directory, dims.pop(), with_counts=with_counts)
+    try:
+        for store in stores:
+            step = 1 << 20
+            for start in range(0, len(store), step):
+                sl = slice(start, start + step)
+                counts = None
+                if with_counts:
+                    counts = store.counts[sl] if store.counts is not None else np.ones(len(store.values[sl]), np.int32)
+                writer.add(store.keys[sl], store.values[sl], store.provenance[sl], counts)
+        meta = dict(metadata if metadata is not None else stores[0].metadata)
+        return writer.commit(meta)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    width = max((len(s) for s in seqs), default=0)
+    out = torch.full((len(seqs), max(width, 1)), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+def _batch_tensors(batch, tokenizer, is_enc_dec, pretokenized, src_col, tgt_col, text_col, max_length, pad_id):
+    """Returns (model inputs, target ids (-100 = not stored)) for one batch of examples."""
+    trunc = {"truncation": max_length is not None, "max_length": max_length}
+    if pretokenized:
+        ids = [list(x) for x in batch["input_ids"]]
+        input_ids = _pad(ids, pad_id)
+        attention = _pad([list(x) for x in batch["attention_mask"]], 0) if "attention_mask" in batch else None
+        if attention is None:
+            attention = _pad([[1] * len(x) for x in ids], 0)
+        labels = _pad([list(x) for x in batch["labels"]], -100) if "labels" in batch else None
+    elif is_enc_dec:
+        enc = tokenizer(list(batch[src_col]), text_target=list(batch[tgt_col]), **trunc)
+        input_ids = _pad(enc["input_ids"], pad_id)
+        attention = _pad(enc["attention_mask"], 0)
+        labels = _pad(enc["labels"], -100)
+    else:
+        enc = tokenizer(list(batch[text_col]), **trunc)
+        input_ids = _pad(enc["input_ids"], pad_id)
+        attention = _pad(enc["attention_mask"], 0)
+        labels = None
+    if is_enc_dec:
+        return {"input_ids": input_ids, "attention_mask": attention}, labels
+    # Decoder-only: state t predicts token t + 1.
+    targets = input_ids.masked_fill(attention == 0, -100)
+    if labels is not None:
+        targets = targets.masked_fill(labels == -100, -100)
+    targets = torch.cat([targets[:, 1:], torch.full_like(targets[:, :1], -100)], dim=1)
+    return {"input_ids": input_ids, "attention_mask": attention}, targets
+
+
+def _decoder_inputs(model, labels: torch.Tensor) -> torch.Tensor:
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if callable(prepare):
+        return prepare(labels=labels)
+    config = model.config
+    start = config.decoder_start_token_id
+    if start is None:
+        raise ValueError(f"{type(model).__name__} has no decoder_start_token_id to shift the labels with")
+    shifted = labels.new_full(labels.shape, config.pad_token_id if config.pad_token_id is not None else 0)
+    shifted[:, 1:] = labels[:, :-1]
+    shifted[:, 0] = start
+    return shifted.masked_fill(shifted == -100, config.pad_token_id if config.pad_token_id is not None else 0)
+
+
+@torch.no_grad()
+def _build_shard(
+    model,
+    dataset,
+    start,
+    end,
+    writer,
+    tokenizer,
+    is_enc_dec,
+    pretokenized,
+    src_col,
+    tgt_col,
+    text_col,
+    batch_size,
+    max_length,
+    progress,
+):
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    if pad_id is None:
+        pad_id = model.config.pad_token_id if getattr(model.config, "pad_token_id", None) is not None else 0
+    bar = tqdm(total=end - start, desc="kNN datastore", unit="ex", disable=not progress)
+    try:
+        with KNNQueryHook(model, capture="all") as hook:
+            for lo in range(start, end, batch_size):
+                hi = min(lo + batch_size, end)
+                batch = dataset[lo:hi]
+                inputs, targets = _batch_tensors(
+                    batch, tokenizer, is_enc_dec, pretokenized, src_col, tgt_col, text_col, max_length, pad_id
+                )
+                inputs = {k: v.to(device) for k, v in inputs.items()}
+                if is_enc_dec:
+                    dec = _decoder_inputs(model, targets.to(device))
+                    model(**inputs, decoder_input_ids=dec, use_cache=False)
+                else:
+                    model(**inputs, use_cache=False)
+                states = hook.state  # (b, t, d)
+                targets = targets.to(device)
+                if states.shape[:2] != targets.shape:
+                    raise RuntimeError(f"captured states {tuple(states.shape[:2])} != targets {tuple(targets.shape)}")
+                mask = targets != -100
+                rows, cols = mask.nonzero(as_tuple=True)
+                keys = states[rows, cols]
+                if not torch.isfinite(keys).all():
+                    raise ValueError(f"the model produced non-finite hidden states for examples {lo}..{hi - 1}")
+                provenance = torch.stack([rows + lo, cols], dim=1)
+                writer.add(keys.float().cpu().numpy(), targets[rows, cols].cpu().numpy(), provenance.cpu().numpy())
+                bar.update(hi - lo)
+    finally:
+        bar.close()
+        model.train(was_training)

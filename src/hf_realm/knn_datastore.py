@@ -1,0 +1,695 @@
+"""kNN-MT / kNN-LM for `generate()`: a datastore of (hidden state -> next token) pairs and a logits processor.
+
+Khandelwal et al. 2020 (kNN-LM, arXiv:1911.00172) and 2021 (kNN-MT, arXiv:2010.00710): run a model teacher-forced
+over a corpus and store, for every target position, key = the hidden state that feeds the output embedding and
+value = the next target token. At decoding step t the current state queries the k nearest keys (squared L2) and
+
+    p_kNN(y) ∝ sum_{neighbours i with value y} count_i * exp(-d_i / T)
+    p(y)     = λ p_kNN(y) + (1 - λ) p_LM(y)                 (computed in log space)
+
+`KNNLogitsProcessor` injects this into `model.generate()`. A `LogitsProcessor` only sees `(input_ids, scores)`, so
+the query comes from a forward pre-hook on `model.get_output_embeddings()` that keeps the input of the output layer
+(`KNNQueryHook`); every `batch x beam` row of `scores` queries with its own last state.
+
+Layout of a saved datastore (`KNNDatastore.save_pretrained`):
+
+    knn_datastore.json   metadata: count, key dim, dtypes, model and tokenizer fingerprints, compression, history
+    keys.npy             (num_entries, key_dim) float16       (absent when keys are product-quantised)
+    values.npy           (num_entries,) int32                   next-token ids
+    provenance.npy       (num_entries, 2) int64                 (example id, target position) of every entry
+    counts.npy           (num_entries,) int32, optional         merge counts (greedy merging), used as weights
+    projection.npz       optional                               PCA of the keys: queries are projected the same way
+    pq.npz               optional                               product quantisation codes and codebooks
+    index.faiss          optional                               a trained faiss index (IVF-PQ / flat)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .fingerprint import _fingerprints_match, model_fingerprint, tokenizer_fingerprint
+from .hub_io import replace_directory
+from .knn_build import (
+    DATASTORE_CONFIG_NAME,
+    FORMAT_VERSION,
+    KNNDatastoreWriter,
+    _build_shard,
+    _save_npy_chunked,
+    _to_numpy,
+    merge_datastores,
+)
+from .knn_hook import KNNQueryHook
+from .search import exact_topk, import_faiss
+from .search.pq import _pq_search, _pq_sqnorms
+
+
+_INDEX_TYPES = ("auto", "torch", "faiss-flat", "faiss-ivfpq")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The datastore.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _DeviceStore:
+    """What the search needs, moved once to one device."""
+
+    device: torch.device
+    keys: torch.Tensor | None  # (n, d) fp16 (fp32 on CPU), None with PQ
+    key_bias: torch.Tensor | None  # (n,) fp32: -||k||^2 / 2
+    values: torch.Tensor  # (n,) int32
+    log_counts: torch.Tensor | None  # (n,) fp32
+    projection_bias: torch.Tensor | None
+    projection_matrix: torch.Tensor | None
+    pq_codes: torch.Tensor | None  # (n, m) uint8
+    pq_codebooks: torch.Tensor | None  # (m, ksub, dsub) fp32
+
+
+class KNNDatastore:
+    r"""A kNN-MT / kNN-LM datastore: keys (float16 hidden states), values (int32 next tokens), provenance.
+
+    Build one with [`KNNDatastore.build`] (teacher-forced over a `datasets.Dataset`), keep it with
+    `save_pretrained` / `from_pretrained` / `push_to_hub`, and decode with [`KNNLogitsProcessor`]. Arrays are
+    memory-mapped on load; the search structures are moved to a device on first use ([`KNNDatastore.to`]).
+
+    Args:
+        keys (`np.ndarray` of shape `(num_entries, key_dim)`, *optional*):
+            Keys, stored as float16. `None` only for product-quantised stores (``pq``).
+        values (`np.ndarray` of shape `(num_entries,)`):
+            Next-token ids.
+        provenance (`np.ndarray` of shape `(num_entries, 2)`, *optional*):
+            `(example id, target position)` of every entry; `-1` where unknown.
+        counts (`np.ndarray` of shape `(num_entries,)`, *optional*):
+            Number of original entries each entry stands for (greedy merging); a weight at search time.
+        metadata (`dict`, *optional*):
+            Model / tokenizer fingerprints, compression and pruning history (see `knn_datastore.json`).
+        projection (`dict`, *optional*):
+            `{"matrix": (input_dim, key_dim), "bias": (key_dim,)}`: queries are mapped to `q @ matrix + bias`
+            before the search (PCA compression; composes by matrix products).
+        pq (`dict`, *optional*):
+            `{"codes": (num_entries, m) uint8, "codebooks": (m, 256, key_dim / m) float32}` replacing ``keys``.
+
+    Example:
+
+    ```python
+    >>> import numpy as np, torch
+    >>> from hf_realm.knn_datastore import KNNDatastore
+    >>> store = KNNDatastore(keys=np.eye(3, dtype=np.float16), values=np.array([5, 6, 7]))
+    >>> sqdist, ids = store.search(torch.tensor([[0.0, 0.9, 0.0]]), k=2)
+    >>> ids.tolist(), store.values[ids[0]].tolist()
+    ([[1, 0]], [6, 5])
+    ```
+    """
+
+    def __init__(
+        self,
+        keys: np.ndarray | torch.Tensor | None = None,
+        values: np.ndarray | torch.Tensor | None = None,
+        provenance: np.ndarray | torch.Tensor | None = None,
+        counts: np.ndarray | torch.Tensor | None = None,
+        metadata: dict[str, Any] | None = None,
+        projection: dict[str, np.ndarray] | None = None,
+        pq: dict[str, np.ndarray] | None = None,
+    ):
+        if values is None:
+            raise ValueError("values are required")
+        self.values = _to_numpy(values)
+        if self.values.ndim != 1:
+            raise ValueError(f"values must be 1-d, got shape {self.values.shape}")
+        n = self.values.shape[0]
+        if self.values.dtype != np.int32:
+            self.values = self.values.astype(np.int32)
+        if keys is None and pq is None:
+            raise ValueError("either keys or pq codes are required")
+        if keys is not None:
+            keys = _to_numpy(keys)
+            if keys.dtype != np.float16:
+                keys = keys.astype(np.float16)
+            if keys.ndim != 2 or keys.shape[0] != n:
+                raise ValueError(f"keys of shape {keys.shape} for {n} values; expected ({n}, key_dim)")
+        self.keys = keys
+        self.pq = None
+        if pq is not None:
+            codes, codebooks = _to_numpy(pq["codes"]).astype(np.uint8), _to_numpy(pq["codebooks"]).astype(np.float32)
+            if codes.shape[0] != n or codes.ndim != 2 or codebooks.ndim != 3 or codebooks.shape[0] != codes.shape[1]:
+                raise ValueError(f"pq codes {codes.shape} / codebooks {codebooks.shape} do not fit {n} entries")
+            self.pq = {"codes": codes, "codebooks": codebooks}
+        self.provenance = (
+            np.full((n, 2), -1, dtype=np.int64) if provenance is None else _to_numpy(provenance).astype(np.int64)
+        )
+        if self.provenance.shape != (n, 2):
+            raise ValueError(f"provenance of shape {self.provenance.shape}, expected ({n}, 2)")
+        self.counts = None if counts is None else _to_numpy(counts).astype(np.int32)
+        if self.counts is not None and self.counts.shape != (n,):
+            raise ValueError(f"counts of shape {self.counts.shape}, expected ({n},)")
+        self.projection = None
+        if projection is not None:
+            matrix = _to_numpy(projection["matrix"]).astype(np.float32)
+            bias = _to_numpy(projection["bias"]).astype(np.float32)
+            if matrix.ndim != 2 or matrix.shape[1] != self.key_dim or bias.shape != (self.key_dim,):
+                raise ValueError(
+                    f"projection matrix {matrix.shape} / bias {bias.shape} do not map to key dim {self.key_dim}"
+                )
+            self.projection = {"matrix": matrix, "bias": bias}
+        self.metadata = dict(metadata or {})
+        self.metadata["num_entries"] = n
+        self.metadata["key_dim"] = self.key_dim
+        self.metadata["input_dim"] = self.input_dim
+        self.metadata["max_value"] = int(self.values.max()) if n else -1
+        self.metadata["has_counts"] = self.counts is not None
+        self._device_store: _DeviceStore | None = None
+        self._faiss_index = None
+        self.index_type = "torch"
+        self.index_options: dict[str, Any] = {}
+
+    # -- sizes ---------------------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self.values.shape[0])
+
+    def __repr__(self) -> str:
+        kind = "pq" if self.pq is not None else "float16"
+        return (
+            f"KNNDatastore(num_entries={len(self)}, key_dim={self.key_dim}, input_dim={self.input_dim}, keys={kind}, "
+            f"counts={self.counts is not None}, index={self.index_type!r})"
+        )
+
+    @property
+    def key_dim(self) -> int:
+        if self.keys is not None:
+            return int(self.keys.shape[1])
+        cb = self.pq["codebooks"]
+        return int(cb.shape[0] * cb.shape[2])
+
+    @property
+    def input_dim(self) -> int:
+        """Dimension of the model states (queries) before any projection."""
+        return int(self.projection["matrix"].shape[0]) if self.projection is not None else self.key_dim
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the search needs: keys (or PQ codes + codebooks), values, counts and the projection."""
+        total = self.values.nbytes
+        total += self.keys.nbytes if self.keys is not None else self.pq["codes"].nbytes + self.pq["codebooks"].nbytes
+        if self.counts is not None:
+            total += self.counts.nbytes
+        if self.projection is not None:
+            total += self.projection["bias"].nbytes + self.projection["matrix"].nbytes
+        return int(total)
+
+    # -- persistence ---------------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **push_kwargs) -> Path:
+        """Writes the datastore to ``save_directory`` (atomically: a temporary directory renamed at the end)."""
+        save_directory = Path(save_directory)
+        writer_meta = dict(self.metadata)
+        save_directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{save_directory.name}.tmp-", dir=save_directory.parent))
+        try:
+            if self.keys is not None:
+                _save_npy_chunked(tmp / "keys.npy", self.keys)
+            np.save(tmp / "values.npy", self.values)
+            np.save(tmp / "provenance.npy", self.provenance)
+            if self.counts is not None:
+                np.save(tmp / "counts.npy", self.counts)
+            if self.projection is not None:
+                np.savez(tmp / "projection.npz", **self.projection)
+            if self.pq is not None:
+                np.savez(tmp / "pq.npz", **self.pq)
+            if self._faiss_index is not None:
+                faiss = import_faiss()
+                faiss.write_index(self._faiss_index, str(tmp / "index.faiss"))
+                writer_meta["index"] = {"type": self.index_type, **self.index_options}
+            writer_meta.update(
+                format_version=FORMAT_VERSION,
+                key_dtype="float16" if self.keys is not None else "pq",
+                value_dtype="int32",
+            )
+            with open(tmp / DATASTORE_CONFIG_NAME, "w") as f:
+                json.dump(writer_meta, f, indent=2)
+            replace_directory(tmp, save_directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if push_to_hub:
+            repo_id = push_kwargs.pop("repo_id", save_directory.name)
+            self.push_to_hub(repo_id, _folder=save_directory, **push_kwargs)
+        return save_directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        mmap: bool = True,
+        repo_type: str = "dataset",
+        revision: str | None = None,
+        token: str | bool | None = None,
+        load_index: bool = True,
+    ) -> KNNDatastore:
+        """Loads a datastore from a local directory or a Hub repository (arrays memory-mapped by default)."""
+        path = Path(path_or_repo_id)
+        if not (path / DATASTORE_CONFIG_NAME).is_file():
+            if path.exists():
+                raise FileNotFoundError(f"{path} is not a kNN datastore: no {DATASTORE_CONFIG_NAME} in it")
+            from huggingface_hub import snapshot_download  # noqa: PLC0415
+
+            path = Path(snapshot_download(str(path_or_repo_id), repo_type=repo_type, revision=revision, token=token))
+        with open(path / DATASTORE_CONFIG_NAME) as f:
+            meta = json.load(f)
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(
+                f"datastore format {meta['format_version']} is newer than this library's {FORMAT_VERSION}"
+            )
+        n, dim = int(meta["num_entries"]), int(meta["key_dim"])
+        mode = "r" if mmap else None
+
+        def load(name, shape, required=True):
+            file = path / name
+            if not file.is_file():
+                if required:
+                    raise FileNotFoundError(f"{file} is missing from the datastore")
+                return None
+            try:
+                array = np.load(file, mmap_mode=mode)
+            except ValueError as err:
+                raise ValueError(
+                    f"{file} is truncated or corrupt ({err}); rebuild or re-download the datastore"
+                ) from err
+            if array.shape != shape:
+                raise ValueError(f"{file} holds shape {array.shape}, expected {shape} from {DATASTORE_CONFIG_NAME}")
+            return array
+
+        pq = None
+        keys = None
+        if (path / "pq.npz").is_file():
+            with np.load(path / "pq.npz") as z:
+                pq = {"codes": z["codes"], "codebooks": z["codebooks"]}
+        else:
+            keys = load("keys.npy", (n, dim))
+        values = load("values.npy", (n,))
+        provenance = load("provenance.npy", (n, 2))
+        counts = load("counts.npy", (n,), required=bool(meta.get("has_counts")))
+        projection = None
+        if (path / "projection.npz").is_file():
+            with np.load(path / "projection.npz") as z:
+                projection = {"matrix": z["matrix"], "bias": z["bias"]}
+        store = cls(keys, values, provenance, counts, meta, projection=projection, pq=pq)
+        if load_index and (path / "index.faiss").is_file():
+            faiss = import_faiss()
+            store._faiss_index = faiss.read_index(str(path / "index.faiss"))
+            index_meta = dict(meta.get("index", {}))
+            store.index_type = index_meta.pop("type", "faiss-ivfpq")
+            store.index_options = index_meta
+        return store
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        repo_type: str = "dataset",
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str = "Upload kNN datastore",
+        _folder: Path | None = None,
+    ):
+        """Uploads the datastore to the Hub (a dataset repository by default)."""
+        from huggingface_hub import HfApi  # noqa: PLC0415
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            folder = _folder
+            if folder is None:
+                folder = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "datastore"
+                self.save_pretrained(folder)
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=str(folder), repo_type=repo_type, commit_message=commit_message
+            )
+
+    # -- model compatibility -------------------------------------------------------------------------------------------
+
+    def check_model(self, model: nn.Module, tokenizer=None, check_weights: bool = True) -> None:
+        """Raises if ``model`` (or ``tokenizer``) is not the one this datastore was built with.
+
+        Checks the hidden size against the key (input) dim, the vocabulary against the largest value, and, when the
+        metadata holds them, the weights fingerprint and the tokenizer hash.
+        """
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        hidden = getattr(out, "in_features", None)
+        if hidden is None and isinstance(getattr(out, "weight", None), torch.Tensor):
+            hidden = out.weight.shape[1]
+        if hidden is not None and hidden != self.input_dim:
+            raise ValueError(f"model hidden size {hidden} != datastore key dim {self.input_dim}")
+        vocab = getattr(out, "out_features", None)
+        max_value = int(self.metadata.get("max_value", -1))
+        if vocab is not None and max_value >= vocab:
+            raise ValueError(f"datastore holds token id {max_value} but the model's vocabulary has {vocab} tokens")
+        stored = self.metadata.get("model_fingerprint")
+        if check_weights and stored is not None:
+            current = model_fingerprint(model)
+            if not _fingerprints_match(stored, current):
+                raise ValueError(
+                    "the model's weights do not match the datastore (weights hash "
+                    f"{current['sha256'][:12]} != {stored['sha256'][:12]} of "
+                    f"{self.metadata.get('model_name_or_path') or 'the building model'}); rebuild the datastore with "
+                    "this model, or pass check_weights=False if you know what you are doing"
+                )
+        stored_tok = self.metadata.get("tokenizer_hash")
+        if tokenizer is not None and stored_tok is not None:
+            current_tok = tokenizer_fingerprint(tokenizer)
+            if current_tok != stored_tok:
+                raise ValueError(
+                    f"tokenizer hash {current_tok[:12]} != {stored_tok[:12]} recorded in the datastore: the token ids "
+                    "(values) would mean other tokens"
+                )
+
+    # -- search --------------------------------------------------------------------------------------------------------
+
+    def build_index(
+        self, index_type: str = "auto", device: str | torch.device | None = None, **options
+    ) -> KNNDatastore:
+        """Chooses (and for faiss, trains) the search structure.
+
+        Args:
+            index_type (`str`, *optional*, defaults to `"auto"`):
+                `"torch"`: exact search on ``device`` (keys in fp16 on the GPU, fp32 on the CPU).
+                `"faiss-flat"`: exact faiss search on the CPU. `"faiss-ivfpq"`: approximate, for large stores.
+                `"auto"`: `"torch"` on a GPU when the keys fit in 80% of its free memory, or on the CPU up to 2M
+                entries; `"faiss-ivfpq"` otherwise.
+            device (`str` or `torch.device`, *optional*):
+                Device of the torch search (default: CUDA when available).
+            options:
+                faiss-ivfpq: `nlist` (default `4 * sqrt(n)`), `m` (sub-quantisers, default `key_dim / 8`), `nbits`
+                (8), `nprobe` (32), `rerank` (re-score `rerank * k` candidates exactly from the stored keys; 0 = off,
+                default 4), `train_size` (entries used to train, default 256 * nlist).
+        """
+        if index_type not in _INDEX_TYPES:
+            raise ValueError(f"index_type must be one of {_INDEX_TYPES}, got {index_type!r}")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+        if index_type == "auto":
+            index_type = self._auto_index_type(device)
+        if self.pq is not None and index_type != "torch":
+            raise ValueError(f"a product-quantised datastore is searched with index_type='torch', got {index_type!r}")
+        self.index_type = index_type
+        self.index_options = dict(options)
+        self._faiss_index = None
+        if index_type == "torch":
+            self.to(device)
+            return self
+        faiss = import_faiss()
+        keys = np.asarray(self.keys, dtype=np.float32)
+        d = self.key_dim
+        if index_type == "faiss-flat":
+            index = faiss.IndexFlatL2(d)
+        else:
+            n = len(self)
+            nlist = int(options.get("nlist", max(1, min(n // 39, int(4 * math.sqrt(n))))))
+            m = int(options.get("m", max(1, d // 8)))
+            if d % m:
+                raise ValueError(f"m={m} sub-quantisers must divide the key dim {d}")
+            nbits = int(options.get("nbits", 8))
+            quantizer = faiss.IndexFlatL2(d)
+            index = faiss.IndexIVFPQ(quantizer, d, nlist, m, nbits)
+            train_size = min(n, int(options.get("train_size", 256 * nlist)))
+            rng = np.random.default_rng(0)
+            sample = keys[np.sort(rng.choice(n, size=train_size, replace=False))]
+            index.train(sample)
+            index.nprobe = int(options.get("nprobe", 32))
+            self.index_options.update(nlist=nlist, m=m, nbits=nbits, nprobe=index.nprobe)
+            self.index_options.setdefault("rerank", 4)
+        for start in range(0, len(self), 1 << 18):
+            index.add(np.ascontiguousarray(keys[start : start + (1 << 18)]))
+        self._faiss_index = index
+        self.to(device, keys_on_device=False)
+        return self
+
+    def _auto_index_type(self, device: torch.device) -> str:
+        if self.pq is not None:
+            return "torch"
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return "torch" if self.keys.nbytes < 0.8 * free else "faiss-ivfpq"
+        return "torch" if len(self) <= 2_000_000 else "faiss-ivfpq"
+
+    def to(self, device: str | torch.device, keys_on_device: bool = True) -> KNNDatastore:
+        """Moves the search structures (keys, key norms, values, counts) to ``device``; a no-op when already there."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        current = self._device_store
+        if current is not None and current.device == device and (current.keys is not None or not keys_on_device):
+            return self
+        keys = key_bias = codes = codebooks = None
+        if self.pq is not None:
+            codes = torch.from_numpy(np.array(self.pq["codes"])).to(device)
+            codebooks = torch.from_numpy(self.pq["codebooks"]).to(device)
+            key_bias = -0.5 * _pq_sqnorms(codes, codebooks)
+        elif keys_on_device:
+            key_dtype = torch.float16 if device.type == "cuda" else torch.float32
+            keys = torch.empty((len(self), self.key_dim), dtype=key_dtype, device=device)
+            key_bias = torch.empty(len(self), dtype=torch.float32, device=device)
+            step = 1 << 20
+            for start in range(0, len(self), step):
+                chunk = torch.from_numpy(np.array(self.keys[start : start + step])).to(device)
+                keys[start : start + chunk.shape[0]] = chunk.to(key_dtype)
+                key_bias[start : start + chunk.shape[0]] = -0.5 * chunk.float().pow(2).sum(-1)
+        values = torch.from_numpy(np.array(self.values)).to(device)
+        log_counts = None
+        if self.counts is not None:
+            log_counts = torch.from_numpy(self.counts.astype(np.float32)).to(device).log()
+        bias = matrix = None
+        if self.projection is not None:
+            bias = torch.from_numpy(self.projection["bias"]).to(device)
+            matrix = torch.from_numpy(self.projection["matrix"]).to(device)
+        self._device_store = _DeviceStore(device, keys, key_bias, values, log_counts, bias, matrix, codes, codebooks)
+        return self
+
+    def project(self, queries: torch.Tensor) -> torch.Tensor:
+        """Maps model states (`input_dim`) to key space (`key_dim`), float32."""
+        queries = queries.float()
+        if queries.shape[-1] != self.input_dim:
+            raise ValueError(f"query dim {queries.shape[-1]} != datastore input dim {self.input_dim}")
+        store = self._device_store_for(queries.device)
+        if store.projection_matrix is not None:
+            queries = torch.addmm(store.projection_bias, queries, store.projection_matrix)
+        return queries
+
+    def _device_store_for(self, device: torch.device) -> _DeviceStore:
+        store = self._device_store
+        if store is None or store.device != device:
+            if self._faiss_index is not None:
+                self.to(device, keys_on_device=False)
+            else:
+                self.to(device)
+            store = self._device_store
+        return store
+
+    def search(self, queries: torch.Tensor, k: int, projected: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` nearest entries of every query, by squared L2 distance.
+
+        Args:
+            queries (`torch.Tensor` of shape `(num_queries, input_dim)`):
+                Model states (any float dtype, any device; results come back on the same device).
+            k (`int`):
+                Neighbours per query, `1 <= k <= len(self)`.
+            projected (`bool`, *optional*, defaults to `False`):
+                Whether ``queries`` are already in key space (see [`KNNDatastore.project`]).
+
+        Returns:
+            `tuple(torch.Tensor, torch.Tensor)`: squared distances (float32, ascending) and entry ids (int64), each
+            `(num_queries, k)`. With the torch index the distances of the candidates are recomputed exactly in
+            float32 from the keys (no fp16 cancellation).
+        """
+        if not 1 <= k <= len(self):
+            raise ValueError(f"k must be in [1, {len(self)}] (the datastore size), got {k}")
+        if queries.dim() != 2:
+            raise ValueError(f"queries must be 2-d (num_queries, dim), got shape {tuple(queries.shape)}")
+        q = queries.float() if projected else self.project(queries)
+        if q.shape[-1] != self.key_dim:
+            raise ValueError(f"query dim {q.shape[-1]} != datastore key dim {self.key_dim}")
+        store = self._device_store_for(q.device)
+        if self._faiss_index is not None:
+            return self._faiss_search(q, k)
+        if store.pq_codes is not None:
+            return _pq_search(q, store.pq_codes, store.pq_codebooks, store.key_bias, k)
+        _, ids = exact_topk(q, store.keys, k, key_bias=store.key_bias)
+        candidates = store.keys[ids].float()  # (b, k, d)
+        sqdist = (q.unsqueeze(1) - candidates).pow(2).sum(-1)
+        sqdist, order = sqdist.sort(dim=1)
+        return sqdist, ids.gather(1, order)
+
+    def _faiss_search(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rerank = int(self.index_options.get("rerank", 0)) if self.index_type == "faiss-ivfpq" else 0
+        fetch = min(len(self), k * rerank) if rerank > 0 else k
+        q_np = q.detach().cpu().numpy().astype(np.float32)
+        dist, ids = self._faiss_index.search(q_np, fetch)
+        if rerank > 0:
+            safe = np.where(ids < 0, 0, ids)
+            cand = np.asarray(self.keys[safe.reshape(-1)], dtype=np.float32).reshape(*safe.shape, -1)
+            dist = ((q_np[:, None, :] - cand) ** 2).sum(-1)
+            dist[ids < 0] = np.inf
+            order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+            dist, ids = np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
+        if (ids < 0).any():
+            raise RuntimeError(
+                f"the faiss index returned fewer than {k} neighbours for some queries; raise nprobe "
+                f"(now {self.index_options.get('nprobe')}) or lower k"
+            )
+        return torch.from_numpy(dist.astype(np.float32)).to(q.device), torch.from_numpy(ids).long().to(q.device)
+
+    # -- building ------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        dataset,
+        save_directory: str | os.PathLike,
+        tokenizer=None,
+        source_column: str | None = None,
+        target_column: str | None = None,
+        text_column: str | None = None,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        accelerator=None,
+        model_name_or_path: str | None = None,
+        progress: bool = True,
+    ) -> KNNDatastore:
+        """Runs ``model`` teacher-forced over ``dataset`` and streams one entry per target token to disk.
+
+        Encoder-decoder models (Marian, T5, BART, ...) read ``source_column`` -> ``target_column`` pairs; the entry
+        of target position t has key = decoder state at t, value = target token t. Decoder-only models (GPT-2,
+        Llama, ...) read ``text_column``; key = state at t, value = token t + 1. A dataset already tokenised
+        (columns `input_ids`, optionally `attention_mask` and `labels` with -100 at positions not to store) needs
+        no tokenizer.
+
+        Under `accelerate` (``accelerator`` with several processes) every rank builds a contiguous shard of the
+        dataset into its own directory and the main process merges them in order; all ranks return the merged store.
+
+        Args:
+            model (`PreTrainedModel`): the model, in the dtype and on the device to run it.
+            dataset (`datasets.Dataset`): the corpus.
+            save_directory (`str` or `os.PathLike`): where the datastore goes (replaced atomically if it exists).
+            tokenizer (`PreTrainedTokenizerBase`, *optional*): needed for raw-text columns; its hash is recorded.
+            source_column, target_column (`str`, *optional*): text columns for encoder-decoder models.
+            text_column (`str`, *optional*): text column for decoder-only models.
+            batch_size (`int`, *optional*, defaults to 32): examples per forward pass.
+            max_length (`int`, *optional*): truncation length of sources / targets / texts.
+            accelerator (`accelerate.Accelerator`, *optional*): for multi-process builds.
+            model_name_or_path (`str`, *optional*): recorded in the metadata (default: `model.name_or_path`).
+            progress (`bool`, *optional*, defaults to `True`): show a tqdm bar on the main process.
+
+        Example:
+
+        ```python
+        >>> import datasets, tempfile, torch
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> from hf_realm.knn_datastore import KNNDatastore
+        >>> model = GPT2LMHeadModel(GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)).eval()
+        >>> data = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3, 4], [5, 6]]})
+        >>> store = KNNDatastore.build(model, data, tempfile.mkdtemp() + "/ds", progress=False)
+        >>> len(store), store.values.tolist()
+        (4, [2, 3, 4, 6])
+        ```
+        """
+        is_enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+        columns = set(dataset.column_names)
+        pretokenized = "input_ids" in columns
+        if not pretokenized:
+            if tokenizer is None:
+                raise ValueError("a tokenizer is needed for a dataset without an `input_ids` column")
+            needed = [source_column, target_column] if is_enc_dec else [text_column]
+            if any(c is None for c in needed):
+                what = "source_column and target_column" if is_enc_dec else "text_column"
+                raise ValueError(f"{type(model).__name__} needs {what} for a raw-text dataset")
+            missing = [c for c in needed if c not in columns]
+            if missing:
+                raise ValueError(f"columns {missing} not in the dataset (it has {sorted(columns)})")
+        elif is_enc_dec and "labels" not in columns:
+            raise ValueError("a pre-tokenised dataset for an encoder-decoder model needs a `labels` column")
+        hook_probe = KNNQueryHook(model)  # raises early for models without an output embedding
+        out = hook_probe.module
+        key_dim = getattr(out, "in_features", None) or int(out.weight.shape[1])
+
+        num_processes = getattr(accelerator, "num_processes", 1) if accelerator is not None else 1
+        rank = getattr(accelerator, "process_index", 0) if accelerator is not None else 0
+        save_directory = Path(save_directory)
+        n = len(dataset)
+        bounds = [n * r // num_processes for r in range(num_processes + 1)]
+        start, end = bounds[rank], bounds[rank + 1]
+        shard_root = save_directory.with_name(f".{save_directory.name}.shards")
+        target_dir = save_directory if num_processes == 1 else shard_root / f"rank-{rank:05d}"
+
+        metadata = {
+            "model_name_or_path": model_name_or_path or getattr(model, "name_or_path", None) or None,
+            "model_class": type(model).__name__,
+            "model_fingerprint": model_fingerprint(model),
+            "is_encoder_decoder": is_enc_dec,
+            "tokenizer_name_or_path": getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None,
+            "tokenizer_hash": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
+            "vocab_size": int(getattr(out, "out_features", 0) or out.weight.shape[0]),
+            "source": {
+                "num_examples": n,
+                "fingerprint": getattr(dataset, "_fingerprint", None),
+                "columns": [source_column, target_column] if is_enc_dec else [text_column],
+            },
+            "history": [],
+        }
+        writer = KNNDatastoreWriter(target_dir, key_dim)
+        try:
+            _build_shard(
+                model, dataset, start, end, writer, tokenizer, is_enc_dec, pretokenized,
+                source_column, target_column, text_column, batch_size, max_length,
+                progress=progress and rank == 0,
+            )  # fmt: skip
+            writer.commit(metadata)
+        except BaseException:
+            writer.abort()
+            raise
+        if num_processes == 1:
+            return cls.from_pretrained(save_directory)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shards = [shard_root / f"rank-{r:05d}" for r in range(num_processes)]
+            merge_datastores(shards, save_directory, metadata=metadata)
+            shutil.rmtree(shard_root, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return cls.from_pretrained(save_directory)
+
+    # -- subsets (used by pruning) -------------------------------------------------------------------------------------
+
+    def select(self, indices, counts=None, history: dict[str, Any] | None = None) -> KNNDatastore:
+        """A new in-memory datastore with the entries ``indices`` (provenance kept), optionally new ``counts``."""
+        indices = np.asarray(_to_numpy(indices), dtype=np.int64)
+        if indices.ndim != 1 or (indices.size and (indices.min() < 0 or indices.max() >= len(self))):
+            raise ValueError(f"indices must be a 1-d array of entry ids in [0, {len(self)})")
+        if counts is None and self.counts is not None:
+            counts = self.counts[indices]
+        meta = dict(self.metadata)
+        meta["history"] = [*self.metadata.get("history", []), *([history] if history else [])]
+        pq = None
+        if self.pq is not None:
+            pq = {"codes": self.pq["codes"][indices], "codebooks": self.pq["codebooks"]}
+        return type(self)(
+            keys=None if self.keys is None else self.keys[indices],
+            values=self.values[indices],
+            provenance=self.provenance[indices],
+            counts=counts,
+            metadata=meta,
+            projection=self.projection,
+            pq=pq,
+        )
