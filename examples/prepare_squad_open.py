@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
+from hf_realm.utils import parse_args
+
 
 @dataclass
 class Arguments:
@@ -33,7 +35,7 @@ def split_articles(num_articles: int, test_fraction: float, seed: int) -> set[in
 
 
 def main(argv=None) -> dict:
-    (args,) = HfArgumentParser(Arguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse_args(HfArgumentParser(Arguments), argv)
     with open(args.squad_path) as f:
         articles = json.load(f)["data"]
     test_articles = split_articles(len(articles), args.test_fraction, args.seed)

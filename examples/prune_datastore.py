@@ -29,7 +29,6 @@ loadable with `from_pretrained` and usable by `KNNLogitsProcessor` like the orig
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +47,7 @@ from hf_realm.knn_pruning import (  # noqa: E402
     parse_shrink_spec,
     shrink_datastore,
 )
+from hf_realm.utils import MATPLOTLIB, SACREBLEU, check_dependencies, parse_args  # noqa: E402
 
 
 METHODS = ("random", "cluster", "greedy_merge", "greedy_merge_mean", "confidence")
@@ -176,13 +176,19 @@ def _load_knn_run(args: PruneArguments, log) -> dict:
     return json.loads((knn_dir / "all_results.json").read_text())
 
 
+def make_parser() -> HfArgumentParser:
+    return HfArgumentParser(PruneArguments)
+
+
+def check_extras(args: PruneArguments) -> None:
+    """Fail before any work (the default first runs knn_translate.py for minutes) when an optional package is
+    missing."""
+    check_dependencies("examples/prune_datastore.py", [SACREBLEU, MATPLOTLIB])
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser(PruneArguments)
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        (args,) = parser.parse_json_file(os.path.abspath(argv[0]))
-    else:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    (args,) = parse_args(make_parser(), argv)
+    check_extras(args)
 
     def log(msg):
         print(msg, flush=True)

@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
+
+@contextlib.contextmanager
+def quiet_faiss_loader():
+    """faiss's loader logs at INFO which CPU build it tries (a failed AVX512 attempt reads like an error): keep it to
+    warnings while faiss is imported."""
+    loader = logging.getLogger("faiss.loader")
+    level = loader.level
+    loader.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        loader.setLevel(level)
+
 
 def import_faiss():
     try:
-        import faiss
+        with quiet_faiss_loader():
+            import faiss
     except ImportError as err:
         raise ImportError(
             "this index backend needs faiss: `pip install faiss-cpu` (or `pip install hf_realm[faiss]`; "
