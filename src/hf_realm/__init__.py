@@ -69,7 +69,11 @@ from .world import KnowledgeWorld, WorldConfig
 def _register() -> None:
     AutoConfig.register("realm", RealmConfig, exist_ok=True)
     AutoModel.register(RealmConfig, RealmEmbedder, exist_ok=True)
-    AutoModelForMaskedLM.register(RealmConfig, RealmKnowledgeAugEncoder, exist_ok=True)
+    # A tuple: transformers picks the class named in config.json's `architectures` (the first one by default), so
+    # 4.x encoder checkpoints load as `RealmKnowledgeAugEncoder` and what REALM pretraining saved as itself.
+    AutoModelForMaskedLM._model_mapping.register(
+        RealmConfig, (RealmKnowledgeAugEncoder, RealmForMaskedLM), exist_ok=True
+    )
     AutoModelForQuestionAnswering.register(RealmConfig, RealmForOpenQA, exist_ok=True)
     AutoTokenizer.register(RealmConfig, fast_tokenizer_class=RealmTokenizer, exist_ok=True)
 

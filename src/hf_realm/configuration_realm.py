@@ -59,6 +59,9 @@ class RealmConfig(PreTrainedConfig):
         searcher_beam_size (`int`, *optional*, defaults to 5000):
             Number of blocks retrieved for the retriever loss in training. In eval mode [`RealmForOpenQA`] retrieves
             `reader_beam_size` blocks.
+        position_embedding_type (`str`, *optional*, defaults to `"absolute"`):
+            Only `"absolute"`: 4.x also accepted `"relative_key"` / `"relative_key_query"`, which transformers 5's BERT
+            dropped, so such a config is refused rather than run with absolute positions.
         share_embedders (`bool`, *optional*, defaults to `True`):
             Whether [`RealmForMaskedLM`] / [`RealmForInverseClozeTask`] embed queries and documents with one
             embedder (as 4.x's `RealmScorer` does by default). Separate towers barely learn ICT from scratch on small
@@ -98,6 +101,7 @@ class RealmConfig(PreTrainedConfig):
     reader_seq_len: int = 320  # 288 + 32
     num_block_records: int = 13353718
     searcher_beam_size: int = 5000
+    position_embedding_type: str = "absolute"
     share_embedders: bool = True
     # 4.x defaults, kept: `pad_token_id` is the `padding_idx` of the word embeddings (REALM's vocab pads with 0,
     # but 4.x checkpoints were trained with this value and old config.json files carry it).
@@ -111,6 +115,7 @@ class RealmConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
+        check_position_embedding_type(self)
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
@@ -121,6 +126,18 @@ class RealmConfig(PreTrainedConfig):
                 f"reader_beam_size ({self.reader_beam_size}) must be <= searcher_beam_size ({self.searcher_beam_size})"
             )
         super().__post_init__(**kwargs)
+
+
+def check_position_embedding_type(config) -> None:
+    """Refuse 4.x's relative position embeddings: transformers 5's BERT, which the REALM encoders are built on, has
+    only absolute ones, and a checkpoint trained with relative ones would silently compute something else."""
+    kind = getattr(config, "position_embedding_type", "absolute")
+    if kind != "absolute":
+        raise ValueError(
+            f"position_embedding_type: expected 'absolute', got {kind!r}. transformers 5's BERT (which hf_realm's "
+            "REALM encoders use) dropped relative position embeddings, so this 4.x checkpoint cannot be run as "
+            "trained."
+        )
 
 
 __all__ = ["RealmConfig"]

@@ -29,7 +29,8 @@ from transformers.modeling_utils import AttentionInterface
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertModel
 from transformers.utils import ModelOutput, logging
 
-from .configuration_realm import RealmConfig
+from .configuration_realm import RealmConfig, check_position_embedding_type
+from .loading import OTHER_PART, checkpoint_part, part_key_mapping, restore_attachments
 
 
 logger = logging.get_logger(__name__)
@@ -300,13 +301,24 @@ class RealmPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     # Buffers that older (transformers < 4.31) REALM checkpoints saved; 4.x's `query_embedder.*` copies when the scorer
     # shares its embedder (see `RealmScorer`).
-    _keys_to_ignore_on_load_unexpected = [r"position_ids$", r"embeddings\.token_type_ids$"]
+    # and the weights of the other parts when one part is loaded from a composite checkpoint (see `loading.py`).
+    _keys_to_ignore_on_load_unexpected = [r"position_ids$", r"embeddings\.token_type_ids$", rf"^{OTHER_PART}\."]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained`, refusing checkpoints of another model type up front (a BERT checkpoint
-        would otherwise load with every REALM weight missing); see [`RealmEmbedder.from_bert`] for those."""
-        if pretrained_model_name_or_path is not None and not isinstance(kwargs.get("config"), PreTrainedConfig):
+        would otherwise load with every REALM weight missing; see [`RealmEmbedder.from_bert`] for those), and loading
+        REALM checkpoints of another class only as one of their parts:
+
+        - a part class on a composite checkpoint (`RealmEmbedder` or `AutoModel` on what `RealmForOpenQA` or
+          `RealmForMaskedLM` saved) loads that part's trained weights when the part is unambiguous, and otherwise
+          raises an error naming what to load (never a randomly initialised model);
+        - from a local directory, `index/` (a saved [`RealmBlockIndex`]) is restored into `model.index`, and for
+          [`RealmForOpenQA`] the saved block records and tokenizer into `model.retriever`, unless `index=` /
+          `retriever=` are given (`index=None` keeps it unset).
+        """
+        config = kwargs.get("config")
+        if pretrained_model_name_or_path is not None and not isinstance(config, PreTrainedConfig):
             hub_kwargs = {
                 k: kwargs[k]
                 for k in ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
@@ -320,12 +332,23 @@ class RealmPreTrainedModel(PreTrainedModel):
                     f"'{RealmConfig.model_type}'. To start a REALM model from a BERT-family encoder use "
                     f"{cls.__name__}.from_bert(...)."
                 )
+            architectures, shared = config_dict.get("architectures"), config_dict.get("share_embedders", True)
+        else:  # the Auto classes pass the config they read
+            architectures, shared = getattr(config, "architectures", None), getattr(config, "share_embedders", True)
+        if pretrained_model_name_or_path is not None:
+            path = os.fspath(pretrained_model_name_or_path)
+            part = checkpoint_part(cls.__name__, path, architectures, shared)
+            if part is not None and "key_mapping" not in kwargs:
+                logger.info(f"{path} holds a {architectures[0]}: loading its {part} as {cls.__name__}")
+                kwargs["key_mapping"] = part_key_mapping(part)
         # Attached objects are set after loading: transformers deep-copies keyword arguments while reading the config,
         # which would copy a whole corpus index (or fail on its lock).
         attached = {name: kwargs.pop(name) for name in ("index", "retriever") if name in kwargs}
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         for name, value in attached.items():
             setattr(model, name, value)
+        if pretrained_model_name_or_path is not None:
+            restore_attachments(model, os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder"), attached)
         return model
 
     @classmethod
@@ -450,6 +473,7 @@ def _fast_activation(config: RealmConfig):
 def _bert(config: RealmConfig) -> BertModel:
     # The BERT shares the REALM config object, so the attention implementation, dtype and gradient checkpointing set
     # on the REALM model apply to it.
+    check_position_embedding_type(config)  # 4.x code may set it on the config after construction
     bert = BertModel(config, add_pooling_layer=True)
     if config.hidden_act == "gelu_new":
         for layer in bert.encoder.layer:

@@ -3,7 +3,8 @@
 `RealmRetriever` is the transformers 4.x class (same constructor, `__call__`, `from_pretrained`,
 `save_pretrained`), with one change: block records are saved as Parquet (through `datasets`), and a 4.x pickled
 `block_records.npy` loads only with an explicit opt-in (`allow_pickle=True`, or 4.x's `TRUST_REMOTE_CODE=True`
-environment variable).
+environment variable). `save_pretrained(..., legacy_npy=True)` also writes a `block_records.npy` that 4.x reads and
+that needs no pickle (fixed-width bytes).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ logger = logging.get_logger(__name__)
 
 _REALM_BLOCK_RECORDS_FILENAME = "block_records.npy"  # 4.x: a pickled numpy object array of bytes
 BLOCK_RECORDS_PARQUET = "block_records.parquet"
+BLOCK_RECORDS_NPY = _REALM_BLOCK_RECORDS_FILENAME
 
 
 def _truthy(value: str | None) -> bool:
@@ -61,6 +63,33 @@ def _load_block_records(path: str) -> np.ndarray:
 
     texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
     return np.array([t.encode() for t in texts], dtype=object)
+
+
+def _save_block_records_npy(block_records, path: str) -> None:
+    """A 4.x-readable `block_records.npy` without pickle: fixed-width bytes (`S<longest record>`), which 4.x's
+    `np.load(path, allow_pickle=True)` reads as well as `allow_pickle=False` does. Every record takes the width of the
+    longest one on disk."""
+    data = [b if isinstance(b, bytes) else str(b).encode() for b in block_records]
+    # numpy's fixed-width bytes drop trailing NUL bytes: refuse rather than change a record.
+    bad = next((i for i, b in enumerate(data) if b.endswith(b"\x00")), None)
+    if bad is not None:
+        raise ValueError(f"block record {bad} ends with a NUL byte, which a fixed-width .npy cannot keep")
+    width = max((len(b) for b in data), default=1) or 1
+    np.save(path, np.array(data, dtype=f"S{width}"), allow_pickle=False)
+
+
+def _read_block_records_file(path: str, allow_pickle: bool | None) -> np.ndarray:
+    """Parquet or `.npy`, told apart by their magic bytes (a Hub download may name either)."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic[:4] == b"PAR1":
+        return _load_block_records(path)
+    if magic != b"\x93NUMPY":
+        raise ValueError(f"{path} is neither Parquet nor a numpy .npy file (starts with {magic!r})")
+    try:
+        return np.load(path, allow_pickle=False)  # fixed-width bytes: safe
+    except ValueError:  # an object array: a 4.x pickle
+        return load_legacy_block_records(path, allow_pickle)
 
 
 class RealmRetriever:
@@ -137,10 +166,8 @@ class RealmRetriever:
                 parquet, legacy = hf_hub_download(path, BLOCK_RECORDS_PARQUET, **hub_kwargs), None
             except EntryNotFoundError:
                 parquet, legacy = None, hf_hub_download(path, _REALM_BLOCK_RECORDS_FILENAME, **hub_kwargs)
-        if parquet is not None:
-            block_records = _load_block_records(parquet)
-        elif legacy is not None:
-            block_records = load_legacy_block_records(legacy, allow_pickle)
+        if parquet is not None or legacy is not None:
+            block_records = _read_block_records_file(parquet or legacy, allow_pickle)
         else:
             raise FileNotFoundError(
                 f"{path} holds neither {BLOCK_RECORDS_PARQUET} nor a 4.x {_REALM_BLOCK_RECORDS_FILENAME}"
@@ -148,12 +175,27 @@ class RealmRetriever:
         tokenizer = AutoTokenizer.from_pretrained(path, *init_inputs, **kwargs)
         return cls(block_records, tokenizer)
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Save the block records (Parquet) and the tokenizer; the directory is replaced only once both are written."""
+    def save_pretrained(self, save_directory: str | os.PathLike, legacy_npy: bool = False) -> None:
+        """Save the block records (Parquet) and the tokenizer (with the `vocab.txt` 4.x reads); the files appear only
+        once all are written.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): Directory to write to.
+            legacy_npy (`bool`, *optional*, defaults to `False`):
+                Also write `block_records.npy` as fixed-width bytes, so that transformers 4.x's `RealmRetriever`
+                (which reads only that file) loads the directory; it needs no pickle to read.
+        """
         save_directory = str(save_directory)
         os.makedirs(save_directory, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=save_directory, prefix=".tmp-") as tmp:
             _save_block_records(self.block_records, os.path.join(tmp, BLOCK_RECORDS_PARQUET))
+            if legacy_npy:
+                _save_block_records_npy(self.block_records, os.path.join(tmp, _REALM_BLOCK_RECORDS_FILENAME))
+            elif os.path.isfile(os.path.join(save_directory, _REALM_BLOCK_RECORDS_FILENAME)):
+                logger.warning(
+                    f"{save_directory} keeps an older {_REALM_BLOCK_RECORDS_FILENAME}, which transformers 4.x would "
+                    "read instead of the new records: pass legacy_npy=True to rewrite it"
+                )
             self.tokenizer.save_pretrained(tmp)
             for name in os.listdir(tmp):
                 os.replace(os.path.join(tmp, name), os.path.join(save_directory, name))
