@@ -129,7 +129,7 @@ def test_script_run_as_a_file_fails_fast(tmp_path):
         timeout=300,
     )
     assert proc.returncode != 0
-    assert 'MissingDependencyError: examples/knn_translate.py needs sacrebleu (BLEU scores)' in proc.stderr
+    assert "MissingDependencyError: examples/knn_translate.py needs sacrebleu (BLEU scores)" in proc.stderr
     assert 'pip install -e ".[mt]"' in proc.stderr
     assert "Built-in task" not in proc.stdout and not out.exists()
 

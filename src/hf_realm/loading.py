@@ -48,9 +48,9 @@ _AUTO_CLASS = {
 INDEX_DIR = "index"
 
 
-def _describe(name: str) -> str:
+def _describe(name: str, path: str) -> str:
     auto = _AUTO_CLASS.get(name)
-    return f"{name}.from_pretrained" + (f" or {auto}.from_pretrained" if auto else "")
+    return f"{name}.from_pretrained({path!r})" + (f" (or {auto})" if auto else "")
 
 
 def _part_list(path: str, arch: str) -> str:
@@ -78,11 +78,11 @@ def checkpoint_part(cls_name: str, path: str, architectures, share_embedders: bo
         raise ValueError(
             f"{path} holds a {arch} with separate {' and '.join(parts)} (config.json architectures {architectures}): "
             f"which {cls_name} to load is ambiguous. Load one of {', '.join(os.path.join(path, p) for p in parts)}, "
-            f"or the whole model with {_describe(arch)}({path!r}){_part_list(path, arch)}."
+            f"or the whole model with {_describe(arch, path)}{_part_list(path, arch)}."
         )
     raise ValueError(
         f"{path} holds a {arch} (config.json architectures {architectures}), expected a {cls_name}: loading it as "
-        f"{cls_name} would leave every weight randomly initialised. Load it with {_describe(arch)}({path!r})"
+        f"{cls_name} would leave every weight randomly initialised. Load it with {_describe(arch, path)}"
         f"{_part_list(path, arch)}."
     )
 

@@ -1,0 +1,253 @@
+"""Loading what the examples save: the Auto classes and `from_pretrained` on every directory they write give the
+trained model (with its index and retriever) or an error naming what to load, never a randomly initialised model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForQuestionAnswering
+
+from hf_realm import (
+    RealmBlockIndex,
+    RealmConfig,
+    RealmEmbedder,
+    RealmForMaskedLM,
+    RealmForOpenQA,
+    RealmKnowledgeAugEncoder,
+    RealmReader,
+    RealmRetriever,
+    build_corpus,
+)
+from hf_realm.openqa import DataCollatorForOpenQA
+
+from .toy import BLOCKS, WORDS, toy_tokenizer
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMBED = {"show_progress": False}
+
+
+def tiny_config(**overrides):
+    fields = dict(
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        retriever_proj_size=16,
+        num_candidates=3,
+        span_hidden_size=8,
+        max_span_width=3,
+        reader_beam_size=2,
+        searcher_beam_size=4,
+        reader_seq_len=24,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
+    )
+    fields.update(overrides)
+    return RealmConfig(**fields)
+
+
+def toy_index(tokenizer, embedder):
+    corpus = build_corpus(datasets.Dataset.from_dict({"text": BLOCKS}), tokenizer, block_seq_len=32)
+    return RealmBlockIndex.build(corpus, embedder, backend="torch", embed_kwargs=EMBED)
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def save_like_train_realm(path, share_embedders):
+    """What examples/train_realm.py writes: `trainer.save_model(out)` (the model, its parts, `index/`), the tokenizer,
+    and the ICT phase's (empty) output dir."""
+    torch.manual_seed(0)
+    tokenizer = toy_tokenizer()
+    model = RealmForMaskedLM(tiny_config(share_embedders=share_embedders)).eval()
+    model.index = toy_index(tokenizer, model.embedder)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    os.makedirs(os.path.join(path, "ict"))
+    return model, tokenizer
+
+
+def save_like_finetune_openqa(path):
+    """What examples/finetune_openqa.py writes: the model, the retriever (block records + tokenizer), `index/`."""
+    torch.manual_seed(0)
+    tokenizer = toy_tokenizer()
+    retriever = RealmRetriever(np.array([b.encode() for b in BLOCKS], dtype=object), tokenizer)
+    model = RealmForOpenQA(tiny_config(num_block_records=0), retriever=retriever).eval()
+    index = toy_index(tokenizer, model.embedder)
+    model.index = index
+    model.save_pretrained(path)
+    model.retriever.save_pretrained(path)
+    index.save_pretrained(os.path.join(path, "index"))
+    return model, tokenizer
+
+
+def masked_batch():
+    input_ids = torch.tensor([[2, 5, 4, 17, 3], [2, 6, 4, 25, 3]])
+    labels = torch.full_like(input_ids, -100)
+    labels[:, 2] = torch.tensor([16, 20])
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+@pytest.fixture(scope="module")
+def realm_dirs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("outputs")
+    return {
+        "shared": (str(base / "shared"), *save_like_train_realm(str(base / "shared"), True)),
+        "separate": (str(base / "separate"), *save_like_train_realm(str(base / "separate"), False)),
+    }
+
+
+@pytest.fixture(scope="module")
+def openqa_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("outputs") / "finetune_openqa")
+    return (path, *save_like_finetune_openqa(path))
+
+
+@pytest.mark.parametrize("kind", ["shared", "separate"])
+@pytest.mark.parametrize("loader", [AutoModelForMaskedLM.from_pretrained, RealmForMaskedLM.from_pretrained])
+def test_masked_lm_root_gives_the_trained_model_with_its_index(realm_dirs, kind, loader, caplog):
+    path, model, _ = realm_dirs[kind]
+    with caplog.at_level(logging.INFO, logger="hf_realm"):
+        loaded = loader(path).eval()
+    assert type(loaded) is RealmForMaskedLM and same_weights(loaded, model)
+    assert isinstance(loaded.index, RealmBlockIndex)
+    assert torch.equal(loaded.index.embeddings, model.index.embeddings)
+    assert f"restored the corpus index ({len(BLOCKS)} blocks) from {os.path.join(path, 'index')}" in caplog.text
+    with torch.no_grad():
+        expected, got = model(**masked_batch()), loaded(**masked_batch())
+    assert torch.equal(expected.retrieved_block_ids, got.retrieved_block_ids)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=0)
+
+
+def test_explicit_index_wins_and_index_none_keeps_it_unset(realm_dirs):
+    path, model, _ = realm_dirs["shared"]
+    assert RealmForMaskedLM.from_pretrained(path, index=None).index is None
+    assert RealmForMaskedLM.from_pretrained(path, index=model.index).index is model.index
+
+
+def test_auto_model_on_the_root_loads_the_shared_embedder(realm_dirs):
+    path, model, _ = realm_dirs["shared"]
+    embedder = AutoModel.from_pretrained(path)
+    assert type(embedder) is RealmEmbedder and same_weights(embedder, model.embedder)
+
+
+def test_auto_model_on_the_root_with_two_embedders_names_the_sub_directories(realm_dirs):
+    path, _, _ = realm_dirs["separate"]
+    with pytest.raises(ValueError) as err:
+        AutoModel.from_pretrained(path)
+    message = str(err.value)
+    assert "separate embedder and query_embedder" in message
+    for sub in ("embedder", "query_embedder"):
+        assert os.path.join(path, sub) in message
+    assert f"RealmForMaskedLM.from_pretrained({path!r}) (or AutoModelForMaskedLM)" in message
+
+
+@pytest.mark.parametrize("loader", [AutoModelForQuestionAnswering.from_pretrained, RealmReader.from_pretrained])
+def test_other_classes_on_the_masked_lm_root_are_refused(realm_dirs, loader):
+    path, _, _ = realm_dirs["separate"]
+    with pytest.raises(ValueError, match="holds a RealmForMaskedLM .* would leave every weight randomly initialised"):
+        loader(path)
+
+
+@pytest.mark.parametrize("kind", ["shared", "separate"])
+def test_every_sub_directory_loads_its_part(realm_dirs, kind):
+    path, model, tokenizer = realm_dirs[kind]
+    assert same_weights(AutoModel.from_pretrained(os.path.join(path, "embedder")), model.embedder)
+    encoder = AutoModelForMaskedLM.from_pretrained(os.path.join(path, "encoder"))
+    assert type(encoder) is RealmKnowledgeAugEncoder and same_weights(encoder, model.encoder)
+    if kind == "separate":
+        assert same_weights(AutoModel.from_pretrained(os.path.join(path, "query_embedder")), model.query_embedder)
+    with pytest.raises(ValueError, match="holds a RealmEmbedder .* expected a RealmKnowledgeAugEncoder"):
+        AutoModelForMaskedLM.from_pretrained(os.path.join(path, "embedder"))
+    index = RealmBlockIndex.from_pretrained(os.path.join(path, "index"))
+    assert torch.equal(index.embeddings, model.index.embeddings)
+    assert os.listdir(os.path.join(path, "ict")) == []  # nothing to load there
+
+
+@pytest.mark.parametrize("loader", [AutoModelForQuestionAnswering.from_pretrained, RealmForOpenQA.from_pretrained])
+def test_openqa_root_gives_the_model_with_index_and_retriever(openqa_dir, loader, caplog):
+    path, model, tokenizer = openqa_dir
+    with caplog.at_level(logging.INFO, logger="hf_realm"):
+        loaded = loader(path).eval()
+    assert type(loaded) is RealmForOpenQA and same_weights(loaded, model)
+    assert torch.equal(loaded.index.embeddings, model.index.embeddings)
+    assert list(loaded.retriever.block_records) == list(model.retriever.block_records)
+    assert "restored the corpus index" in caplog.text and "restored the retriever" in caplog.text
+    batch = DataCollatorForOpenQA(tokenizer)([{"question": "who wrote hamlet ?", "answers": ["shakespeare"]}])
+    with torch.no_grad():
+        expected, got = model(**batch), loaded(**batch)
+    assert torch.equal(expected.reader_output.block_idx, got.reader_output.block_idx)
+    assert [a.tolist() for a in expected.predicted_answer_ids] == [a.tolist() for a in got.predicted_answer_ids]
+    torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=0)
+
+
+def test_parts_of_the_openqa_root(openqa_dir):
+    path, model, _ = openqa_dir
+    embedder = AutoModel.from_pretrained(path)  # the trained query embedder, not a fresh one
+    assert type(embedder) is RealmEmbedder and same_weights(embedder, model.embedder)
+    assert same_weights(RealmReader.from_pretrained(path), model.reader)
+    with pytest.raises(ValueError, match=r"holds a RealmForOpenQA .*AutoModelForQuestionAnswering"):
+        AutoModelForMaskedLM.from_pretrained(path)
+    with pytest.raises(ValueError, match="holds a RealmForOpenQA"):
+        RealmForMaskedLM.from_pretrained(path)
+
+
+def test_a_4x_pickled_retriever_is_not_restored_silently(caplog, monkeypatch):
+    """4.x wrote block records as a pickle: loading the model warns and leaves the retriever to the caller."""
+    monkeypatch.delenv("TRUST_REMOTE_CODE", raising=False)
+    path = os.path.join(ROOT, "tests", "fixtures", "tf4", "openqa")
+    with caplog.at_level(logging.WARNING, logger="hf_realm"):
+        model = RealmForOpenQA.from_pretrained(path)
+    assert model.retriever is None and model.index is None
+    assert "was not restored" in caplog.text and "allow_pickle=True" in caplog.text
+
+
+@pytest.mark.slow
+def test_directories_written_by_the_examples(tmp_path):
+    """Run train_realm.py and finetune_openqa.py on tiny settings, then load every directory they wrote."""
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
+    tiny = ["--num_entities", "40", "--max_steps", "2", "--per_device_train_batch_size", "4"]
+    train = str(tmp_path / "train_realm")
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "train_realm.py"), *tiny, "--hidden_size", "32",
+         "--intermediate_size", "37", "--retriever_proj_size", "16", "--num_candidates", "3", "--ict_steps", "2",
+         "--ict_batch_size", "8", "--max_eval_examples", "8", "--share_embedders", "false", "--output_dir", train],
+        check=True, env=env, capture_output=True, timeout=600,
+    )  # fmt: skip
+    finetune = str(tmp_path / "finetune_openqa")
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "finetune_openqa.py"), *tiny, "--realm_checkpoint", train,
+         "--searcher_beam_size", "6", "--reader_beam_size", "2", "--max_eval_examples", "8", "--output_dir", finetune],
+        check=True, env=env, capture_output=True, timeout=600,
+    )  # fmt: skip
+    masked_lm = AutoModelForMaskedLM.from_pretrained(train)
+    assert type(masked_lm) is RealmForMaskedLM and len(masked_lm.index) == 40
+    with pytest.raises(ValueError, match="query_embedder"):
+        AutoModel.from_pretrained(train)
+    for sub, part in (("embedder", "embedder"), ("query_embedder", "query_embedder"), ("encoder", "encoder")):
+        auto = AutoModelForMaskedLM if sub == "encoder" else AutoModel
+        assert same_weights(auto.from_pretrained(os.path.join(train, sub)), getattr(masked_lm, part))
+    qa = AutoModelForQuestionAnswering.from_pretrained(finetune)
+    assert type(qa) is RealmForOpenQA and len(qa.index) == 40 and len(qa.retriever.block_records) == 40
+    assert same_weights(AutoModel.from_pretrained(finetune), qa.embedder)
+    results = json.loads((tmp_path / "finetune_openqa" / "all_results.json").read_text())
+    from hf_realm.openqa import evaluate_open_qa
+    from hf_realm.world import KnowledgeWorld
+
+    questions = KnowledgeWorld(num_entities=40, seed=0).qa()["test"].select(range(8))
+    metrics, _ = evaluate_open_qa(qa.eval(), questions, qa.retriever.tokenizer, batch_size=32)
+    assert metrics["exact_match"] == pytest.approx(results["eval_exact_match"])  # the trained model, as evaluated
