@@ -1,6 +1,6 @@
 """REALM tokenizer: transformers 5's BERT WordPiece tokenizer plus the 4.x methods REALM code calls
 (`batch_encode_candidates`, `encode_plus`, `batch_encode_plus`, `build_inputs_with_special_tokens`,
-`create_token_type_ids_from_sequences`), and a `vocab.txt` on save so that 4.x's slow tokenizer reads it."""
+`create_token_type_ids_from_sequences`, `get_special_tokens_mask` on ids without special tokens), and a `vocab.txt` on save so that 4.x's slow tokenizer reads it."""
 
 from __future__ import annotations
 
@@ -104,6 +104,15 @@ class RealmTokenizer(BertTokenizer):
         `B [SEP]`."""
         first = [0] * (len(token_ids_0) + 2)
         return first if token_ids_1 is None else first + [1] * (len(token_ids_1) + 1)
+
+    def get_special_tokens_mask(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None, already_has_special_tokens: bool = False
+    ) -> list[int]:
+        """1 where [`~RealmTokenizer.build_inputs_with_special_tokens`] adds `[CLS]` / `[SEP]`, 0 on the tokens."""
+        if already_has_special_tokens:
+            return super().get_special_tokens_mask(token_ids_0, token_ids_1, already_has_special_tokens=True)
+        first = [1] + [0] * len(token_ids_0) + [1]
+        return first if token_ids_1 is None else first + [0] * len(token_ids_1) + [1]
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
         """Write `vocab.txt` (one token per line, in id order), the file 4.x's slow `RealmTokenizer` reads."""
