@@ -20,8 +20,9 @@ from hf_realm import (
     RealmRetriever,
     RealmTokenizer,
     RealmTokenizerFast,
+    retrieval_realm,
+    tokenization_realm,
 )
-from hf_realm import retrieval_realm, tokenization_realm
 
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "re", "##read", "##ing", "book", "books", ",", "the", "a"]
