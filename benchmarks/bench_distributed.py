@@ -42,7 +42,7 @@ from bench_refresh import make_config, synthetic_tokens  # noqa: E402
 
 from hf_realm import RealmBlockIndex, RealmConfig, RealmForMaskedLM, embed_corpus, shard_range, sharded_search  # noqa: E402  # noqa: E402
 from hf_realm.search import exact_topk  # noqa: E402
-from hf_realm.search.sharded import _gather_shards  # noqa: E402
+from hf_realm.search.sharded import gather_shards  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -107,7 +107,7 @@ def main(argv=None):
     sync()
     embed_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    full = _gather_shards(local, args.num_blocks, world) if world > 1 else local
+    full = gather_shards(local, args.num_blocks, world) if world > 1 else local
     sync()
     gather_seconds = time.perf_counter() - start
 

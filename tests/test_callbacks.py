@@ -104,7 +104,7 @@ def test_failed_refresh_keeps_the_old_index_serving_and_training_going(tmp_path,
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr("hf_realm.callbacks.embed_corpus", broken)
+    monkeypatch.setattr("hf_realm.corpus_index.embed_corpus", broken)
     t = trainer(model, callback, tmp_path, max_steps=5)
     t.train()
     assert t.state.global_step == 5
@@ -122,7 +122,7 @@ def test_interrupted_refresh_swaps_nothing_in(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("hf_realm.callbacks.embed_corpus", interrupted)
+    monkeypatch.setattr("hf_realm.corpus_index.embed_corpus", interrupted)
     with pytest.raises(KeyboardInterrupt):
         callback.refresh(model.embedder, step=2)
     assert torch.equal(index.embeddings, initial) and callback.num_refreshes == 0
@@ -141,7 +141,7 @@ def test_async_refresh_embeds_a_snapshot_while_training_continues(tmp_path, monk
         release.wait(timeout=30)
         return out
 
-    monkeypatch.setattr("hf_realm.callbacks.embed_corpus", slow)
+    monkeypatch.setattr("hf_realm.corpus_index.embed_corpus", slow)
 
     class Release(IndexRefreshCallback.__bases__[0]):
         def on_step_end(self, args, state, control, **kwargs):
