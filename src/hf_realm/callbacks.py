@@ -65,6 +65,7 @@ class IndexRefreshCallback(TrainerCallback):
     >>> import datasets, torch
     >>> from hf_realm import RealmConfig, RealmEmbedder
     >>> from hf_realm.callbacks import IndexRefreshCallback
+    >>> from hf_realm.embedding import embed_corpus
     >>> from hf_realm.corpus_index import RealmBlockIndex
     >>> config = RealmConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
     ...                      intermediate_size=37, retriever_proj_size=16)
