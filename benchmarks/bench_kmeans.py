@@ -81,7 +81,10 @@ def main(argv=None) -> dict:
         return km.centroids
 
     flops = 2 * args.num_points * args.clusters * args.dim * args.iters
-    t_torch, t_faiss = _timed(torch_kmeans, device, args.repeats), _timed(faiss_kmeans, torch.device("cpu"), args.repeats)
+    t_torch, t_faiss = (
+        _timed(torch_kmeans, device, args.repeats),
+        _timed(faiss_kmeans, torch.device("cpu"), args.repeats),
+    )
     rows.append({"task": f"k-means {args.num_points:,} x {args.dim}, {args.clusters} clusters, {args.iters} iters",
                  "torch_s": t_torch, "faiss_cpu_s": t_faiss, "torch_tflops": flops / t_torch / 1e12})  # fmt: skip
 
@@ -103,8 +106,9 @@ def main(argv=None) -> dict:
             out.append((cb_norm[:, None, :] - 2 * torch.bmm(sub, codebooks.transpose(1, 2))).argmin(-1).T)
         return torch.cat(out)
 
-    t_torch, t_faiss = _timed(torch_encode, device, args.repeats), _timed(
-        lambda: _pq_encode_faiss(pq, keys_np, args.pq_m, 8), torch.device("cpu"), args.repeats
+    t_torch, t_faiss = (
+        _timed(torch_encode, device, args.repeats),
+        _timed(lambda: _pq_encode_faiss(pq, keys_np, args.pq_m, 8), torch.device("cpu"), args.repeats),
     )
     agree = float((torch_encode().cpu().numpy() == _pq_encode_faiss(pq, keys_np, args.pq_m, 8)).mean())
     rows.append({"task": f"PQ encode {args.num_keys:,} x {args.key_dim}, m={args.pq_m}, 8 bits",
@@ -119,7 +123,9 @@ def main(argv=None) -> dict:
     print(f"device: {device_name} ({device}); faiss {faiss.__version__} on {torch.get_num_threads()} CPU threads")
     print("\n| task | torch (s) | faiss CPU (s) | faiss / torch |\n|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['task']} | {r['torch_s']:.3f} | {r['faiss_cpu_s']:.3f} | {r['faiss_cpu_s'] / r['torch_s']:.2f}x |")
+        print(
+            f"| {r['task']} | {r['torch_s']:.3f} | {r['faiss_cpu_s']:.3f} | {r['faiss_cpu_s'] / r['torch_s']:.2f}x |"
+        )
     print(f"\nwritten to {path}")
     return result
 

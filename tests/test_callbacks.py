@@ -8,8 +8,10 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from hf_realm import RealmBlockIndex, RealmConfig, RealmForMaskedLM, embed_corpus
+from hf_realm import RealmBlockIndex, RealmForMaskedLM, embed_corpus
 from hf_realm.callbacks import IndexRefreshCallback
+
+from .conftest import tiny_realm_config
 
 
 NUM_BLOCKS = 12
@@ -39,16 +41,8 @@ def collate(batch):
 
 def make(tmp_path, **callback_kwargs):
     torch.manual_seed(0)
-    config = RealmConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=37,
-        retriever_proj_size=16,
-        num_candidates=3,
-        max_position_embeddings=32,
-        pad_token_id=0,
+    config = tiny_realm_config(
+        vocab_size=64, num_hidden_layers=1, num_candidates=3, max_position_embeddings=32, pad_token_id=0
     )
     model = RealmForMaskedLM(config)
     index = RealmBlockIndex.build(corpus(), model.embedder, backend="torch", embed_kwargs=EMBED)

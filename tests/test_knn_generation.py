@@ -22,8 +22,6 @@ from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     LogitsProcessorList,
-    MarianConfig,
-    MarianMTModel,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -36,6 +34,8 @@ from hf_realm import (
     knn_lm_perplexity,
     merge_datastores,
 )
+
+from .conftest import tiny_marian
 
 
 VOCAB = 99
@@ -51,43 +51,10 @@ def _no_grad():
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_marian(seed: int = 0) -> MarianMTModel:
-    torch.manual_seed(seed)
-    config = MarianConfig(
-        vocab_size=VOCAB,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=37,
-        decoder_ffn_dim=37,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        decoder_start_token_id=PAD,
-        forced_eos_token_id=None,
-        init_std=0.3,
-    )
-    model = MarianMTModel(config).eval()
-    with torch.no_grad():  # a non-zero bias: the mixing must see it
-        model.final_logits_bias.normal_(0.0, 1.0)
-    return model
-
-
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_positions=64,
-        bos_token_id=EOS,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
-        initializer_range=0.3,
-    )
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=EOS,
+                        eos_token_id=EOS, pad_token_id=PAD, initializer_range=0.3)  # fmt: skip
     return GPT2LMHeadModel(config).eval()
 
 

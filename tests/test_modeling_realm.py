@@ -9,7 +9,6 @@ from torch.utils.data import Dataset
 from transformers import AutoModel, BertConfig, BertModel, Trainer, TrainingArguments
 
 from hf_realm import (
-    RealmConfig,
     RealmEmbedder,
     RealmForOpenQA,
     RealmKnowledgeAugEncoder,
@@ -18,44 +17,16 @@ from hf_realm import (
     RealmScorer,
 )
 
+from .conftest import BLOCKS, NO_DROPOUT, toy_openqa, toy_openqa_config
 from .hub_mock import mock_hub
-from .toy import BLOCKS, WORDS, toy_tokenizer
 
 
 def tiny_config(**overrides):
-    fields = dict(
-        vocab_size=len(WORDS),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        retriever_proj_size=16,
-        num_candidates=3,
-        span_hidden_size=8,
-        max_span_width=3,
-        reader_beam_size=2,
-        searcher_beam_size=4,
-        num_block_records=len(BLOCKS),
-        reader_seq_len=24,
-        max_position_embeddings=64,
-    )
-    fields.update(overrides)
-    return RealmConfig(**fields)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return toy_tokenizer()
+    return toy_openqa_config(**{"num_candidates": 3, "num_block_records": len(BLOCKS), **overrides})
 
 
 def make_openqa(tokenizer, **overrides):
-    torch.manual_seed(0)
-    retriever = RealmRetriever(np.array([b.encode() for b in BLOCKS], dtype=object), tokenizer)
-    config = tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **overrides)
-    model = RealmForOpenQA(config, retriever=retriever)
-    with torch.no_grad():
-        model.block_emb.normal_()
-    return model.eval()
+    return toy_openqa(tokenizer, tiny_config(**NO_DROPOUT, **overrides)).eval()
 
 
 @pytest.fixture()

@@ -52,8 +52,8 @@ from .knn_build import (
 )
 from .knn_hook import KNNQueryHook
 from .search import exact_topk, import_faiss
-from .search.sharded import process_layout, shard_range
 from .search.pq import _pq_search, _pq_sqnorms
+from .search.sharded import process_layout, shard_range
 
 
 _INDEX_TYPES = ("auto", "torch", "faiss-flat", "faiss-ivfpq")

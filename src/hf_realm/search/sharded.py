@@ -37,9 +37,10 @@ def gather_shards(local: torch.Tensor, num_items: int, num_processes: int) -> to
 
     width = max(e - s for s, e in (shard_range(num_items, r, num_processes) for r in range(num_processes)))
     everything = gather(pad_across_processes(local.contiguous(), dim=0))  # shards differ in size by at most one row
-    parts = [everything[r * width : r * width + e - s] for r, (s, e) in enumerate(
-        shard_range(num_items, r, num_processes) for r in range(num_processes)
-    )]
+    parts = [
+        everything[r * width : r * width + e - s]
+        for r, (s, e) in enumerate(shard_range(num_items, r, num_processes) for r in range(num_processes))
+    ]
     return torch.cat(parts)
 
 
