@@ -45,14 +45,10 @@ def _timed(fn, device: torch.device, repeats: int) -> float:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num_points", type=int, default=200_000, help="k-means points")
-    p.add_argument("--dim", type=int, default=64, help="k-means point dim")
-    p.add_argument("--clusters", type=int, default=256)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--num_keys", type=int, default=1_000_000, help="keys encoded by PQ")
-    p.add_argument("--key_dim", type=int, default=512)
-    p.add_argument("--pq_m", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    sizes = {"num_points": 200_000, "dim": 64, "clusters": 256, "iters": 20,  # k-means: points x dim, clusters
+             "num_keys": 1_000_000, "key_dim": 512, "pq_m": 64, "repeats": 3}  # PQ encoding: keys x dim, m  # fmt: skip
+    for name, default in sizes.items():
+        p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--device", default=None)
     p.add_argument("--output_dir", default="outputs/bench_kmeans")
     args = p.parse_args(argv)

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from transformers import MarianConfig, MarianMTModel
+from transformers import MarianConfig, MarianMTModel, TrainingArguments
 
 import hf_realm
 from hf_realm import RealmConfig, RealmForOpenQA, RealmRetriever, RealmTokenizer
@@ -83,6 +83,13 @@ def toy_openqa(tokenizer, config: RealmConfig) -> RealmForOpenQA:
     with torch.no_grad():
         model.block_emb.normal_()
     return model
+
+
+def tiny_training_args(output_dir, **overrides) -> TrainingArguments:
+    """`TrainingArguments` of the tests' few-step CPU `Trainer` runs (no reports, no saves); ``overrides`` win."""
+    fields = {"output_dir": str(output_dir), "max_steps": 1, "per_device_train_batch_size": 4, "learning_rate": 1e-2,
+              "report_to": [], "use_cpu": True, "save_strategy": "no", "remove_unused_columns": False}  # fmt: skip
+    return TrainingArguments(**{**fields, **overrides})
 
 
 @pytest.fixture(scope="module")

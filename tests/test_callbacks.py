@@ -6,12 +6,12 @@ import threading
 import datasets
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from hf_realm import RealmBlockIndex, RealmForMaskedLM, embed_corpus
 from hf_realm.callbacks import IndexRefreshCallback
 
-from .conftest import tiny_realm_config
+from .conftest import tiny_realm_config, tiny_training_args
 
 
 NUM_BLOCKS = 12
@@ -52,19 +52,8 @@ def make(tmp_path, **callback_kwargs):
 
 
 def trainer(model, callback, tmp_path, max_steps=6, **kwargs):
-    fields = dict(
-        output_dir=str(tmp_path),
-        max_steps=max_steps,
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        remove_unused_columns=False,
-        logging_steps=2,
-        disable_tqdm=True,
-    )
-    args = TrainingArguments(**{**fields, **kwargs})
+    fields = dict(max_steps=max_steps, learning_rate=5e-3, logging_steps=2, disable_tqdm=True)
+    args = tiny_training_args(tmp_path, **{**fields, **kwargs})
     return Trainer(model=model, args=args, train_dataset=examples(), data_collator=collate, callbacks=[callback])
 
 

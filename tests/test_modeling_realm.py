@@ -6,18 +6,12 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset
-from transformers import AutoModel, BertConfig, BertModel, Trainer, TrainingArguments
+from transformers import AutoModel, BertConfig, BertModel, Trainer
 
-from hf_realm import (
-    RealmEmbedder,
-    RealmForOpenQA,
-    RealmKnowledgeAugEncoder,
-    RealmReader,
-    RealmRetriever,
-    RealmScorer,
-)
+from hf_realm import RealmEmbedder, RealmForOpenQA, RealmKnowledgeAugEncoder, RealmReader, RealmScorer
+from hf_realm.retrieval_realm import RealmRetriever
 
-from .conftest import BLOCKS, NO_DROPOUT, toy_openqa, toy_openqa_config
+from .conftest import BLOCKS, NO_DROPOUT, tiny_training_args, toy_openqa, toy_openqa_config
 from .hub_mock import mock_hub
 
 
@@ -170,16 +164,7 @@ class _ListDataset(Dataset):
 
 
 def _train_one_step(model, items, collator, tmp_path):
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=len(items),
-        max_steps=1,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        remove_unused_columns=False,
-    )
+    args = tiny_training_args(tmp_path, per_device_train_batch_size=len(items))
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     Trainer(model=model, args=args, train_dataset=_ListDataset(items), data_collator=collator).train()
     changed = [k for k, v in model.named_parameters() if not torch.equal(before[k], v.detach())]

@@ -6,12 +6,12 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from hf_realm import RealmBlockIndex, RealmForOpenQA, RealmRetriever, build_corpus
 from hf_realm.openqa import DataCollatorForOpenQA, evaluate_open_qa
 
-from .conftest import BLOCKS, NO_DROPOUT, toy_openqa, toy_openqa_config
+from .conftest import BLOCKS, NO_DROPOUT, tiny_training_args, toy_openqa, toy_openqa_config
 from .hub_mock import mock_hub
 
 
@@ -138,17 +138,7 @@ def test_lora_adapters_train_alone_and_round_trip(tokenizer, tmp_path):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["qa_outputs"])
     model = get_peft_model(modern, lora)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "run"),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        remove_unused_columns=False,
-        disable_tqdm=True,
-    )
+    args = tiny_training_args(tmp_path / "run", max_steps=2, disable_tqdm=True)
     Trainer(
         model=model,
         args=args,

@@ -96,15 +96,11 @@ class IndexRefreshCallback(TrainerCallback):
         if refresh_steps < 0:
             raise ValueError(f"refresh_steps must be >= 0 (0 disables refreshing), got {refresh_steps}")
         self.index = index
-        self.refresh_steps = refresh_steps
-        self.mode = mode
+        self.refresh_steps, self.mode = refresh_steps, mode
         self.embed_kwargs = dict(embed_kwargs or {})
-        self.refresh_at_train_end = refresh_at_train_end
-        self.save_index = save_index
-        self.built_at_step = 0
-        self.num_refreshes = 0
+        self.refresh_at_train_end, self.save_index = refresh_at_train_end, save_index
+        self.built_at_step = self.num_refreshes = self.failures = 0
         self.last_refresh_seconds: float | None = None
-        self.failures = 0
         self._pending: Future | None = None
         self._pending_step = 0
 

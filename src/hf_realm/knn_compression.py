@@ -23,7 +23,10 @@ from .knn_datastore import KNNDatastore
 from .search.faiss_utils import faiss_available, import_faiss
 
 
-def _default_device(device: str | torch.device | None) -> torch.device:
+Device = str | torch.device | None
+
+
+def _default_device(device: Device) -> torch.device:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(device)
@@ -35,10 +38,12 @@ def _sample_keys(datastore: KNNDatastore, size: int, seed: int, device: torch.de
     return torch.from_numpy(np.asarray(datastore.keys[idx], dtype=np.float32)).to(device)
 
 
-def _history(datastore: KNNDatastore, step: dict) -> dict:
+def _compressed(datastore: KNNDatastore, step: dict, keys, projection, pq: dict | None = None) -> KNNDatastore:
+    """``datastore``'s entries (values, provenance, counts) with new keys or PQ codes; ``step`` joins the history."""
     meta = dict(datastore.metadata)
     meta["history"] = [*datastore.metadata.get("history", []), step]
-    return meta
+    return KNNDatastore(keys=keys, values=datastore.values, provenance=datastore.provenance, counts=datastore.counts,
+                        metadata=meta, projection=projection, pq=pq)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -67,11 +72,7 @@ def _principal_components(sample: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
 
 @torch.no_grad()
 def pca_compress(
-    datastore: KNNDatastore,
-    dim: int,
-    sample_size: int = 200_000,
-    seed: int = 0,
-    device: str | torch.device | None = None,
+    datastore: KNNDatastore, dim: int, sample_size: int = 200_000, seed: int = 0, device: Device = None
 ) -> KNNDatastore:
     """Projects the keys on their top ``dim`` principal components (fit on up to ``sample_size`` keys on the CPU, with
     faiss `PCAMatrix` when faiss is installed; the projection of all keys runs on ``device``).
@@ -114,14 +115,7 @@ def pca_compress(
     else:
         projection = {"matrix": matrix.cpu().numpy(), "bias": bias.cpu().numpy()}
     explained = float(variances[:dim].sum() / max(float(variances.sum()), 1e-30))
-    return KNNDatastore(
-        keys=new_keys,
-        values=datastore.values,
-        provenance=datastore.provenance,
-        counts=datastore.counts,
-        metadata=_history(datastore, {"method": "pca", "dim": dim, "explained_variance": explained}),
-        projection=projection,
-    )
+    return _compressed(datastore, {"method": "pca", "dim": dim, "explained_variance": explained}, new_keys, projection)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -297,15 +291,8 @@ def pq_compress(
         sub = torch.from_numpy(keys).to(device).view(keys.shape[0], m, dsub).transpose(0, 1)  # (m, b, dsub)
         dist = cb_norm[:, None, :] - 2 * torch.bmm(sub, codebooks.transpose(1, 2))  # (m, b, ksub)
         codes[start : start + keys.shape[0]] = dist.argmin(-1).T.to(torch.uint8).cpu().numpy()
-    return KNNDatastore(
-        keys=None,
-        values=datastore.values,
-        provenance=datastore.provenance,
-        counts=datastore.counts,
-        metadata=_history(datastore, {"method": "pq", "m": m, "nbits": nbits}),
-        projection=datastore.projection,
-        pq={"codes": codes, "codebooks": codebooks_np.astype(np.float32)},
-    )
+    pq_arrays = {"codes": codes, "codebooks": codebooks_np.astype(np.float32)}
+    return _compressed(datastore, {"method": "pq", "m": m, "nbits": nbits}, None, datastore.projection, pq_arrays)
 
 
 def compression_report(original: KNNDatastore, compressed: KNNDatastore) -> dict[str, Any]:

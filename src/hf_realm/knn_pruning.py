@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .knn_compression import _default_device, compression_report, kmeans, pca_compress, pq_compress
+from .knn_compression import Device, _default_device, compression_report, kmeans, pca_compress, pq_compress
 from .knn_datastore import KNNDatastore
 from .search.pq import pq_decode
 
@@ -398,7 +398,7 @@ def cluster_prune(
     fraction: float,
     iters: int = 10,
     seed: int = 0,
-    device: str | torch.device | None = None,
+    device: Device = None,
     keep_singletons: bool = True,
 ) -> KNNDatastore:
     """Clusters the keys of every value separately and keeps one entry per cluster: the centroid, with a count.
