@@ -34,28 +34,24 @@ import time
 import torch
 
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.join(_HERE, "..", "src")]  # the benchmarks' helpers, and this checkout's hf_realm
 
 from bench_pretraining import corpus_dataset  # noqa: E402
 from bench_refresh import make_config, synthetic_tokens  # noqa: E402
 
 from hf_realm import RealmBlockIndex, RealmConfig, RealmForMaskedLM, embed_corpus, shard_range, sharded_search  # noqa: E402  # noqa: E402
 from hf_realm.search import exact_topk  # noqa: E402
-from hf_realm.search.sharded import _gather_shards  # noqa: E402
+from hf_realm.search.sharded import gather_shards  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--num_blocks", type=int, default=2_000_000)
-    p.add_argument("--seq_len", type=int, default=288)
-    p.add_argument("--refresh_batch_size", type=int, default=512)
-    p.add_argument("--num_queries", type=int, default=64)
-    p.add_argument("--k", type=int, default=8)
+    sizes = {"num_blocks": 2_000_000, "seq_len": 288, "refresh_batch_size": 512, "num_queries": 64, "k": 8,
+             "query_len": 64, "steps": 10, "warmup": 3}  # fmt: skip
+    for name, default in sizes.items():
+        p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--batch_size", type=int, default=8, help="pretraining queries per rank")
-    p.add_argument("--query_len", type=int, default=64)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--baseline", default=None, help="the N=1 run's JSON, for the scaling efficiency")
     p.add_argument("--tiny", action="store_true", help="a tiny model and corpus (CPU / gloo smoke run)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (gloo) even where a GPU is present")
@@ -107,7 +103,7 @@ def main(argv=None):
     sync()
     embed_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    full = _gather_shards(local, args.num_blocks, world) if world > 1 else local
+    full = gather_shards(local, args.num_blocks, world) if world > 1 else local
     sync()
     gather_seconds = time.perf_counter() - start
 

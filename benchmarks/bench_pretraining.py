@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.join(_HERE, "..", "src")]  # the benchmarks' helpers, and this checkout's hf_realm
 
 from bench_refresh import make_config, synthetic_tokens  # noqa: E402
 

@@ -91,25 +91,9 @@ def main(argv=None) -> dict:
     if args.max_eval_examples:
         questions = questions.select(range(min(args.max_eval_examples, len(questions))))
     match = "regex" if args.answers_are_regex else "string"
-    metrics, predictions = evaluate_open_qa(
-        model,
-        questions,
-        retriever.tokenizer,
-        batch_size=args.batch_size,
-        match=match,
-        max_question_length=args.max_question_length,
-        show_progress=True,
-    )
-    closed, _ = evaluate_open_qa(
-        model,
-        questions,
-        retriever.tokenizer,
-        batch_size=args.batch_size,
-        match=match,
-        recall_ks=(),
-        max_question_length=args.max_question_length,
-        closed_book=True,
-    )
+    common = {"batch_size": args.batch_size, "match": match, "max_question_length": args.max_question_length}
+    metrics, predictions = evaluate_open_qa(model, questions, retriever.tokenizer, show_progress=True, **common)
+    closed, _ = evaluate_open_qa(model, questions, retriever.tokenizer, recall_ks=(), closed_book=True, **common)
     results = {f"eval_{k}": v for k, v in metrics.items()}
     results["eval_closed_book_exact_match"] = closed["exact_match"]
     out = args.output_dir or os.path.join(args.model_dir, "eval")

@@ -6,10 +6,12 @@ import threading
 import datasets
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
-from hf_realm import RealmBlockIndex, RealmConfig, RealmForMaskedLM, embed_corpus
+from hf_realm import RealmBlockIndex, RealmForMaskedLM, embed_corpus
 from hf_realm.callbacks import IndexRefreshCallback
+
+from .conftest import tiny_realm_config, tiny_training_args
 
 
 NUM_BLOCKS = 12
@@ -39,16 +41,8 @@ def collate(batch):
 
 def make(tmp_path, **callback_kwargs):
     torch.manual_seed(0)
-    config = RealmConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=37,
-        retriever_proj_size=16,
-        num_candidates=3,
-        max_position_embeddings=32,
-        pad_token_id=0,
+    config = tiny_realm_config(
+        vocab_size=64, num_hidden_layers=1, num_candidates=3, max_position_embeddings=32, pad_token_id=0
     )
     model = RealmForMaskedLM(config)
     index = RealmBlockIndex.build(corpus(), model.embedder, backend="torch", embed_kwargs=EMBED)
@@ -58,19 +52,8 @@ def make(tmp_path, **callback_kwargs):
 
 
 def trainer(model, callback, tmp_path, max_steps=6, **kwargs):
-    fields = dict(
-        output_dir=str(tmp_path),
-        max_steps=max_steps,
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        remove_unused_columns=False,
-        logging_steps=2,
-        disable_tqdm=True,
-    )
-    args = TrainingArguments(**{**fields, **kwargs})
+    fields = dict(max_steps=max_steps, learning_rate=5e-3, logging_steps=2, disable_tqdm=True)
+    args = tiny_training_args(tmp_path, **{**fields, **kwargs})
     return Trainer(model=model, args=args, train_dataset=examples(), data_collator=collate, callbacks=[callback])
 
 
@@ -104,7 +87,7 @@ def test_failed_refresh_keeps_the_old_index_serving_and_training_going(tmp_path,
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr("hf_realm.callbacks.embed_corpus", broken)
+    monkeypatch.setattr("hf_realm.corpus_index.embed_corpus", broken)
     t = trainer(model, callback, tmp_path, max_steps=5)
     t.train()
     assert t.state.global_step == 5
@@ -122,7 +105,7 @@ def test_interrupted_refresh_swaps_nothing_in(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("hf_realm.callbacks.embed_corpus", interrupted)
+    monkeypatch.setattr("hf_realm.corpus_index.embed_corpus", interrupted)
     with pytest.raises(KeyboardInterrupt):
         callback.refresh(model.embedder, step=2)
     assert torch.equal(index.embeddings, initial) and callback.num_refreshes == 0
@@ -141,7 +124,7 @@ def test_async_refresh_embeds_a_snapshot_while_training_continues(tmp_path, monk
         release.wait(timeout=30)
         return out
 
-    monkeypatch.setattr("hf_realm.callbacks.embed_corpus", slow)
+    monkeypatch.setattr("hf_realm.corpus_index.embed_corpus", slow)
 
     class Release(IndexRefreshCallback.__bases__[0]):
         def on_step_end(self, args, state, control, **kwargs):

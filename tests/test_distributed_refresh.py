@@ -11,6 +11,7 @@ import torch
 
 from hf_realm import embed_corpus
 
+from .conftest import subprocess_env
 from .scripts.distributed_refresh_worker import build
 
 
@@ -24,7 +25,7 @@ WORKER = os.path.join(os.path.dirname(__file__), "scripts", "distributed_refresh
 )
 def test_two_process_refresh_equals_one_process(tmp_path):
     launcher = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(WORKER))}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     # `--multi_gpu` only picks accelerate's torchrun launcher; the worker asks for the CPU (gloo) itself, as
     # `TrainingArguments(use_cpu=True)` does. (`--cpu` alone needs mpirun for more than one process.)
     cmd = [
@@ -68,7 +69,7 @@ def test_train_realm_two_processes(tmp_path):
     the final one included (all ranks take part), succeeds."""
     launcher = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
            "no", "--dynamo_backend", "no", os.path.join(root, "examples", "train_realm.py"), "--use_cpu", "true",
            "--num_entities", "100", "--max_steps", "10", "--ict_steps", "10", "--refresh_steps", "5",

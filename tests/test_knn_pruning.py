@@ -6,7 +6,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from transformers import LogitsProcessorList, MarianConfig, MarianMTModel
+from transformers import LogitsProcessorList
 
 from hf_realm import KNNDatastore, KNNLogitsProcessor
 from hf_realm.knn_pruning import (
@@ -26,6 +26,8 @@ from hf_realm.knn_pruning import (
     shrink_datastore,
 )
 from hf_realm.search import pq_decode
+
+from .conftest import tiny_marian
 
 
 @pytest.fixture(autouse=True)
@@ -240,24 +242,18 @@ def test_random_prune_keeps_provenance_and_is_seeded():
         random_prune(store, 0)
 
 
-def tiny_marian(seed=0):
-    torch.manual_seed(seed)
-    config = MarianConfig(
-        vocab_size=99, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, forced_eos_token_id=None, init_std=0.3,
-    )  # fmt: skip
-    model = MarianMTModel(config).eval()
-    model.final_logits_bias.normal_(0.0, 1.0)
-    return model
+def marian_store(tmp_path, num_pairs: int, target_len: int, seed: int):
+    """A one-layer tiny Marian, its random pairs (sources of 6 tokens + eos) and the datastore of its random pairs."""
+    model = tiny_marian(layers=1)
+    rng = np.random.default_rng(seed)
+    src = [rng.integers(2, 99, 6).tolist() + [1] for _ in range(num_pairs)]
+    tgt = [rng.integers(2, 99, target_len).tolist() + [1] for _ in range(num_pairs)]
+    store = KNNDatastore.build(model, datasets.Dataset.from_dict({"input_ids": src, "labels": tgt}), tmp_path / "d")
+    return model, src, tgt, store, rng
 
 
 def test_entry_log_probs_equal_teacher_forced_model_and_confidence_order(tmp_path):
-    model = tiny_marian()
-    rng = np.random.default_rng(0)
-    src = [rng.integers(2, 99, 6).tolist() + [1] for _ in range(5)]
-    tgt = [rng.integers(2, 99, 5).tolist() + [1] for _ in range(5)]
-    store = KNNDatastore.build(model, datasets.Dataset.from_dict({"input_ids": src, "labels": tgt}), tmp_path / "d")
+    model, src, tgt, store, _ = marian_store(tmp_path, 5, 5, seed=0)
     lp = entry_model_log_probs(store, model, device="cpu")
     ref = []
     for s, t in zip(src, tgt, strict=True):
@@ -342,11 +338,7 @@ def test_pq_codes_and_search_match_numpy():
 
 
 def test_prune_then_pca_then_pq_roundtrip_and_generate(tmp_path):
-    model = tiny_marian()
-    rng = np.random.default_rng(1)
-    src = [rng.integers(2, 99, 6).tolist() + [1] for _ in range(60)]
-    tgt = [rng.integers(2, 99, 6).tolist() + [1] for _ in range(60)]
-    store = KNNDatastore.build(model, datasets.Dataset.from_dict({"input_ids": src, "labels": tgt}), tmp_path / "d")
+    model, src, _, store, rng = marian_store(tmp_path, 60, 6, seed=1)
     small = pq_compress(pca_compress(random_prune(store, 0.5), 16, device="cpu"), m=4, nbits=5, device="cpu")
     path = small.save_pretrained(tmp_path / "small")
     loaded = KNNDatastore.from_pretrained(path)

@@ -1,6 +1,5 @@
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,8 @@ from hf_realm.metrics import (
     regex_match,
     simple_tokenize,
 )
+
+from .conftest import subprocess_env
 
 
 DRQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "drqa_openqa"
@@ -268,14 +269,13 @@ def test_metric_path_and_offline_load(tmp_path):
         "print(load_metric('exact_match').compute(predictions=['an Apple'], references=[['apple']])['exact_match'])\n"
         "print(load_metric('realm_retrieval_recall').compute(predictions=[[1, 2]], references=[2], ks=[1, 2]))\n"
     )
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_EVALUATE_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "HF_MODULES_CACHE": str(tmp_path / "modules"),
-    }
+    env = subprocess_env(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_EVALUATE_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf_home"),
+        HF_MODULES_CACHE=str(tmp_path / "modules"),
+    )
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split("\n")[:2] == ["1.0", "{'recall@1': 0.0, 'recall@2': 1.0}"]

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from hf_realm import RealmConfig, RealmEmbedder, RealmForInverseClozeTask, RealmForMaskedLM, RealmKnowledgeAugEncoder
+from hf_realm import RealmEmbedder, RealmForInverseClozeTask, RealmForMaskedLM, RealmKnowledgeAugEncoder
+
+from .conftest import NO_DROPOUT, tiny_realm_config
 
 
 VOCAB = 60
@@ -35,20 +37,9 @@ class ExactIndex:
 
 
 def config(**kw):
-    fields = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        retriever_proj_size=16,
-        num_candidates=4,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        max_position_embeddings=64,
+    return tiny_realm_config(
+        **{"vocab_size": VOCAB, "num_candidates": 4, **NO_DROPOUT, "max_position_embeddings": 64, **kw}
     )
-    fields.update(kw)
-    return RealmConfig(**fields)
 
 
 def batch():

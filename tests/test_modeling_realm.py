@@ -6,56 +6,21 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset
-from transformers import AutoModel, BertConfig, BertModel, Trainer, TrainingArguments
+from transformers import AutoModel, BertConfig, BertModel, Trainer
 
-from hf_realm import (
-    RealmConfig,
-    RealmEmbedder,
-    RealmForOpenQA,
-    RealmKnowledgeAugEncoder,
-    RealmReader,
-    RealmRetriever,
-    RealmScorer,
-)
+from hf_realm import RealmEmbedder, RealmForOpenQA, RealmKnowledgeAugEncoder, RealmReader, RealmScorer
+from hf_realm.retrieval_realm import RealmRetriever
 
+from .conftest import BLOCKS, NO_DROPOUT, tiny_training_args, toy_openqa, toy_openqa_config
 from .hub_mock import mock_hub
-from .toy import BLOCKS, WORDS, toy_tokenizer
 
 
 def tiny_config(**overrides):
-    fields = dict(
-        vocab_size=len(WORDS),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        retriever_proj_size=16,
-        num_candidates=3,
-        span_hidden_size=8,
-        max_span_width=3,
-        reader_beam_size=2,
-        searcher_beam_size=4,
-        num_block_records=len(BLOCKS),
-        reader_seq_len=24,
-        max_position_embeddings=64,
-    )
-    fields.update(overrides)
-    return RealmConfig(**fields)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return toy_tokenizer()
+    return toy_openqa_config(**{"num_candidates": 3, "num_block_records": len(BLOCKS), **overrides})
 
 
 def make_openqa(tokenizer, **overrides):
-    torch.manual_seed(0)
-    retriever = RealmRetriever(np.array([b.encode() for b in BLOCKS], dtype=object), tokenizer)
-    config = tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **overrides)
-    model = RealmForOpenQA(config, retriever=retriever)
-    with torch.no_grad():
-        model.block_emb.normal_()
-    return model.eval()
+    return toy_openqa(tokenizer, tiny_config(**NO_DROPOUT, **overrides)).eval()
 
 
 @pytest.fixture()
@@ -199,16 +164,7 @@ class _ListDataset(Dataset):
 
 
 def _train_one_step(model, items, collator, tmp_path):
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=len(items),
-        max_steps=1,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        remove_unused_columns=False,
-    )
+    args = tiny_training_args(tmp_path, per_device_train_batch_size=len(items))
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     Trainer(model=model, args=args, train_dataset=_ListDataset(items), data_collator=collator).train()
     changed = [k for k, v in model.named_parameters() if not torch.equal(before[k], v.detach())]

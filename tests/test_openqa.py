@@ -6,13 +6,13 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
-from hf_realm import RealmBlockIndex, RealmConfig, RealmForOpenQA, RealmRetriever, build_corpus
+from hf_realm import RealmBlockIndex, RealmForOpenQA, RealmRetriever, build_corpus
 from hf_realm.openqa import DataCollatorForOpenQA, evaluate_open_qa
 
+from .conftest import BLOCKS, NO_DROPOUT, tiny_training_args, toy_openqa, toy_openqa_config
 from .hub_mock import mock_hub
-from .toy import BLOCKS, WORDS, toy_tokenizer
 
 
 QUESTIONS = [
@@ -23,40 +23,14 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return toy_tokenizer()
-
-
 def config(**kw):
-    fields = dict(
-        vocab_size=len(WORDS),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        retriever_proj_size=16,
-        span_hidden_size=8,
-        max_span_width=3,
-        reader_beam_size=2,
-        searcher_beam_size=4,
-        reader_seq_len=24,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        pad_token_id=0,
-    )
-    fields.update(kw)
-    return RealmConfig(**fields)
+    return toy_openqa_config(**{**NO_DROPOUT, "pad_token_id": 0, **kw})
 
 
 def models(tokenizer):
     """The same weights twice: 4.x-style with `block_emb`, and with a RealmBlockIndex holding the same embeddings."""
-    torch.manual_seed(0)
-    retriever = RealmRetriever(np.array([b.encode() for b in BLOCKS], dtype=object), tokenizer)
-    legacy = RealmForOpenQA(config(num_block_records=len(BLOCKS)), retriever=retriever)
-    with torch.no_grad():
-        legacy.block_emb.normal_()
+    legacy = toy_openqa(tokenizer, config(num_block_records=len(BLOCKS)))
+    retriever = legacy.retriever
     corpus = build_corpus(datasets.Dataset.from_dict({"text": BLOCKS}), tokenizer, block_seq_len=32)
     index = RealmBlockIndex(corpus, legacy.block_emb.clone(), backend="torch")
     modern = RealmForOpenQA(config(num_block_records=0), retriever=retriever, index=index)
@@ -164,17 +138,7 @@ def test_lora_adapters_train_alone_and_round_trip(tokenizer, tmp_path):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["qa_outputs"])
     model = get_peft_model(modern, lora)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "run"),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        remove_unused_columns=False,
-        disable_tqdm=True,
-    )
+    args = tiny_training_args(tmp_path / "run", max_steps=2, disable_tqdm=True)
     Trainer(
         model=model,
         args=args,

@@ -19,7 +19,6 @@ from transformers import BertTokenizer
 from hf_realm import (
     CorpusTokens,
     RealmBlockIndex,
-    RealmConfig,
     RealmEmbedder,
     build_corpus,
     embed_corpus,
@@ -27,6 +26,8 @@ from hf_realm import (
     shard_range,
     sharded_search,
 )
+
+from .conftest import subprocess_env, tiny_realm_config
 
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tf4")
@@ -51,12 +52,8 @@ def tokenizer():
 
 def tiny_embedder(seed=0, proj=16, dropout=0.0):
     torch.manual_seed(seed)
-    config = RealmConfig(
+    config = tiny_realm_config(
         vocab_size=len(VOCAB),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
         retriever_proj_size=proj,
         max_position_embeddings=64,
         hidden_dropout_prob=dropout,
@@ -228,8 +225,7 @@ _TWO_PROCESS = textwrap.dedent(
     """
     import sys, torch, datasets
     from accelerate import PartialState
-    sys.path.insert(0, sys.argv[2])
-    from test_retrieval_index import tiny_embedder
+    from tests.test_retrieval_index import tiny_embedder  # the repository root is on PYTHONPATH
     from hf_realm import embed_corpus, shard_range, sharded_search
     state = PartialState(cpu=True)  # gloo
     assert state.num_processes == 2
@@ -255,10 +251,10 @@ def test_embed_corpus_two_processes_gloo(tmp_path, corpus):
     torch.save((queries, keys), tmp_path / "search.pt")
     script = tmp_path / "two.py"
     script.write_text(_TWO_PROCESS)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
     proc = subprocess.run(
-        [*cmd, str(script), str(tmp_path), os.path.dirname(__file__)],
+        [*cmd, str(script), str(tmp_path)],
         capture_output=True,
         text=True,
         env=env,

@@ -13,6 +13,8 @@ import torch
 
 from hf_realm.search import TRITON_MAX_K, exact_topk, triton_available
 
+from .conftest import subprocess_env
+
 
 def brute_force(queries, keys, k, key_bias=None):
     """float64 numpy reference: the scores of the keys as stored (queries cast to the keys' dtype first)."""
@@ -135,7 +137,7 @@ def test_triton_kernel_matches_brute_force_in_interpreter():
         # dimension below the tl.dot minimum (padded to 16); 2 buckets of 256 keys, queries searched in slices of 3
         {"seed": 6, "B": 7, "N": 300, "D": 8, "k": 4, "dtype": "float16", "bias": False, "max_bytes": 3 * 4 * 2},
     ]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = subprocess_env(TRITON_INTERPRET="1")
     proc = subprocess.run(
         [sys.executable, "-c", _TRITON_CASES, json.dumps(cases)], capture_output=True, text=True, env=env, timeout=300
     )

@@ -8,6 +8,8 @@ import pytest
 
 from hf_realm.world import OCCUPATIONS, RELATIONS, KnowledgeWorld, WorldConfig
 
+from .conftest import subprocess_env
+
 
 @pytest.fixture(scope="module")
 def world():
@@ -27,7 +29,7 @@ def test_deterministic_by_seed_and_independent_of_hash_seed():
     for hash_seed in ("987",):
         out = subprocess.run(
             [sys.executable, "-c", code],
-            env={**os.environ, "PYTHONHASHSEED": hash_seed},
+            env=subprocess_env(PYTHONHASHSEED=hash_seed),
             capture_output=True,
             text=True,
             check=True,

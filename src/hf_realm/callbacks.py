@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
-import threading
-import time
+from concurrent.futures import Future
 
-import torch
 from transformers import TrainerCallback
+from transformers.modeling_utils import unwrap_model
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, unwrap_peft_model
 from transformers.utils import logging
 
 from .corpus_index import RealmBlockIndex
-from .embedding import embed_corpus
-from .fingerprint import embedder_fingerprint
 
 
 logger = logging.get_logger(__name__)
@@ -23,20 +20,17 @@ INDEX_DIR_IN_CHECKPOINT = "index"
 REFRESH_STATE_FILE = "refresh_state.json"
 
 
-def _world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
 def _doc_embedder(model):
-    model = getattr(model, "module", model)  # DDP
-    if hasattr(model, "get_base_model"):  # peft
-        model = model.get_base_model()
+    # Trainer hands callbacks its model: unwrap DDP / DeepSpeed / torch.compile (accelerate) and peft wrappers.
+    model = unwrap_peft_model(unwrap_model(model))
     embedder = getattr(model, "embedder", None)
     if embedder is None:
         raise ValueError(f"{type(model).__name__} has no `embedder` (the doc encoder) to refresh the index with")
     return embedder
+
+
+def _checkpoint_index_dir(output_dir: str, step: int) -> str:
+    return os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}", INDEX_DIR_IN_CHECKPOINT)
 
 
 class IndexRefreshCallback(TrainerCallback):
@@ -47,9 +41,10 @@ class IndexRefreshCallback(TrainerCallback):
     - **sync** mode: training pauses while the corpus is embedded ([`embed_corpus`]: length-bucketed, bf16 on GPU,
       sharded over the processes under `accelerate` and gathered, so every process gets the same index).
     - **async** mode: the doc encoder is copied and the copy embeds the corpus on a background thread while training
-      continues; the new embeddings are swapped in at the first step boundary after they are ready (one refresh in
-      flight at a time). With several processes each embeds the whole corpus on its own (no collective calls from a
-      background thread).
+      continues; the new embeddings are swapped in (one assignment) as soon as they are ready, and booked at the next
+      step boundary (one refresh in flight at a time). With several processes each embeds the whole corpus on its own
+      (no collective calls from a background thread).
+    - Both modes go through [`~RealmBlockIndex.refresh`] (``background=True`` for async).
     - A failed refresh (an exception while embedding or building) is logged and the old index keeps serving;
       training goes on. An interrupted one never swaps anything in.
     - Logs `index_staleness` (optimizer steps since the serving embeddings were computed), `index_refresh_seconds`
@@ -70,6 +65,7 @@ class IndexRefreshCallback(TrainerCallback):
     >>> import datasets, torch
     >>> from hf_realm import RealmConfig, RealmEmbedder
     >>> from hf_realm.callbacks import IndexRefreshCallback
+    >>> from hf_realm.embedding import embed_corpus
     >>> from hf_realm.corpus_index import RealmBlockIndex
     >>> config = RealmConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
     ...                      intermediate_size=37, retriever_proj_size=16)
@@ -100,40 +96,25 @@ class IndexRefreshCallback(TrainerCallback):
         if refresh_steps < 0:
             raise ValueError(f"refresh_steps must be >= 0 (0 disables refreshing), got {refresh_steps}")
         self.index = index
-        self.refresh_steps = refresh_steps
-        self.mode = mode
+        self.refresh_steps, self.mode = refresh_steps, mode
         self.embed_kwargs = dict(embed_kwargs or {})
-        self.refresh_at_train_end = refresh_at_train_end
-        self.save_index = save_index
-        self.built_at_step = 0
-        self.num_refreshes = 0
+        self.refresh_at_train_end, self.save_index = refresh_at_train_end, save_index
+        self.built_at_step = self.num_refreshes = self.failures = 0
         self.last_refresh_seconds: float | None = None
-        self.failures = 0
-        self._pending: threading.Thread | None = None
-        self._pending_result: dict = {}
+        self._pending: Future | None = None
+        self._pending_step = 0
 
-    # -- the refresh itself -------------------------------------------------------------------------------------------
-
-    def _embed(self, embedder, distributed: bool) -> torch.Tensor:
-        kwargs = dict(self.embed_kwargs)
-        kwargs.setdefault("output_device", "cpu")
-        if not distributed:
-            kwargs["accelerator"] = _SingleProcess()
-        return embed_corpus(embedder, self.index.tokens, **kwargs)
+    # -- the refresh itself: RealmBlockIndex.refresh, with bookkeeping and failure safety ---------------------------
 
     def refresh(self, embedder, step: int) -> bool:
         """Re-embed the corpus with ``embedder`` now and swap the result in; returns whether it succeeded."""
-        start = time.perf_counter()
         try:
-            embeddings = self._embed(embedder, distributed=True)
-            self.index.update_embeddings(
-                embeddings, embedder_name=self.index.embedder_name, embedder_hash=embedder_fingerprint(embedder)
-            )
+            seconds = self.index.refresh(embedder, **self.embed_kwargs)
         except Exception as err:  # the old index keeps serving; training goes on
             self.failures += 1
             logger.error(f"index refresh at step {step} failed, the previous index keeps serving: {err!r}")
             return False
-        self._refreshed(step, time.perf_counter() - start)
+        self._refreshed(step, seconds)
         return True
 
     def _refreshed(self, step: int, seconds: float) -> None:
@@ -143,49 +124,26 @@ class IndexRefreshCallback(TrainerCallback):
         logger.info(f"index refreshed at step {step} in {seconds:.2f}s ({self.index.num_blocks} blocks)")
 
     def _start_async(self, embedder, step: int) -> None:
-        # The copy freezes the doc encoder as it is now; training keeps updating the original.
-        snapshot = copy.deepcopy(embedder).eval()
-        for p in snapshot.parameters():
-            p.requires_grad_(False)
-        result = self._pending_result = {"step": step}
-
-        def work():
-            start = time.perf_counter()
-            try:
-                result["embeddings"] = self._embed(snapshot, distributed=False)
-                result["hash"] = embedder_fingerprint(snapshot)
-            except BaseException as err:
-                result["error"] = err
-            result["seconds"] = time.perf_counter() - start
-
-        self._pending = threading.Thread(target=work, name="realm-index-refresh", daemon=True)
-        self._pending.start()
+        self._pending = self.index.refresh(embedder, background=True, **self.embed_kwargs)
+        self._pending_step = step
 
     def _finish_async(self, wait: bool) -> None:
-        if self._pending is None or (self._pending.is_alive() and not wait):
+        """Books a finished background refresh (the index swapped it in itself when it was ready)."""
+        if self._pending is None or (not wait and not self._pending.done()):
             return
-        self._pending.join()
-        self._pending = None
-        result = self._pending_result
-        if "error" in result:
+        future, self._pending = self._pending, None
+        err = future.exception()  # waits when the refresh is still running
+        if err is not None:
             self.failures += 1
-            logger.error(f"async index refresh from step {result['step']} failed: {result['error']!r}")
+            logger.error(f"async index refresh from step {self._pending_step} failed: {err!r}")
             return
-        try:
-            self.index.update_embeddings(
-                result["embeddings"], embedder_name=self.index.embedder_name, embedder_hash=result["hash"]
-            )
-        except Exception as err:
-            self.failures += 1
-            logger.error(f"async index refresh from step {result['step']} could not be swapped in: {err!r}")
-            return
-        self._refreshed(result["step"], result["seconds"])
+        self._refreshed(self._pending_step, future.result())
 
     # -- Trainer hooks --------------------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step > 0:  # resuming: the checkpoint's index goes with the checkpoint's model
-            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", INDEX_DIR_IN_CHECKPOINT)
+            path = _checkpoint_index_dir(args.output_dir, state.global_step)
             if os.path.isdir(path):
                 saved = RealmBlockIndex.from_pretrained(path)
                 self.index.update_embeddings(
@@ -234,17 +192,12 @@ class IndexRefreshCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if not self.save_index or not state.is_world_process_zero:
             return
-        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", INDEX_DIR_IN_CHECKPOINT)
+        if self.mode == "async":
+            self._finish_async(wait=False)  # book a refresh that has already swapped in before saving its step
+        path = _checkpoint_index_dir(args.output_dir, state.global_step)
         self.index.save_pretrained(path)
         with open(os.path.join(path, REFRESH_STATE_FILE), "w") as f:
             json.dump({"built_at_step": self.built_at_step, "num_refreshes": self.num_refreshes}, f)
-
-
-class _SingleProcess:
-    """Process layout for an embedding that must not shard (async refresh: no collectives off the main thread)."""
-
-    process_index = 0
-    num_processes = 1
 
 
 __all__ = ["IndexRefreshCallback"]

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import threading
 import time
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -391,11 +393,42 @@ class RealmBlockIndex:
         else:
             self.corpus._indexes.pop(_FAISS_INDEX_NAME_IN_DATASET, None)
 
-    def refresh(self, embedder, **embed_kwargs) -> float:
-        """Re-embed the whole corpus with ``embedder`` ([`embed_corpus`], sharded under accelerate) and swap the result
-        in ([`~RealmBlockIndex.update_embeddings`]). Returns the seconds it took."""
-        start = time.perf_counter()
+    def refresh(self, embedder, *, background: bool = False, **embed_kwargs) -> float | Future:
+        """Re-embed the whole corpus with ``embedder`` ([`embed_corpus`]) and swap the result in
+        ([`~RealmBlockIndex.update_embeddings`]): the one refresh path, which [`IndexRefreshCallback`] uses too.
+
+        Args:
+            embedder (`torch.nn.Module`): The current doc encoder.
+            background (`bool`, *optional*, defaults to `False`):
+                `False`: embed now (sharded over the processes under `accelerate`, gathered, so every process gets the
+                same index), swap, and return the seconds it took. `True`: a frozen copy of ``embedder`` (taken now)
+                embeds the corpus on a daemon thread while the caller goes on; each process embeds the whole corpus
+                on its own (no collective calls off the main thread). The new embeddings are swapped in, in one
+                assignment, as soon as they are ready; returns a `concurrent.futures.Future` whose result is the
+                seconds it took, or the error that stopped it (then nothing was swapped in).
+            embed_kwargs: Passed to [`embed_corpus`] (``batch_size``, ``dtype``, ``show_progress``, ...).
+
+        On any error the old embeddings keep serving.
+        """
         embed_kwargs.setdefault("output_device", "cpu")
+        if not background:
+            return self._refresh_now(embedder, embed_kwargs)
+        # The copy freezes the doc encoder as it is now; training keeps updating the original.
+        snapshot = copy.deepcopy(embedder).eval().requires_grad_(False)
+        future: Future = Future()
+        future.set_running_or_notify_cancel()
+
+        def work():
+            try:
+                future.set_result(self._refresh_now(snapshot, {**embed_kwargs, "shard": False}))
+            except BaseException as err:  # reported through the future
+                future.set_exception(err)
+
+        threading.Thread(target=work, name="realm-index-refresh", daemon=True).start()
+        return future
+
+    def _refresh_now(self, embedder, embed_kwargs: dict) -> float:
+        start = time.perf_counter()
         embeddings = embed_corpus(embedder, self.tokens, **embed_kwargs)
         self.update_embeddings(
             embeddings, embedder_name=_embedder_name(embedder), embedder_hash=embedder_fingerprint(embedder)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import copy
-import queue
-import threading
 
 import numpy as np
 import torch
 
 from .corpus import CorpusTokens
-from .search.sharded import _gather_shards, _process_state, shard_range
+from .search.sharded import gather_shards, process_layout, shard_range
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -37,6 +35,26 @@ def _module_device(module) -> torch.device:
         return torch.device("cpu")
 
 
+class _LengthBucketedBatches(torch.utils.data.Dataset):
+    """Item ``i`` is batch ``i`` of a length-sorted block order, padded to its own longest block (a `DataLoader` with
+    ``batch_size=None`` serves the batches as they are)."""
+
+    def __init__(self, tokens: CorpusTokens, batches: list[np.ndarray], start: int, pad_id: int, multiple: int | None):
+        self.tokens, self.batches, self.start, self.pad_id, self.multiple = tokens, batches, start, pad_id, multiple
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.batches[i]
+        arrays = self.tokens.batch(ids, self.pad_id, self.multiple)
+        if arrays["attention_mask"].all():  # no padding: no mask, so SDPA can take its fastest kernel
+            del arrays["attention_mask"]
+        item = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        item["block_ids"] = torch.from_numpy(ids - self.start)
+        return item
+
+
 def embed_corpus(
     embedder,
     corpus,
@@ -48,7 +66,9 @@ def embed_corpus(
     output_device: str | torch.device | None = "cpu",
     accelerator=None,
     gather: bool = True,
+    shard: bool = True,
     pad_to_multiple_of: int | None = 8,
+    num_workers: int = 0,
     prefetch: int = 4,
     show_progress: bool = True,
 ) -> torch.Tensor:
@@ -56,10 +76,11 @@ def embed_corpus(
 
     Blocks are sorted by length and batched (each batch padded to its own longest block; batches without padding are run
     without an attention mask so SDPA can take its fastest kernel); token ids are read from flat arrays
-    ([`CorpusTokens`]), never re-tokenized; batches are built on a background thread into pinned memory and copied to
-    the device asynchronously; the forward runs under `torch.inference_mode` with bf16 autocast on CUDA; results are
-    written to a preallocated device buffer at their block ids, so they do not depend on the batch order. The embedder
-    is put in eval mode for the call and restored after.
+    ([`CorpusTokens`]), never re-tokenized; a `torch.utils.data.DataLoader` serves the batches (in pinned memory on
+    CUDA, copied to the device asynchronously); the forward runs under `torch.inference_mode` with bf16 on CUDA;
+    results are written to a preallocated device buffer at their block ids, so they do not depend on the batch order.
+    The embedder is put in eval mode for the call and restored after. The returned tensor is complete when the call
+    returns (the copy to ``output_device`` is a blocking one).
 
     Under `accelerate` (or any initialised `torch.distributed`) process ``r`` of ``W`` embeds the contiguous block range
     [`shard_range`]``(num_blocks, r, W)``; with ``gather=True`` every process receives the whole matrix, else its shard.
@@ -80,8 +101,13 @@ def embed_corpus(
             Where the result goes; `None` keeps it on the compute device (e.g. for the torch GPU search backend).
         accelerator (`accelerate.Accelerator` or `accelerate.PartialState`, *optional*): Process layout.
         gather (`bool`, *optional*, defaults to `True`): Gather all shards on every process.
+        shard (`bool`, *optional*, defaults to `True`):
+            `False`: this process embeds every block and makes no collective call (for a background thread).
         pad_to_multiple_of (`int`, *optional*, defaults to 8): Round each batch's length up (tensor-core friendly).
-        prefetch (`int`, *optional*, defaults to 4): Batches prepared ahead by the loader thread.
+        num_workers (`int`, *optional*, defaults to 0):
+            `DataLoader` worker processes building the batches; 0 builds them in this process, which keeps up with the
+            GPU (the forward is asynchronous) unless the blocks are very short.
+        prefetch (`int`, *optional*, defaults to 4): Batches prepared ahead by each worker (with ``num_workers > 0``).
         show_progress (`bool`, *optional*, defaults to `True`): A tqdm bar on the main process.
 
     Returns:
@@ -110,7 +136,7 @@ def embed_corpus(
         raise ValueError("the corpus is empty: nothing to embed")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    rank, world = _process_state(accelerator)
+    rank, world = process_layout(accelerator) if shard else (0, 1)
     start, end = shard_range(num_blocks, rank, world)
     device = torch.device(device) if device is not None else _module_device(embedder)
     if dtype == "auto":
@@ -128,25 +154,13 @@ def embed_corpus(
         )
     order = start + np.argsort(-lengths, kind="stable")  # longest first: an out-of-memory shows at once
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    pin = device.type == "cuda"
-
-    def produce(q: queue.Queue, stop: threading.Event):
-        try:
-            for ids in batches:
-                if stop.is_set():
-                    return
-                arrays = tokens.batch(ids, pad_id, pad_to_multiple_of)
-                padded = not arrays["attention_mask"].all()
-                item = {k: torch.from_numpy(v) for k, v in arrays.items()}
-                item["block_ids"] = torch.from_numpy(ids - start)
-                if not padded:
-                    del item["attention_mask"]
-                if pin:
-                    item = {k: v.pin_memory() for k, v in item.items()}
-                q.put(item)
-        except BaseException as err:  # surfaced in the consumer
-            q.put(err)
-        q.put(None)
+    loader = torch.utils.data.DataLoader(
+        _LengthBucketedBatches(tokens, batches, start, pad_id, pad_to_multiple_of),
+        batch_size=None,  # the dataset's items are whole batches
+        num_workers=num_workers,
+        prefetch_factor=prefetch if num_workers > 0 else None,
+        pin_memory=device.type == "cuda",
+    )
 
     was_training = getattr(embedder, "training", False)
     if hasattr(embedder, "eval"):
@@ -158,10 +172,6 @@ def embed_corpus(
         # layer norms and residuals in bf16 too); it costs one copy of the embedder (~0.25 GB for BERT-base).
         runner = copy.deepcopy(embedder).to(dtype)
         autocast_dtype = None
-    loader_queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
-    stop = threading.Event()
-    loader = threading.Thread(target=produce, args=(loader_queue, stop), daemon=True)
-    loader.start()
     out = None
     bar = tqdm(total=end - start, desc="Embedding blocks", unit="block", disable=not show_progress or rank != 0)
     try:
@@ -169,13 +179,8 @@ def embed_corpus(
             torch.inference_mode(),
             torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None),
         ):
-            while True:
-                item = loader_queue.get()
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                item = {k: v.to(device, non_blocking=True) for k, v in item.items()}
+            for item in loader:
+                item = {k: v.to(device, non_blocking=True) for k, v in item.items()}  # from pinned memory on CUDA
                 block_ids = item.pop("block_ids")
                 emb = _projected(runner(**item))
                 if out is None:
@@ -183,12 +188,6 @@ def embed_corpus(
                 out.index_copy_(0, block_ids, emb.to(output_dtype))
                 bar.update(len(block_ids))
     finally:
-        stop.set()
-        while loader.is_alive():  # unblock the loader if it waits on a full queue
-            try:
-                loader_queue.get_nowait()
-            except queue.Empty:
-                loader.join(timeout=0.05)
         bar.close()
         if hasattr(embedder, "train"):
             embedder.train(was_training)
@@ -199,9 +198,11 @@ def embed_corpus(
         out = torch.empty(0, dim, dtype=output_dtype, device=device)
 
     if world > 1 and gather:
-        out = _gather_shards(out, num_blocks, world)
+        out = gather_shards(out, num_blocks, world)
     if output_device is not None:
-        out = out.to(output_device)
+        # A blocking copy on purpose: callers use the result at once (the torch search backend copies it straight back
+        # to the GPU); a non_blocking device-to-host copy would hand them memory the copy has not filled yet.
+        out = out.to(output_device, non_blocking=False)
     return out
 
 

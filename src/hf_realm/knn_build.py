@@ -19,7 +19,6 @@ from .knn_hook import KNNQueryHook
 
 DATASTORE_CONFIG_NAME = "knn_datastore.json"
 FORMAT_VERSION = 1
-_NPY_HEADER_BYTES = 256
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -35,18 +34,13 @@ def _to_numpy(x) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
-    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
-    text = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {shape!r}, }}"
-    pad = _NPY_HEADER_BYTES - 10 - len(text) - 1
-    if pad < 0:
-        raise ValueError(f"npy header for shape {shape} does not fit in {_NPY_HEADER_BYTES} bytes")
-    text = text + " " * pad + "\n"
-    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1")
-
-
 class _NpyAppender:
-    """Appends rows to a .npy file; the header (with the final row count) is written on close."""
+    """Appends rows to a .npy file whose final length is not known in advance.
+
+    The header is numpy's own (`np.lib.format.write_array_header_1_0`), written for 0 rows first and rewritten with the
+    final count on close: numpy pads the row count's room to `GROWTH_AXIS_MAX_DIGITS` digits, so the header keeps its
+    length and the rows written after it stay in place (no copy of a multi-GB file at the end).
+    """
 
     def __init__(self, path: str | os.PathLike, dtype, row_shape: tuple[int, ...] = ()):
         self.path = Path(path)
@@ -54,7 +48,13 @@ class _NpyAppender:
         self.row_shape = tuple(row_shape)
         self.rows = 0
         self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
-        self._file.write(b"\0" * _NPY_HEADER_BYTES)
+        self._header_bytes = self._write_header()
+
+    def _write_header(self) -> int:
+        self._file.seek(0)
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False}
+        np.lib.format.write_array_header_1_0(self._file, {**header, "shape": (self.rows, *self.row_shape)})
+        return self._file.tell()
 
     def append(self, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array, dtype=self.dtype)
@@ -69,8 +69,8 @@ class _NpyAppender:
         if self._file.closed:
             return
         self._file.flush()
-        self._file.seek(0)
-        self._file.write(_npy_header(self.dtype, (self.rows, *self.row_shape)))
+        if self._write_header() != self._header_bytes:  # numpy's growth padding makes this impossible below 10^21 rows
+            raise RuntimeError(f"the .npy header of {self.path.name} changed length; the file is not valid")
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -170,10 +170,12 @@ class KNNDatastoreWriter:
 
 
 def _save_npy_chunked(path: Path, array: np.ndarray, chunk: int = 1 << 20) -> None:
-    appender = _NpyAppender(path, array.dtype, array.shape[1:])
+    """Writes ``array`` (e.g. a memory map larger than RAM) to a .npy file a chunk at a time."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=array.dtype, shape=array.shape)
     for start in range(0, array.shape[0], chunk):
-        appender.append(array[start : start + chunk])
-    appender.close()
+        out[start : start + chunk] = array[start : start + chunk]
+    out.flush()
+    del out
 
 
 def merge_datastores(

@@ -53,6 +53,7 @@ from .knn_build import (
 from .knn_hook import KNNQueryHook
 from .search import exact_topk, import_faiss
 from .search.pq import _pq_search, _pq_sqnorms
+from .search.sharded import process_layout, shard_range
 
 
 _INDEX_TYPES = ("auto", "torch", "faiss-flat", "faiss-ivfpq")
@@ -625,12 +626,10 @@ class KNNDatastore:
         out = hook_probe.module
         key_dim = getattr(out, "in_features", None) or int(out.weight.shape[1])
 
-        num_processes = getattr(accelerator, "num_processes", 1) if accelerator is not None else 1
-        rank = getattr(accelerator, "process_index", 0) if accelerator is not None else 0
+        rank, num_processes = process_layout(accelerator) if accelerator is not None else (0, 1)
         save_directory = Path(save_directory)
         n = len(dataset)
-        bounds = [n * r // num_processes for r in range(num_processes + 1)]
-        start, end = bounds[rank], bounds[rank + 1]
+        start, end = shard_range(n, rank, num_processes)
         shard_root = save_directory.with_name(f".{save_directory.name}.shards")
         target_dir = save_directory if num_processes == 1 else shard_root / f"rank-{rank:05d}"
 

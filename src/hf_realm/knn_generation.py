@@ -1,26 +1,14 @@
-"""kNN-MT / kNN-LM for `generate()`: a datastore of (hidden state -> next token) pairs and a logits processor.
+"""kNN-MT / kNN-LM in `generate()`: the logits processor that mixes a kNN distribution into the model's.
 
-Khandelwal et al. 2020 (kNN-LM, arXiv:1911.00172) and 2021 (kNN-MT, arXiv:2010.00710): run a model teacher-forced
-over a corpus and store, for every target position, key = the hidden state that feeds the output embedding and
-value = the next target token. At decoding step t the current state queries the k nearest keys (squared L2) and
+At decoding step t the current hidden state (the input of the output layer, captured by [`KNNQueryHook`]) queries
+the k nearest keys of a [`KNNDatastore`] (squared L2; how a datastore is built and saved: `hf_realm.knn_datastore`),
+and [`KNNLogitsProcessor`] returns, in log space,
 
-    p_kNN(y) ∝ sum_{neighbours i with value y} count_i * exp(-d_i / T)
-    p(y)     = λ p_kNN(y) + (1 - λ) p_LM(y)                 (computed in log space)
+    p(y) = λ p_kNN(y) + (1 - λ) p_LM(y)        with   p_kNN(y) ∝ sum_{neighbours i with value y} count_i * exp(-d_i / T)
 
-`KNNLogitsProcessor` injects this into `model.generate()`. A `LogitsProcessor` only sees `(input_ids, scores)`, so
-the query comes from a forward pre-hook on `model.get_output_embeddings()` that keeps the input of the output layer
-(`KNNQueryHook`); every `batch x beam` row of `scores` queries with its own last state.
-
-Layout of a saved datastore (`KNNDatastore.save_pretrained`):
-
-    knn_datastore.json   metadata: count, key dim, dtypes, model and tokenizer fingerprints, compression, history
-    keys.npy             (num_entries, key_dim) float16       (absent when keys are product-quantised)
-    values.npy           (num_entries,) int32                   next-token ids
-    provenance.npy       (num_entries, 2) int64                 (example id, target position) of every entry
-    counts.npy           (num_entries,) int32, optional         merge counts (greedy merging), used as weights
-    projection.npz       optional                               PCA of the keys: queries are projected the same way
-    pq.npz               optional                               product quantisation codes and codebooks
-    index.faiss          optional                               a trained faiss index (IVF-PQ / flat)
+(Khandelwal et al. 2020, kNN-LM, arXiv:1911.00172; 2021, kNN-MT, arXiv:2010.00710). A `LogitsProcessor` only sees
+`(input_ids, scores)`: every `batch x beam` row of `scores` queries with its own last state. [`knn_lm_perplexity`]
+evaluates the same mixture teacher-forced.
 """
 
 from __future__ import annotations

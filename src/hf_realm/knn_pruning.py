@@ -12,11 +12,12 @@ Pruning returns a new [`KNNDatastore`] with a subset of the entries, provenance 
   so p_LM(value | context) = softmax(output_embedding(key) + final_logits_bias)[value] needs no forward pass; entries
   with the highest p_LM add least to the mixture p = λ p_kNN + (1 - λ) p_LM and go first.
 
-Compression, composable with pruning and with each other (PCA first, then PQ):
+Compression, composable with pruning and with each other (PCA first, then PQ), lives in `hf_realm.knn_compression`
+and is importable from here too:
 
 - [`pca_compress`]: keys projected on their top principal components; queries are projected the same way at search.
-- [`pq_compress`]: product quantisation (k-means per sub-space in torch), searched exactly over the reconstructions on
-  the GPU (= faiss `IndexPQ` asymmetric distances).
+- [`pq_compress`]: product quantisation (faiss `ProductQuantizer`), searched exactly over the reconstructions on the
+  GPU (= faiss `IndexPQ` asymmetric distances).
 
 [`prune_datastore`] dispatches by name, as the sweep in `examples/prune_datastore.py` uses it.
 """
@@ -25,23 +26,17 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from .knn_compression import Device, _default_device, compression_report, kmeans, pca_compress, pq_compress
 from .knn_datastore import KNNDatastore
 from .search.pq import pq_decode
 
 
 PRUNING_METHODS = ("random", "greedy_merge", "cluster", "confidence")
-
-
-def _default_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
 
 
 def _check_fraction(fraction: float) -> None:
@@ -376,140 +371,6 @@ def prune_datastore(datastore: KNNDatastore, method: str, fraction: float, **kwa
     raise ValueError(f"method must be one of {PRUNING_METHODS}, got {method!r}")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Compression
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _sample_keys(datastore: KNNDatastore, size: int, seed: int, device: torch.device) -> torch.Tensor:
-    n = len(datastore)
-    idx = np.sort(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False))
-    return torch.from_numpy(np.asarray(datastore.keys[idx], dtype=np.float32)).to(device)
-
-
-@torch.no_grad()
-def pca_compress(
-    datastore: KNNDatastore,
-    dim: int,
-    sample_size: int = 200_000,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-) -> KNNDatastore:
-    """Projects the keys on their top ``dim`` principal components (fit on up to ``sample_size`` keys, float64).
-
-    Queries are projected the same way at search time (the store's `projection`), so squared distances are
-    measured in the principal subspace. Composes with an existing projection.
-
-    Example:
-
-    ```python
-    >>> import numpy as np
-    >>> from hf_realm.knn_datastore import KNNDatastore
-    >>> from hf_realm.knn_pruning import pca_compress
-    >>> keys = np.random.default_rng(0).normal(size=(100, 8)) * [5, 4, 3, 0, 0, 0, 0, 0]
-    >>> small = pca_compress(KNNDatastore(keys=keys, values=np.arange(100)), 3)
-    >>> small.key_dim, small.input_dim
-    (3, 8)
-    ```
-    """
-    if datastore.keys is None:
-        raise ValueError("PCA needs float keys: apply it before product quantisation")
-    if not 1 <= dim <= datastore.key_dim:
-        raise ValueError(f"dim must be in [1, {datastore.key_dim}] (the key dim), got {dim}")
-    device = _default_device(device)
-    sample = _sample_keys(datastore, sample_size, seed, device).double()
-    mean = sample.mean(0)
-    centered = sample - mean
-    cov = centered.T @ centered / max(1, sample.shape[0] - 1)
-    eigvals, eigvecs = torch.linalg.eigh(cov)
-    order = eigvals.argsort(descending=True)[:dim]
-    components = eigvecs[:, order]
-    # a deterministic sign per component (largest |entry| positive)
-    signs = torch.sign(components.gather(0, components.abs().argmax(0, keepdim=True)))
-    components = components * signs
-    matrix = components.float()
-    bias = -(mean @ components).float()
-    new_keys = np.empty((len(datastore), dim), dtype=np.float16)
-    for start in range(0, len(datastore), 1 << 18):
-        chunk = torch.from_numpy(np.asarray(datastore.keys[start : start + (1 << 18)], dtype=np.float32)).to(device)
-        new_keys[start : start + chunk.shape[0]] = torch.addmm(bias, chunk, matrix).cpu().numpy().astype(np.float16)
-    if datastore.projection is not None:
-        old_m = torch.from_numpy(datastore.projection["matrix"]).double()
-        old_b = torch.from_numpy(datastore.projection["bias"]).double()
-        m64, b64 = matrix.double().cpu(), bias.double().cpu()
-        projection = {"matrix": (old_m @ m64).float().numpy(), "bias": (old_b @ m64 + b64).float().numpy()}
-    else:
-        projection = {"matrix": matrix.cpu().numpy(), "bias": bias.cpu().numpy()}
-    explained = float(eigvals[order].sum() / eigvals.sum().clamp_min(1e-30))
-    meta = dict(datastore.metadata)
-    meta["history"] = [
-        *datastore.metadata.get("history", []),
-        {"method": "pca", "dim": dim, "explained_variance": explained},
-    ]
-    return KNNDatastore(
-        keys=new_keys,
-        values=datastore.values,
-        provenance=datastore.provenance,
-        counts=datastore.counts,
-        metadata=meta,
-        projection=projection,
-    )
-
-
-@torch.no_grad()
-def kmeans(
-    x: torch.Tensor,
-    num_clusters: int,
-    iters: int = 20,
-    seed: int = 0,
-    init: str = "k-means++",
-    weights: torch.Tensor | None = None,
-    max_scores: int = 1 << 26,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means in torch. Returns centroids `(num_clusters, d)` and assignments `(n,)`.
-
-    The returned centroids are the (``weights``-weighted) means of the points assigned to them. ``init`` is
-    `"k-means++"` (sequential, for up to a few hundred clusters) or `"random"` (distinct random points). Empty
-    clusters are re-seeded with the points farthest from their centroid.
-    """
-    n = x.shape[0]
-    if not 1 <= num_clusters <= n:
-        raise ValueError(f"num_clusters must be in [1, {n}] (the number of points), got {num_clusters}")
-    if init not in ("k-means++", "random"):
-        raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    if init == "random":
-        centroids = x[torch.randperm(n, generator=gen)[:num_clusters].to(x.device)].clone()
-    else:  # k-means++ seeding on up to 64 points per cluster
-        pool = x[torch.randperm(n, generator=gen)[: min(n, 64 * num_clusters)].to(x.device)]
-        centroids = torch.empty((num_clusters, x.shape[1]), dtype=x.dtype, device=x.device)
-        centroids[0] = pool[int(torch.randint(pool.shape[0], (1,), generator=gen))]
-        nearest = (pool - centroids[0]).pow(2).sum(-1)
-        for c in range(1, num_clusters):
-            w = nearest.double().cpu()
-            pick = int(torch.multinomial(w, 1, generator=gen)) if w.sum() > 0 else c % pool.shape[0]
-            centroids[c] = pool[pick]
-            nearest = torch.minimum(nearest, (pool - centroids[c]).pow(2).sum(-1))
-    w = torch.ones(n, dtype=x.dtype, device=x.device) if weights is None else weights.to(x.dtype)
-    assign = torch.empty(n, dtype=torch.long, device=x.device)
-    best = torch.empty(n, dtype=x.dtype, device=x.device)
-    chunk = max(1, max_scores // num_clusters)
-    for _ in range(iters + 1):
-        c_norm = centroids.pow(2).sum(-1)
-        for s in range(0, n, chunk):
-            part = x[s : s + chunk]
-            d = part.pow(2).sum(-1, keepdim=True) - 2 * part @ centroids.T + c_norm
-            best[s : s + chunk], assign[s : s + chunk] = d.min(1)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x * w[:, None])
-        sizes = torch.zeros(num_clusters, dtype=x.dtype, device=x.device).index_add_(0, assign, w)
-        empty = sizes == 0
-        centroids = torch.where(empty[:, None], centroids, sums / sizes.clamp_min(1e-12)[:, None])
-        if empty.any():
-            far = best.topk(min(n, int(empty.sum()))).indices
-            centroids[empty.nonzero()[: far.numel(), 0]] = x[far]
-    return centroids, assign
-
-
 def _cluster_budget(sizes: np.ndarray, budget: int, keep_singletons: bool) -> np.ndarray:
     """Clusters per value: proportional to the value's entries, at most its entries, summing to exactly ``budget``.
 
@@ -537,7 +398,7 @@ def cluster_prune(
     fraction: float,
     iters: int = 10,
     seed: int = 0,
-    device: str | torch.device | None = None,
+    device: Device = None,
     keep_singletons: bool = True,
 ) -> KNNDatastore:
     """Clusters the keys of every value separately and keeps one entry per cluster: the centroid, with a count.
@@ -642,82 +503,6 @@ def cluster_prune(
     )
 
 
-@torch.no_grad()
-def pq_compress(
-    datastore: KNNDatastore,
-    m: int,
-    nbits: int = 8,
-    sample_size: int = 65_536,
-    iters: int = 20,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-) -> KNNDatastore:
-    """Product quantisation of the keys: ``m`` sub-spaces of `key_dim / m` dims, `2^nbits` centroids each.
-
-    Each entry then costs ``m`` bytes instead of `2 * key_dim`. The search decodes the codes chunk by chunk on the
-    device and runs the exact search over the reconstructions (asymmetric distances, as faiss `IndexPQ`).
-
-    Example:
-
-    ```python
-    >>> import numpy as np
-    >>> from hf_realm.knn_datastore import KNNDatastore
-    >>> from hf_realm.knn_pruning import pq_compress
-    >>> keys = np.random.default_rng(0).normal(size=(512, 8))
-    >>> small = pq_compress(KNNDatastore(keys=keys, values=np.arange(512)), m=4, nbits=4)
-    >>> small.pq["codes"].shape, small.keys is None
-    ((512, 4), True)
-    ```
-    """
-    if datastore.keys is None:
-        raise ValueError("the datastore is already product-quantised")
-    d = datastore.key_dim
-    if m < 1 or d % m:
-        raise ValueError(f"m={m} sub-quantisers must divide the key dim {d}")
-    if not 1 <= nbits <= 8:
-        raise ValueError(f"nbits must be in [1, 8], got {nbits}")
-    device = _default_device(device)
-    ksub, dsub = 1 << nbits, d // m
-    sample = _sample_keys(datastore, sample_size, seed, device)
-    if sample.shape[0] < ksub:
-        raise ValueError(f"{sample.shape[0]} keys cannot train {ksub} centroids per sub-space; lower nbits")
-    codebooks = torch.stack(
-        [kmeans(sample[:, j * dsub : (j + 1) * dsub].contiguous(), ksub, iters, seed + j)[0] for j in range(m)]
-    )  # (m, ksub, dsub)
-    codes = np.empty((len(datastore), m), dtype=np.uint8)
-    cb_norm = codebooks.pow(2).sum(-1)  # (m, ksub)
-    step = max(1, (1 << 27) // (m * ksub))  # bounds the (m, step, ksub) distance block to 512 MiB
-    for start in range(0, len(datastore), step):
-        chunk = torch.from_numpy(np.asarray(datastore.keys[start : start + step], dtype=np.float32)).to(device)
-        sub = chunk.view(chunk.shape[0], m, dsub).transpose(0, 1)  # (m, b, dsub)
-        dist = cb_norm[:, None, :] - 2 * torch.bmm(sub, codebooks.transpose(1, 2))  # (m, b, ksub)
-        codes[start : start + chunk.shape[0]] = dist.argmin(-1).T.to(torch.uint8).cpu().numpy()
-    meta = dict(datastore.metadata)
-    meta["history"] = [*datastore.metadata.get("history", []), {"method": "pq", "m": m, "nbits": nbits}]
-    return KNNDatastore(
-        keys=None,
-        values=datastore.values,
-        provenance=datastore.provenance,
-        counts=datastore.counts,
-        metadata=meta,
-        projection=datastore.projection,
-        pq={"codes": codes, "codebooks": codebooks.cpu().numpy()},
-    )
-
-
-def compression_report(original: KNNDatastore, compressed: KNNDatastore) -> dict[str, Any]:
-    """Entries and bytes of two stores, and their ratios."""
-    return {
-        "entries": len(compressed),
-        "entries_fraction": len(compressed) / max(1, len(original)),
-        "bytes": compressed.nbytes,
-        "bytes_fraction": compressed.nbytes / max(1, original.nbytes),
-        "compression": original.nbytes / max(1, compressed.nbytes),
-        "bits_per_entry": 8 * compressed.nbytes / max(1, len(compressed)),
-        "history": compressed.metadata.get("history", []),
-    }
-
-
 _SPEC_STEP = re.compile(
     r"^(random|cluster|greedy_merge_mean|greedy_merge|confidence)@?([0-9]*\.?[0-9]+)$|^(pca|pq)([0-9]+)$"
 )
@@ -810,3 +595,22 @@ def shrink_datastore(
         else:
             store = pq_compress(store, arg, seed=seed, device=device)
     return store
+
+
+__all__ = [
+    "PRUNING_METHODS",
+    "cluster_prune",
+    "compression_report",
+    "confidence_prune",
+    "datastore_neighbours",
+    "entry_model_log_probs",
+    "greedy_merge",
+    "greedy_merge_sequence",
+    "kmeans",
+    "parse_shrink_spec",
+    "pca_compress",
+    "pq_compress",
+    "prune_datastore",
+    "random_prune",
+    "shrink_datastore",
+]

@@ -8,22 +8,14 @@ import datasets
 import torch
 from accelerate import PartialState
 
-from hf_realm import RealmBlockIndex, RealmConfig, RealmEmbedder
+from hf_realm import RealmBlockIndex, RealmEmbedder
 from hf_realm.callbacks import IndexRefreshCallback
+from tests.conftest import tiny_realm_config  # the repository root is on PYTHONPATH (conftest.subprocess_env)
 
 
 def build(num_blocks: int = 50):
     torch.manual_seed(0)
-    config = RealmConfig(
-        vocab_size=99,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        retriever_proj_size=16,
-        pad_token_id=0,
-    )
-    embedder = RealmEmbedder(config).eval()
+    embedder = RealmEmbedder(tiny_realm_config(pad_token_id=0)).eval()
     g = torch.Generator().manual_seed(1)
     rows = [
         [2] + torch.randint(5, 99, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g).tolist() + [3]

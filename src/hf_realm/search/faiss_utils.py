@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 
+from transformers.utils import is_faiss_available
+
 
 @contextlib.contextmanager
 def quiet_faiss_loader():
@@ -19,15 +21,23 @@ def quiet_faiss_loader():
         loader.setLevel(level)
 
 
+_INSTALL_HINT = (
+    "this index backend needs faiss: `pip install faiss-cpu` (or `pip install hf_realm[faiss]`; "
+    "`faiss-gpu-cu12` for GPU indexes), or use backend='torch' (exact search in torch, no faiss)"
+)
+
+
 def import_faiss():
+    """The `faiss` module; an `ImportError` that names the package to install when it is missing."""
+    # transformers' cached check first (no import); the import itself can still fail (a broken install, or a test
+    # that hides the module).
+    if not is_faiss_available():
+        raise ImportError(_INSTALL_HINT)
     try:
         with quiet_faiss_loader():
             import faiss
     except ImportError as err:
-        raise ImportError(
-            "this index backend needs faiss: `pip install faiss-cpu` (or `pip install hf_realm[faiss]`; "
-            "`faiss-gpu-cu12` for GPU indexes), or use backend='torch' (exact search in torch, no faiss)"
-        ) from err
+        raise ImportError(_INSTALL_HINT) from err
     return faiss
 
 

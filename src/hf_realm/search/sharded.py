@@ -8,30 +8,40 @@ from .exact import exact_topk
 
 
 def shard_range(num_items: int, process_index: int, num_processes: int) -> tuple[int, int]:
-    """The contiguous block-id range ``[start, end)`` that process ``process_index`` of ``num_processes`` embeds (sizes
-    differ by at most one, larger shards first, as `numpy.array_split`)."""
+    """The contiguous range ``[start, end)`` of ``num_items`` that process ``process_index`` of ``num_processes`` owns:
+    the split of accelerate's `PartialState.split_between_processes` (sizes differ by at most one, larger shards
+    first). The one shard formula of the package: the index refresh, the sharded search and the kNN datastore build
+    all use it."""
     base, extra = divmod(num_items, num_processes)
     start = process_index * base + min(process_index, extra)
     return start, start + base + (1 if process_index < extra else 0)
 
 
-def _process_state(accelerator):
-    if accelerator is not None:
-        return accelerator.process_index, accelerator.num_processes
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def process_layout(accelerator=None) -> tuple[int, int]:
+    """``(process_index, num_processes)`` of ``accelerator`` (an `Accelerator`, a `PartialState` or anything with those
+    two attributes); without one, accelerate's `PartialState` when `torch.distributed` is initialised, else one
+    process. A `PartialState` is never created when no process group exists: it would start one."""
+    if accelerator is None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return 0, 1
+        from accelerate import PartialState
+
+        accelerator = PartialState()
+    return accelerator.process_index, accelerator.num_processes
 
 
-def _gather_shards(local: torch.Tensor, num_blocks: int, world: int) -> torch.Tensor:
-    from accelerate.utils import gather
+def gather_shards(local: torch.Tensor, num_items: int, num_processes: int) -> torch.Tensor:
+    """All processes' [`shard_range`] shards of a `(num_items, ...)` matrix, concatenated in process order, on every
+    process (a collective call: every process must make it)."""
+    from accelerate.utils import gather, pad_across_processes
 
-    sizes = [shard_range(num_blocks, r, world) for r in range(world)]
-    width = max(e - s for s, e in sizes)
-    padded = torch.zeros(width, local.shape[1], dtype=local.dtype, device=local.device)
-    padded[: local.shape[0]] = local
-    everything = gather(padded)
-    return torch.cat([everything[r * width : r * width + (e - s)] for r, (s, e) in enumerate(sizes)])
+    width = max(e - s for s, e in (shard_range(num_items, r, num_processes) for r in range(num_processes)))
+    everything = gather(pad_across_processes(local.contiguous(), dim=0))  # shards differ in size by at most one row
+    parts = [
+        everything[r * width : r * width + e - s]
+        for r, (s, e) in enumerate(shard_range(num_items, r, num_processes) for r in range(num_processes))
+    ]
+    return torch.cat(parts)
 
 
 def sharded_search(
@@ -62,7 +72,7 @@ def sharded_search(
     Returns:
         `(scores, ids)`: float32 and int64, `(num_queries, k)`, on the queries' device.
     """
-    rank, world = _process_state(accelerator)
+    rank, world = process_layout(accelerator)
     q = query_embeddings.to(local_keys.device)
     num_local = local_keys.shape[0]
     local_k = min(k, num_local)
