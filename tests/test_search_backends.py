@@ -326,3 +326,20 @@ def test_datastore_public_tables_and_reconstruct():
     np.testing.assert_array_equal(store.reconstruct(10, 20).numpy(), keys[10:20].astype(np.float32))
     with pytest.raises(ValueError, match=r"entries \[40, 60\) out of range for 50 entries"):
         store.reconstruct(40, 60)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("metric", ["inner_product", "l2"])
+def test_cuda_fp16_search_equals_float64_brute_force(metric):
+    """On the GPU (fp16 keys, the Triton kernel where installed): the same ids and order as a float64 search."""
+    keys, queries = near_ties(n=20_000, d=64)
+    backend = TorchSearchConfig().build(keys, metric=metric)
+    assert backend.dtype == torch.float16 and backend.device.type == "cuda"
+    ref_scores, ref_ids = brute_force(queries, keys, 16, metric)
+    scores, ids = backend.search(queries.cuda(), 16)
+    assert ids.device.type == "cuda"
+    np.testing.assert_array_equal(ids.cpu().numpy(), ref_ids)
+    np.testing.assert_allclose(scores.cpu().numpy(), ref_scores, rtol=1e-6)
+    store = KNNDatastore(keys=keys.numpy(), values=np.arange(20_000))
+    ref = brute_force(queries, keys.half().float(), 16, "l2")[1]
+    np.testing.assert_array_equal(store.search(queries.cuda(), 16)[1].cpu().numpy(), ref)
