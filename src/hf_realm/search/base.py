@@ -106,7 +106,6 @@ def register_backend(cls: type[BackendConfig]) -> type[BackendConfig]:
 
         ```python
         >>> import dataclasses
-    import warnings
         >>> from hf_realm.search import BACKENDS, BackendConfig, TorchSearchConfig, register_backend
         >>> @register_backend
         ... @dataclasses.dataclass

@@ -60,8 +60,9 @@ class PQSearchConfig(BackendConfig):
     >>> codebooks = torch.tensor([[[0.0], [1.0]], [[0.0], [2.0]]])  # 2 sub-spaces of 1 dim, 2 centroids each
     >>> codes = torch.tensor([[0, 0], [1, 1], [1, 0]], dtype=torch.uint8)  # keys (0, 0), (1, 2), (1, 0)
     >>> backend = PQSearchConfig(device="cpu").build(PQCodes(codes, codebooks), metric="l2")
-    >>> backend.search(torch.tensor([[1.0, 0.5]]), k=2)[1].tolist()
-    [[2, 1]]
+    >>> sqdist, ids = backend.search(torch.tensor([[1.0, 0.5]]), k=2)
+    >>> ids.tolist(), sqdist.tolist()  # (1, 0) then (0, 0)
+    ([[2, 0]], [[0.25, 1.25]])
     ```
     """
 
