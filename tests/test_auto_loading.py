@@ -28,7 +28,7 @@ from hf_realm import (
 )
 from hf_realm.openqa import DataCollatorForOpenQA
 
-from .toy import BLOCKS, WORDS, toy_tokenizer
+from .conftest import BLOCKS, WORDS, toy_tokenizer
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

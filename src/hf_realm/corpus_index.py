@@ -35,8 +35,19 @@ from .corpus import CorpusTokens, build_corpus
 from .embedding import _embedder_name, embed_corpus
 from .fingerprint import embedder_fingerprint
 from .hub_io import replace_directory
-from .search import exact_topk, faiss_available, import_faiss, shard_range, sharded_search
-from .search.backends import _FAISS_INDEX_NAME_IN_DATASET, _FaissBackend, _TorchBackend
+from .search import (
+    BACKENDS,
+    BackendConfig,
+    FaissBackend,
+    FaissSearchConfig,
+    TorchBackend,
+    TorchSearchConfig,
+    backend_config,
+    faiss_available,
+    import_faiss,
+    shard_range,
+    sharded_search,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -47,6 +58,7 @@ CORPUS_DIR = "corpus"
 FAISS_INDEX_NAME = "faiss.index"
 FORMAT_VERSION = 1
 _BACKENDS = ("auto", "faiss", "faiss-gpu", "torch")
+_DATASETS_INDEX_NAME = "embeddings"  # the name of the faiss index attached to `index.corpus` for `datasets`' own API
 
 
 @dataclass
@@ -86,17 +98,21 @@ class RealmBlockIndex:
     r"""
     REALM's knowledge corpus with its cached doc embeddings and a maximum inner product search over them.
 
-    One API over several backends: ``search(query_embeddings, k) -> (scores, block_ids)``.
+    One API over the search backends of [`hf_realm.search`]: ``search(query_embeddings, k) -> (scores, block_ids)``.
+    ``backend`` is a backend config ([`~hf_realm.search.TorchSearchConfig`],
+    [`~hf_realm.search.FaissSearchConfig`], ...) or one of these names, which map onto them:
 
-    - `"faiss"`: a faiss index built by `datasets`' FAISS integration on the corpus dataset (so
-      ``index.corpus.get_nearest_examples_batch("embeddings", queries, k)`` works too). ``index_factory="Flat"`` (the
-      default) is exact `IndexFlatIP`; any faiss index-factory string (``"IVF4096,Flat"``, ``"HNSW32"``,
-      ``"IVF4096,PQ32"``) gives an approximate index, trained on a random sample, whose recall
-      [`~RealmBlockIndex.evaluate_recall`] measures against exact search. ``search_params`` (e.g. ``{"nprobe": 32}``)
-      are set through faiss' `ParameterSpace`.
+    - `"faiss"`: a faiss index ([`~hf_realm.search.FaissSearchConfig`]), also attached to the corpus dataset through
+      `datasets`' public FAISS API (so ``index.corpus.get_nearest_examples_batch("embeddings", queries, k)`` works
+      too). ``index_factory="Flat"`` (the default) is exact `IndexFlatIP`; any faiss index-factory string
+      (``"IVF4096,Flat"``, ``"HNSW32"``, ``"IVF4096,PQ32"``) gives an approximate index, trained on a random sample,
+      whose recall [`~RealmBlockIndex.evaluate_recall`] measures against exact search. ``search_params`` (e.g.
+      ``{"nprobe": 32}``) are set through faiss' `ParameterSpace`.
     - `"faiss-gpu"`: the same on a GPU (needs `faiss-gpu-cu12`).
-    - `"torch"`: exact search with [`~hf_realm.search.exact_topk`], the embeddings resident on ``device`` (fp16 on
-      GPU; the fused Triton kernel when Triton is installed).
+    - `"torch"`: exact search ([`~hf_realm.search.TorchSearchConfig`]), the embeddings resident on ``device`` (fp16
+      on GPU; the fused Triton kernel when Triton is installed). *Exact* means: the ids and order of a float64 search
+      over the fp32 embeddings (ties by the smaller block id), whatever the storage dtype: the candidates of the fp16
+      pass are rescored in float64 from the fp32 embeddings (see `hf_realm.search.rescore`).
     - `"auto"` (default): `"torch"` when a GPU is present, else `"faiss"` (flat) when faiss is installed, else `"torch"`
       on the CPU.
 
@@ -110,7 +126,8 @@ class RealmBlockIndex:
             when present).
         embeddings (`torch.Tensor` or `np.ndarray` of shape `(num_blocks, dim)`):
             Doc embeddings, row ``i`` for block ``i``.
-        backend (`str`, *optional*, defaults to `"auto"`): See above.
+        backend (`str` or [`~hf_realm.search.BackendConfig`], *optional*, defaults to `"auto"`): See above. With a
+            config object, the options below stay unset (they are the config's fields).
         index_factory (`str`, *optional*, defaults to `"Flat"`): faiss index-factory string (faiss backends).
         search_params (`dict`, *optional*): faiss search-time parameters (`nprobe`, `efSearch`, ...).
         device (`str`, `int` or `torch.device`, *optional*):
@@ -138,7 +155,7 @@ class RealmBlockIndex:
         corpus,
         embeddings: torch.Tensor | np.ndarray,
         *,
-        backend: str = "auto",
+        backend: str | BackendConfig = "auto",
         index_factory: str = "Flat",
         search_params: dict | None = None,
         device: str | int | torch.device | None = None,
@@ -148,26 +165,12 @@ class RealmBlockIndex:
         embedder_hash: str | None = None,
         _faiss_index=None,
     ):
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        self.search_config = _search_config(backend, index_factory, search_params, device, search_dtype, train_size)
         if len(corpus) == 0:
             raise ValueError("the corpus is empty: no blocks")
         if corpus._indices is not None:
             corpus = corpus.flatten_indices()
-        if backend == "auto":
-            if torch.cuda.is_available():
-                backend = "torch"
-            elif faiss_available():
-                backend = "faiss"
-            else:
-                logger.info("faiss is not installed: exact search in torch on the CPU")
-                backend = "torch"
-        if backend == "torch" and index_factory != "Flat":
-            raise ValueError(f"index_factory={index_factory!r} needs a faiss backend; the torch backend is exact")
         self.corpus = corpus
-        self.backend_name = backend
-        self.index_factory = index_factory
-        self.search_params = dict(search_params or {})
         self.device = device
         self.search_dtype = search_dtype
         self.train_size = train_size
@@ -181,23 +184,32 @@ class RealmBlockIndex:
     # -- construction ---------------------------------------------------------------------------------------------
 
     def _build_state(self, embeddings, embedder_name, embedder_hash, faiss_index=None) -> _IndexState:
-        if self.backend_name == "torch":
-            backend = _TorchBackend(embeddings, self.device, self.search_dtype)
-        else:
-            gpu = None
-            if self.backend_name == "faiss-gpu":
-                gpu = int(self.device) if isinstance(self.device, int) else 0
-            # A new dataset object per build: the old index keeps serving from the old one until the swap.
-            backend = _FaissBackend(
-                _without_indexes(self.corpus),
-                embeddings.float().numpy() if faiss_index is None else None,
-                self.index_factory,
-                self.search_params,
-                gpu,
-                self.train_size,
-                faiss_index,
-            )
-        return _IndexState(embeddings.cpu(), backend, embedder_name, embedder_hash, time.time())
+        # The host copy is the source of truth: the torch backend rescores its fp16 candidates from it, the faiss
+        # backend is built from it. A new backend per build: the old one keeps serving until the swap.
+        embeddings = embeddings.cpu()
+        backend = self.search_config.build(embeddings, metric="inner_product", state=faiss_index)
+        return _IndexState(embeddings, backend, embedder_name, embedder_hash, time.time())
+
+    @property
+    def backend(self):
+        """The serving [`~hf_realm.search.SearchBackend`] (replaced as a whole by each refresh)."""
+        return self._state.backend
+
+    @property
+    def backend_name(self) -> str:
+        """The backend's name: `"torch"`, `"faiss"`, `"faiss-gpu"` or a registered config's name."""
+        config = self.search_config
+        if isinstance(config, FaissSearchConfig) and config.gpu is not None:
+            return "faiss-gpu"
+        return config.name
+
+    @property
+    def index_factory(self) -> str:
+        return getattr(self.search_config, "index_factory", "Flat")
+
+    @property
+    def search_params(self) -> dict:
+        return dict(getattr(self.search_config, "search_params", None) or {})
 
     @classmethod
     def build(
@@ -314,20 +326,14 @@ class RealmBlockIndex:
             return scores.cpu().numpy(), ids.cpu().numpy()
         return scores.to(queries.device), ids.to(queries.device)
 
-    def _reference_keys(self) -> torch.Tensor:
-        """The embeddings exactly as the serving backend holds them, in fp32 (the torch GPU backend stores fp16: its
-        search is exact over the fp16 values)."""
-        state = self._state
-        if isinstance(state.backend, _TorchBackend):
-            return state.backend.keys.float()
-        return state.embeddings.float()
-
     def exact_search(self, query_embeddings, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact search in fp32 over the embeddings as the backend stores them (the reference for recall), on the torch
-        backend's device or the CPU."""
+        """Exact search (the reference for recall): the ids and order of a float64 search over the embeddings, scores
+        rounded to float32. Runs on the serving backend when it is the exact torch backend, else on the CPU."""
         queries = self._check_queries(query_embeddings, k)
-        keys = self._reference_keys()
-        return exact_topk(queries.to(keys.device, torch.float32), keys, int(k), backend="torch")
+        backend = self._state.backend
+        if not (isinstance(backend, TorchBackend) and backend.rescore):
+            backend = TorchSearchConfig(device="cpu", dtype=torch.float32).build(self._state.embeddings.float())
+        return backend.search(queries, int(k))
 
     def evaluate_recall(self, query_embeddings, k: int, tie_tolerance: float = 1e-5) -> float:
         """recall@k against exact search: the fraction of returned blocks that belong to the exact top-``k``.
@@ -339,11 +345,11 @@ class RealmBlockIndex:
         queries = torch.as_tensor(query_embeddings)
         _, ids = self.search(queries, k)
         ref_scores, _ = self.exact_search(queries, k)
-        keys = self._reference_keys().cpu().double()
+        keys = self._state.embeddings
         q = queries.detach().cpu().double()
         ids = ids.cpu()
         valid = ids >= 0
-        got = (keys[ids.clamp(min=0)] * q[:, None, :]).sum(-1)
+        got = (keys[ids.clamp(min=0)].double() * q[:, None, :]).sum(-1)
         kth = ref_scores[:, -1].cpu().double()
         threshold = kth - tie_tolerance * kth.abs().clamp(min=1.0)
         hits = (got >= threshold[:, None]) & valid
@@ -386,12 +392,16 @@ class RealmBlockIndex:
             self._expose_faiss_index()
 
     def _expose_faiss_index(self) -> None:
-        # `datasets`' own API on the corpus (get_nearest_examples_batch("embeddings", ...)) sees the serving index.
+        # `datasets`' own API on the corpus (get_nearest_examples_batch("embeddings", ...)) sees the serving index,
+        # attached through `datasets`' public API: adding no vectors to a `custom_index` wraps the filled index as is,
+        # and replaces the previous one in a single assignment.
         backend = self._state.backend
-        if isinstance(backend, _FaissBackend):
-            self.corpus._indexes[_FAISS_INDEX_NAME_IN_DATASET] = backend.faiss_index
-        else:
-            self.corpus._indexes.pop(_FAISS_INDEX_NAME_IN_DATASET, None)
+        if isinstance(backend, FaissBackend):
+            self.corpus.add_faiss_index_from_external_arrays(
+                np.empty((0, backend.dim), dtype=np.float32), _DATASETS_INDEX_NAME, custom_index=backend.faiss_index
+            )
+        elif _DATASETS_INDEX_NAME in self.corpus.list_indexes():
+            self.corpus.drop_index(_DATASETS_INDEX_NAME)
 
     def refresh(self, embedder, *, background: bool = False, **embed_kwargs) -> float | Future:
         """Re-embed the whole corpus with ``embedder`` ([`embed_corpus`]) and swap the result in
@@ -478,9 +488,7 @@ class RealmBlockIndex:
             _without_indexes(self.corpus).save_to_disk(os.path.join(tmp, CORPUS_DIR))
             save_file({"embeddings": state.embeddings.contiguous()}, os.path.join(tmp, EMBEDDINGS_NAME))
             files = [EMBEDDINGS_NAME]
-            if isinstance(state.backend, _FaissBackend) and self.index_factory != "Flat":
-                faiss = import_faiss()
-                faiss.write_index(state.backend.cpu_index(), os.path.join(tmp, FAISS_INDEX_NAME))
+            if self.index_factory != "Flat" and state.backend.save(os.path.join(tmp, FAISS_INDEX_NAME)):
                 files.append(FAISS_INDEX_NAME)
             meta["files"] = {name: os.path.getsize(os.path.join(tmp, name)) for name in files}
             with open(os.path.join(tmp, INDEX_CONFIG_NAME), "w") as f:
@@ -700,6 +708,44 @@ class RealmBlockIndex:
             embedder_hash=embedder_fingerprint(embedder_state) if embedder_state else None,
             **index_kwargs,
         )
+
+
+def _search_config(backend, index_factory, search_params, device, search_dtype, train_size) -> BackendConfig:
+    """The constructor's backend arguments as one config (see [`hf_realm.search.backend_config`])."""
+    if isinstance(backend, BackendConfig):
+        given = {
+            "index_factory": index_factory != "Flat",
+            "search_params": bool(search_params),
+            "device": device is not None,
+            "search_dtype": search_dtype is not None,
+            "train_size": train_size is not None,
+        }
+        if any(given.values()):
+            names = [name for name, set_ in given.items() if set_]
+            raise ValueError(f"backend is a {type(backend).__name__}: set {names} in it, not as index arguments")
+        return backend
+    if backend not in _BACKENDS and backend not in BACKENDS:
+        raise ValueError(
+            f"backend must be one of {_BACKENDS}, a registered search backend or a config, got {backend!r}"
+        )
+    if backend == "auto":
+        if torch.cuda.is_available():
+            backend = "torch"
+        elif faiss_available():
+            backend = "faiss"
+        else:
+            logger.info("faiss is not installed: exact search in torch on the CPU")
+            backend = "torch"
+    if backend == "torch":
+        if index_factory != "Flat":
+            raise ValueError(f"index_factory={index_factory!r} needs a faiss backend; the torch backend is exact")
+        return TorchSearchConfig(device=device, dtype=search_dtype)
+    if backend in ("faiss", "faiss-gpu"):
+        options = {"index_factory": index_factory, "search_params": dict(search_params or {})}
+        if train_size is not None:
+            options["train_size"] = train_size
+        return backend_config(backend, device=device, **options)
+    return backend_config(backend, device=device)
 
 
 def _without_indexes(dataset):

@@ -26,8 +26,8 @@ Layout of a saved datastore (`KNNDatastore.save_pretrained`):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -51,8 +51,15 @@ from .knn_build import (
     merge_datastores,
 )
 from .knn_hook import KNNQueryHook
-from .search import exact_topk, import_faiss
-from .search.pq import _pq_search, _pq_sqnorms
+from .search import (
+    BackendConfig,
+    FaissBackend,
+    PQCodes,
+    PQSearchConfig,
+    TorchSearchConfig,
+    backend_config,
+    pq_decode,
+)
 from .search.sharded import process_layout, shard_range
 
 
@@ -65,18 +72,15 @@ _INDEX_TYPES = ("auto", "torch", "faiss-flat", "faiss-ivfpq")
 
 
 @dataclass
-class _DeviceStore:
-    """What the search needs, moved once to one device."""
+class _DeviceTables:
+    """What the kNN maths reads besides the search (values, merge counts, the query projection), moved once to one
+    device. The keys live in the search backend."""
 
     device: torch.device
-    keys: torch.Tensor | None  # (n, d) fp16 (fp32 on CPU), None with PQ
-    key_bias: torch.Tensor | None  # (n,) fp32: -||k||^2 / 2
     values: torch.Tensor  # (n,) int32
     log_counts: torch.Tensor | None  # (n,) fp32
     projection_bias: torch.Tensor | None
     projection_matrix: torch.Tensor | None
-    pq_codes: torch.Tensor | None  # (n, m) uint8
-    pq_codebooks: torch.Tensor | None  # (m, ksub, dsub) fp32
 
 
 class KNNDatastore:
@@ -171,8 +175,12 @@ class KNNDatastore:
         self.metadata["input_dim"] = self.input_dim
         self.metadata["max_value"] = int(self.values.max()) if n else -1
         self.metadata["has_counts"] = self.counts is not None
-        self._device_store: _DeviceStore | None = None
-        self._faiss_index = None
+        self._tables: _DeviceTables | None = None
+        # The search: a config (a device-less torch / pq config follows the queries' device) and the backend built
+        # from it (rebuilt on another device for those; built once for faiss, whose trained index is saved).
+        self.search_config: BackendConfig = PQSearchConfig() if self.pq is not None else TorchSearchConfig()
+        self._backend = None
+        self._backend_device: torch.device | None = None
         self.index_type = "torch"
         self.index_options: dict[str, Any] = {}
 
@@ -230,10 +238,12 @@ class KNNDatastore:
                 np.savez(tmp / "projection.npz", **self.projection)
             if self.pq is not None:
                 np.savez(tmp / "pq.npz", **self.pq)
-            if self._faiss_index is not None:
-                faiss = import_faiss()
-                faiss.write_index(self._faiss_index, str(tmp / "index.faiss"))
-                writer_meta["index"] = {"type": self.index_type, **self.index_options}
+            if isinstance(self._backend, FaissBackend) and self._backend.save(str(tmp / "index.faiss")):
+                writer_meta["index"] = {
+                    "type": self.index_type,
+                    **self.index_options,
+                    "config": self.search_config.to_dict(),
+                }
             writer_meta.update(
                 format_version=FORMAT_VERSION,
                 key_dtype="float16" if self.keys is not None else "pq",
@@ -309,11 +319,7 @@ class KNNDatastore:
                 projection = {"matrix": z["matrix"], "bias": z["bias"]}
         store = cls(keys, values, provenance, counts, meta, projection=projection, pq=pq)
         if load_index and (path / "index.faiss").is_file():
-            faiss = import_faiss()
-            store._faiss_index = faiss.read_index(str(path / "index.faiss"))
-            index_meta = dict(meta.get("index", {}))
-            store.index_type = index_meta.pop("type", "faiss-ivfpq")
-            store.index_options = index_meta
+            store._load_index(path / "index.faiss", meta.get("index", {}))
         return store
 
     def push_to_hub(
@@ -379,16 +385,19 @@ class KNNDatastore:
     # -- search --------------------------------------------------------------------------------------------------------
 
     def build_index(
-        self, index_type: str = "auto", device: str | torch.device | None = None, **options
+        self, index_type: str | BackendConfig = "auto", device: str | torch.device | None = None, **options
     ) -> KNNDatastore:
         """Chooses (and for faiss, trains) the search structure.
 
         Args:
-            index_type (`str`, *optional*, defaults to `"auto"`):
-                `"torch"`: exact search on ``device`` (keys in fp16 on the GPU, fp32 on the CPU).
+            index_type (`str` or [`~hf_realm.search.BackendConfig`], *optional*, defaults to `"auto"`):
+                A search backend config, or a name mapped onto one by [`hf_realm.search.backend_config`]:
+                `"torch"`: exact search on ``device`` (keys in fp16 on the GPU, fp32 on the CPU; exact either way: the
+                candidates are rescored in float64 from the fp16 keys, see `hf_realm.search.rescore`).
                 `"faiss-flat"`: exact faiss search on the CPU. `"faiss-ivfpq"`: approximate, for large stores.
                 `"auto"`: `"torch"` on a GPU when the keys fit in 80% of its free memory, or on the CPU up to 2M
-                entries; `"faiss-ivfpq"` otherwise.
+                entries; `"faiss-ivfpq"` otherwise. Product-quantised stores are searched over their codes
+                (`"torch"` / `"auto"`, [`~hf_realm.search.PQSearchConfig`]).
             device (`str` or `torch.device`, *optional*):
                 Device of the torch search (default: CUDA when available).
             options:
@@ -396,108 +405,112 @@ class KNNDatastore:
                 (8), `nprobe` (32), `rerank` (re-score `rerank * k` candidates exactly from the stored keys; 0 = off,
                 default 4), `train_size` (entries used to train, default 256 * nlist).
         """
-        if index_type not in _INDEX_TYPES:
-            raise ValueError(f"index_type must be one of {_INDEX_TYPES}, got {index_type!r}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
-        if index_type == "auto":
-            index_type = self._auto_index_type(device)
-        if self.pq is not None and index_type != "torch":
-            raise ValueError(f"a product-quantised datastore is searched with index_type='torch', got {index_type!r}")
-        self.index_type = index_type
-        self.index_options = dict(options)
-        self._faiss_index = None
-        if index_type == "torch":
-            self.to(device)
-            return self
-        faiss = import_faiss()
-        keys = np.asarray(self.keys, dtype=np.float32)
-        d = self.key_dim
-        if index_type == "faiss-flat":
-            index = faiss.IndexFlatL2(d)
+        if isinstance(index_type, BackendConfig):
+            config, name, options = backend_config(index_type, **options), index_type.name, {}
         else:
-            n = len(self)
-            nlist = int(options.get("nlist", max(1, min(n // 39, int(4 * math.sqrt(n))))))
-            m = int(options.get("m", max(1, d // 8)))
-            if d % m:
-                raise ValueError(f"m={m} sub-quantisers must divide the key dim {d}")
-            nbits = int(options.get("nbits", 8))
-            quantizer = faiss.IndexFlatL2(d)
-            index = faiss.IndexIVFPQ(quantizer, d, nlist, m, nbits)
-            train_size = min(n, int(options.get("train_size", 256 * nlist)))
-            rng = np.random.default_rng(0)
-            sample = keys[np.sort(rng.choice(n, size=train_size, replace=False))]
-            index.train(sample)
-            index.nprobe = int(options.get("nprobe", 32))
-            self.index_options.update(nlist=nlist, m=m, nbits=nbits, nprobe=index.nprobe)
-            self.index_options.setdefault("rerank", 4)
-        for start in range(0, len(self), 1 << 18):
-            index.add(np.ascontiguousarray(keys[start : start + (1 << 18)]))
-        self._faiss_index = index
-        self.to(device, keys_on_device=False)
+            if index_type not in _INDEX_TYPES:
+                raise ValueError(
+                    f"index_type must be one of {_INDEX_TYPES} or a search backend config, got {index_type!r}"
+                )
+            name = _auto_index_name(self, device) if index_type == "auto" else index_type
+            if self.pq is not None and name != "torch":
+                raise ValueError(f"a product-quantised datastore is searched with index_type='torch', got {name!r}")
+            options = dict(options)
+            if name == "faiss-ivfpq":
+                options.setdefault("rerank", 4)
+            config = self._config_from_name(name, options)
+        if self.pq is not None and not isinstance(config, PQSearchConfig):
+            raise ValueError(
+                f"a product-quantised datastore is searched over its codes (PQSearchConfig), got {name!r}"
+            )
+        self.index_type, self.index_options = name, options
+        self.search_config = config
+        self._backend = self._backend_device = None
+        if not _follows_queries(config):
+            self._backend = config.build(self._search_keys(), metric="l2")
+        self.to(device, keys_on_device=_follows_queries(config))
         return self
 
-    def _auto_index_type(self, device: torch.device) -> str:
-        if self.pq is not None:
-            return "torch"
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            return "torch" if self.keys.nbytes < 0.8 * free else "faiss-ivfpq"
-        return "torch" if len(self) <= 2_000_000 else "faiss-ivfpq"
+    def _config_from_name(self, name: str, options: dict) -> BackendConfig:
+        if self.pq is not None and name == "torch":
+            return PQSearchConfig()
+        return backend_config(name, num_keys=len(self), dim=self.key_dim, **options)
+
+    def _load_index(self, file: Path, index_meta: dict) -> None:
+        """Reuses a saved faiss index (``index_meta``: the ``index`` entry of the metadata)."""
+        index_meta = dict(index_meta)
+        config = index_meta.pop("config", None)
+        self.index_type = index_meta.pop("type", "faiss-ivfpq")
+        self.index_options = index_meta
+        self.search_config = backend_config(config) if config else self._config_from_name(self.index_type, index_meta)
+        self._backend = self.search_config.build(self._search_keys(), metric="l2", state=str(file))
+        self._backend_device = None
+
+    def _search_keys(self):
+        return PQCodes(self.pq["codes"], self.pq["codebooks"]) if self.pq is not None else self.keys
+
+    def _search_backend(self, device: torch.device):
+        if self._backend is None or (_follows_queries(self.search_config) and self._backend_device != device):
+            config = self.search_config
+            if _follows_queries(config):
+                config = dataclasses.replace(config, device=device)
+            self._backend = config.build(self._search_keys(), metric="l2")
+            self._backend_device = device
+        return self._backend
 
     def to(self, device: str | torch.device, keys_on_device: bool = True) -> KNNDatastore:
-        """Moves the search structures (keys, key norms, values, counts) to ``device``; a no-op when already there."""
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        current = self._device_store
-        if current is not None and current.device == device and (current.keys is not None or not keys_on_device):
-            return self
-        keys = key_bias = codes = codebooks = None
-        if self.pq is not None:
-            codes = torch.from_numpy(np.array(self.pq["codes"])).to(device)
-            codebooks = torch.from_numpy(self.pq["codebooks"]).to(device)
-            key_bias = -0.5 * _pq_sqnorms(codes, codebooks)
-        elif keys_on_device:
-            key_dtype = torch.float16 if device.type == "cuda" else torch.float32
-            keys = torch.empty((len(self), self.key_dim), dtype=key_dtype, device=device)
-            key_bias = torch.empty(len(self), dtype=torch.float32, device=device)
-            step = 1 << 20
-            for start in range(0, len(self), step):
-                chunk = torch.from_numpy(np.array(self.keys[start : start + step])).to(device)
-                keys[start : start + chunk.shape[0]] = chunk.to(key_dtype)
-                key_bias[start : start + chunk.shape[0]] = -0.5 * chunk.float().pow(2).sum(-1)
-        values = torch.from_numpy(np.array(self.values)).to(device)
-        log_counts = None
-        if self.counts is not None:
-            log_counts = torch.from_numpy(self.counts.astype(np.float32)).to(device).log()
-        bias = matrix = None
-        if self.projection is not None:
-            bias = torch.from_numpy(self.projection["bias"]).to(device)
-            matrix = torch.from_numpy(self.projection["matrix"]).to(device)
-        self._device_store = _DeviceStore(device, keys, key_bias, values, log_counts, bias, matrix, codes, codebooks)
+        """Moves the search structures (keys or PQ codes, key norms, values, counts) to ``device``; a no-op when
+        already there. A faiss index stays where it was built; ``keys_on_device=False`` moves only the tables."""
+        device = _as_device(device)
+        if self._tables is None or self._tables.device != device:
+            values = torch.from_numpy(np.array(self.values)).to(device)
+            log_counts = None
+            if self.counts is not None:
+                log_counts = torch.from_numpy(self.counts.astype(np.float32)).to(device).log()
+            bias = matrix = None
+            if self.projection is not None:
+                bias = torch.from_numpy(self.projection["bias"]).to(device)
+                matrix = torch.from_numpy(self.projection["matrix"]).to(device)
+            self._tables = _DeviceTables(device, values, log_counts, bias, matrix)
+        if keys_on_device and _follows_queries(self.search_config):
+            self._search_backend(device)
         return self
+
+    def _tables_for(self, device: torch.device) -> _DeviceTables:
+        device = _as_device(device)
+        if self._tables is None or self._tables.device != device:
+            self.to(device, keys_on_device=False)
+        return self._tables
+
+    def lookup_tables(self, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(values, log_counts)`` of all entries on ``device`` (int32 next tokens; float32 log merge counts, `None`
+        without counts): what [`~hf_realm.knn_generation.knn_log_probs`] indexes with the ids of a search. Moved once
+        and cached."""
+        tables = self._tables_for(device)
+        return tables.values, tables.log_counts
+
+    def reconstruct(self, start: int, stop: int, device: str | torch.device | None = None) -> torch.Tensor:
+        """Keys ``start .. stop - 1`` in key space as float32 on ``device`` (decoded for product-quantised stores)."""
+        if not 0 <= start <= stop <= len(self):
+            raise ValueError(f"entries [{start}, {stop}) out of range for {len(self)} entries")
+        device = _as_device(device or "cpu")
+        if self.pq is not None:
+            codes = torch.from_numpy(np.asarray(self.pq["codes"][start:stop])).to(device)
+            return pq_decode(codes, torch.from_numpy(self.pq["codebooks"]).to(device))
+        return torch.from_numpy(np.asarray(self.keys[start:stop], dtype=np.float32)).to(device)
 
     def project(self, queries: torch.Tensor) -> torch.Tensor:
         """Maps model states (`input_dim`) to key space (`key_dim`), float32."""
         queries = queries.float()
         if queries.shape[-1] != self.input_dim:
             raise ValueError(f"query dim {queries.shape[-1]} != datastore input dim {self.input_dim}")
-        store = self._device_store_for(queries.device)
-        if store.projection_matrix is not None:
-            queries = torch.addmm(store.projection_bias, queries, store.projection_matrix)
+        tables = self._tables_for(queries.device)
+        if tables.projection_matrix is not None:
+            queries = torch.addmm(tables.projection_bias, queries, tables.projection_matrix)
         return queries
-
-    def _device_store_for(self, device: torch.device) -> _DeviceStore:
-        store = self._device_store
-        if store is None or store.device != device:
-            if self._faiss_index is not None:
-                self.to(device, keys_on_device=False)
-            else:
-                self.to(device)
-            store = self._device_store
-        return store
 
     def search(self, queries: torch.Tensor, k: int, projected: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` nearest entries of every query, by squared L2 distance.
@@ -512,8 +525,10 @@ class KNNDatastore:
 
         Returns:
             `tuple(torch.Tensor, torch.Tensor)`: squared distances (float32, ascending) and entry ids (int64), each
-            `(num_queries, k)`. With the torch index the distances of the candidates are recomputed exactly in
-            float32 from the keys (no fp16 cancellation).
+            `(num_queries, k)`. With the torch index (and over PQ codes) the search is exact: the ids and order of a
+            float64 search over the stored keys (ties by the smaller id), distances computed in float64 and rounded
+            to float32, on the GPU too (fp16 candidates are rescored). An approximate faiss index that finds fewer
+            than ``k`` entries raises.
         """
         if not 1 <= k <= len(self):
             raise ValueError(f"k must be in [1, {len(self)}] (the datastore size), got {k}")
@@ -522,35 +537,15 @@ class KNNDatastore:
         q = queries.float() if projected else self.project(queries)
         if q.shape[-1] != self.key_dim:
             raise ValueError(f"query dim {q.shape[-1]} != datastore key dim {self.key_dim}")
-        store = self._device_store_for(q.device)
-        if self._faiss_index is not None:
-            return self._faiss_search(q, k)
-        if store.pq_codes is not None:
-            return _pq_search(q, store.pq_codes, store.pq_codebooks, store.key_bias, k)
-        _, ids = exact_topk(q, store.keys, k, key_bias=store.key_bias)
-        candidates = store.keys[ids].float()  # (b, k, d)
-        sqdist = (q.unsqueeze(1) - candidates).pow(2).sum(-1)
-        sqdist, order = sqdist.sort(dim=1)
-        return sqdist, ids.gather(1, order)
-
-    def _faiss_search(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rerank = int(self.index_options.get("rerank", 0)) if self.index_type == "faiss-ivfpq" else 0
-        fetch = min(len(self), k * rerank) if rerank > 0 else k
-        q_np = q.detach().cpu().numpy().astype(np.float32)
-        dist, ids = self._faiss_index.search(q_np, fetch)
-        if rerank > 0:
-            safe = np.where(ids < 0, 0, ids)
-            cand = np.asarray(self.keys[safe.reshape(-1)], dtype=np.float32).reshape(*safe.shape, -1)
-            dist = ((q_np[:, None, :] - cand) ** 2).sum(-1)
-            dist[ids < 0] = np.inf
-            order = np.argsort(dist, axis=1, kind="stable")[:, :k]
-            dist, ids = np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
-        if (ids < 0).any():
+        backend = self._search_backend(_as_device(q.device))
+        sqdist, ids = backend.search(q, int(k))
+        if isinstance(backend, FaissBackend) and bool((ids < 0).any()):
+            nprobe = (getattr(backend.config, "search_params", None) or {}).get("nprobe")
             raise RuntimeError(
-                f"the faiss index returned fewer than {k} neighbours for some queries; raise nprobe "
-                f"(now {self.index_options.get('nprobe')}) or lower k"
+                f"the faiss index returned fewer than {k} neighbours for some queries; raise nprobe (now {nprobe}) "
+                "or lower k"
             )
-        return torch.from_numpy(dist.astype(np.float32)).to(q.device), torch.from_numpy(ids).long().to(q.device)
+        return sqdist.to(q.device), ids.to(q.device)
 
     # -- building ------------------------------------------------------------------------------------------------------
 
@@ -692,3 +687,25 @@ class KNNDatastore:
             projection=self.projection,
             pq=pq,
         )
+
+
+def _as_device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _follows_queries(config: BackendConfig) -> bool:
+    """Whether the backend is built on the queries' device (a torch / pq config without a device of its own)."""
+    return isinstance(config, (TorchSearchConfig, PQSearchConfig)) and config.device is None
+
+
+def _auto_index_name(store: KNNDatastore, device: torch.device) -> str:
+    """`"torch"` when the keys fit (80% of the GPU's free memory; 2M entries on the CPU), else `"faiss-ivfpq"`."""
+    if store.pq is not None:
+        return "torch"
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return "torch" if store.keys.nbytes < 0.8 * free else "faiss-ivfpq"
+    return "torch" if len(store) <= 2_000_000 else "faiss-ivfpq"

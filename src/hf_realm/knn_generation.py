@@ -167,7 +167,7 @@ class KNNLogitsProcessor(LogitsProcessor):
         self.detach()
         self.hook = hook.attach()
         device = hook.module.weight.device if hasattr(hook.module, "weight") else next(model.parameters()).device
-        self.datastore._device_store_for(device)
+        self.datastore.to(device)
         self.reset()
         return self
 
@@ -235,7 +235,7 @@ class KNNLogitsProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         state = self._query(input_ids, scores)
-        store = self.datastore._device_store_for(scores.device)
+        values, log_counts = self.datastore.lookup_tables(scores.device)
         vocab = scores.shape[-1]
         max_value = int(self.datastore.metadata.get("max_value", -1))
         if max_value >= vocab:
@@ -250,7 +250,7 @@ class KNNLogitsProcessor(LogitsProcessor):
         if self.skip_threshold is None:
             sqdist, ids = self.datastore.search(queries, self.k)
             self.num_searches += scores.shape[0]
-            knn_logp = knn_log_probs(sqdist, ids, store.values, vocab, self.temperature, store.log_counts)
+            knn_logp = knn_log_probs(sqdist, ids, values, vocab, self.temperature, log_counts)
             return mix_log_probs(scores, knn_logp, self.lmbda).to(scores.dtype)
 
         lm_logp = torch.log_softmax(scores.float(), dim=-1)
@@ -266,7 +266,7 @@ class KNNLogitsProcessor(LogitsProcessor):
         if rows.numel() == 0:
             return out.to(scores.dtype)
         sqdist, ids = self.datastore.search(queries[rows], self.k)
-        knn_logp = knn_log_probs(sqdist, ids, store.values, vocab, self.temperature, store.log_counts)
+        knn_logp = knn_log_probs(sqdist, ids, values, vocab, self.temperature, log_counts)
         out = out.index_copy(0, rows, mix_log_probs(scores[rows], knn_logp, self.lmbda))
         return out.to(scores.dtype)
 
@@ -354,12 +354,10 @@ def knn_lm_perplexity(
                 queries = hook.state[rows, cols]
                 lm_logp = torch.log_softmax(lm_scores, -1).gather(1, gold[:, None]).squeeze(1)
                 base_nll -= float(lm_logp.double().sum())
-                store = datastore._device_store_for(device)
+                values, log_counts = datastore.lookup_tables(device)
                 for s in range(0, gold.shape[0], 1024):
                     sqdist, ids = datastore.search(queries[s : s + 1024], k)
-                    knn_logp = knn_log_probs(
-                        sqdist, ids, store.values, lm_scores.shape[-1], temperature, store.log_counts
-                    )
+                    knn_logp = knn_log_probs(sqdist, ids, values, lm_scores.shape[-1], temperature, log_counts)
                     for j, lm in enumerate(lmbda_list):
                         mixed = mix_log_probs(lm_scores[s : s + 1024], knn_logp, lm)
                         knn_nll[j] -= float(mixed.gather(1, gold[s : s + 1024, None]).double().sum())

@@ -33,7 +33,6 @@ from torch import nn
 
 from .knn_compression import Device, _default_device, compression_report, kmeans, pca_compress, pq_compress
 from .knn_datastore import KNNDatastore
-from .search.pq import pq_decode
 
 
 PRUNING_METHODS = ("random", "greedy_merge", "cluster", "confidence")
@@ -113,15 +112,11 @@ def datastore_neighbours(
         raise ValueError(f"k must be in [1, {n - 1}] (other entries), got {k}")
     device = _default_device(device)
     datastore.to(device)
-    store = datastore._device_store_for(device)
     batch = max(1, min(4096, max_scores // n))
     out = np.empty((n, k), dtype=np.int64)
     for start in range(0, n, batch):
         stop = min(n, start + batch)
-        if store.keys is not None:
-            queries = store.keys[start:stop].float()
-        else:
-            queries = pq_decode(store.pq_codes[start:stop], store.pq_codebooks)
+        queries = datastore.reconstruct(start, stop, device)
         _, ids = datastore.search(queries, k + 1, projected=True)
         own = torch.arange(start, stop, device=ids.device)[:, None]
         is_self = ids == own

@@ -3,7 +3,8 @@
 A port of the transformers 4.x REALM classes (removed in transformers 5, PR #42235): same class names, forward
 arguments, output dataclasses and state-dict key names, with the BERT encoders built on transformers 5's own
 `BertModel` (SDPA / flash attention, bf16 and gradient checkpointing come with it). This file holds nn code only:
-the corpus, the index and the search live in `retrieval_realm.py`.
+the corpus and its index live in `corpus_index.py`, the search in `search/`; the models reach an index only through the
+protocols of `retrieval.py`.
 
 Fixed relative to 4.x:
 - `RealmKnowledgeAugEncoder`'s loss averaged over *every* position when `mlm_mask` was omitted (positions with label
@@ -31,6 +32,7 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_realm import RealmConfig, check_position_embedding_type
 from .loading import OTHER_PART, checkpoint_part, part_key_mapping, restore_attachments
+from .retrieval import BlockIndex, missing_members
 
 
 logger = logging.get_logger(__name__)
@@ -904,6 +906,38 @@ class RealmReader(RealmPreTrainedModel):
                     f"{name} must have at least {num_read} rows (one per block read), got {tuple(positions.shape)}"
                 )
 
+    def encode(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
+        """The reader's BERT over `[CLS] question [SEP] block [SEP]` (`BaseModelOutput`; `head_mask` and the other
+        4.x arguments of `forward` are accepted)."""
+        return self._encode(self.realm, input_ids, attention_mask, token_type_ids, **kwargs)
+
+    def read_spans(
+        self,
+        sequence_output: torch.Tensor,
+        relevance_score: torch.Tensor,
+        block_mask: torch.Tensor,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+        has_answers: torch.Tensor | None = None,
+    ) -> RealmReaderOutput:
+        """Span scores and ORQA losses of one question from the encoded blocks it reads (what `forward` does after
+        [`~RealmReader.encode`]); the arguments are checked as in `forward`.
+
+        Args:
+            sequence_output (`torch.Tensor` of shape `(num_read, sequence_length, hidden_size)`): From `encode`.
+            relevance_score, block_mask, start_positions, end_positions, has_answers: As in `forward`.
+        """
+        self._check_reader_inputs(
+            sequence_output.shape[0],
+            sequence_output.shape[1],
+            relevance_score,
+            block_mask,
+            start_positions,
+            end_positions,
+            has_answers,
+        )
+        return self._read(sequence_output, relevance_score, block_mask, start_positions, end_positions, has_answers)
+
     def _read(self, sequence_output, relevance_score, block_mask, start_positions, end_positions, has_answers):
         """Span scoring and ORQA losses for one question's `num_read` blocks (4.x semantics)."""
         num_read = sequence_output.shape[0]
@@ -1005,10 +1039,13 @@ class RealmForOpenQA(RealmPreTrainedModel):
         config ([`RealmConfig`]): Model configuration.
         retriever ([`RealmRetriever`], *optional*):
             Holds the block texts and the tokenizer; required by `forward`.
-        index ([`RealmBlockIndex`], *optional*):
+        index ([`~hf_realm.retrieval.BlockIndex`], *optional*):
             The corpus index to search instead of the `block_emb` buffer (4.x kept all 13.35M block embeddings,
-            6.8 GB, inside the model). Its cached embeddings are the frozen doc side (ORQA): gradients reach the
-            query embedder only. Build the model with `num_block_records=0` to leave the buffer empty.
+            6.8 GB, inside the model): a [`RealmBlockIndex`], or any object with the members of the
+            [`~hf_realm.retrieval.BlockIndex`] protocol (`num_blocks`, `dim`, `embeddings`, `search`). Its cached
+            embeddings are the frozen doc side (ORQA): gradients reach the query embedder only. Build the model with
+            `num_block_records=0` to leave the buffer empty. Its blocks must be the retriever's block records, row for
+            row (a different count is an error).
 
     Example:
 
@@ -1055,6 +1092,25 @@ class RealmForOpenQA(RealmPreTrainedModel):
     def searcher_beam_size(self) -> int:
         return self.config.searcher_beam_size if self.training else self.config.reader_beam_size
 
+    @property
+    def index(self) -> BlockIndex | None:
+        """The corpus index searched instead of `block_emb` (see the class docstring)."""
+        return self.__dict__.get("_block_index")
+
+    @index.setter
+    def index(self, index: BlockIndex | None) -> None:
+        if index is not None and not isinstance(index, BlockIndex):
+            raise TypeError(
+                f"RealmForOpenQA's index must implement hf_realm.retrieval.BlockIndex; {type(index).__name__} lacks "
+                f"{missing_members(index, BlockIndex)}"
+            )
+        self.__dict__["_block_index"] = index
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks that retrieval chooses from: the index's, else the rows of `block_emb`."""
+        return self.index.num_blocks if self.index is not None else self.block_emb.shape[0]
+
     def get_input_embeddings(self):
         return self.reader.get_input_embeddings()
 
@@ -1071,17 +1127,42 @@ class RealmForOpenQA(RealmPreTrainedModel):
     def search_blocks(
         self, question_projection: torch.Tensor, k: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top `k` (default `searcher_beam_size`) block ids per question, and the (frozen) block embeddings."""
+        """Top `k` (default `searcher_beam_size`) block ids per question, and the (frozen) block embeddings.
+
+        Raises:
+            `ValueError` when ``k`` exceeds the number of blocks, and when the index returns an id outside
+            ``[0, num_blocks)`` (``-1``: an approximate index found fewer than ``k`` blocks), instead of reading a wrong
+            block.
+        """
         k = self.searcher_beam_size if k is None else k
-        if self.index is not None:
-            with torch.no_grad():
-                _, ids = self.index.search(question_projection.detach().float(), k)
-            return torch.as_tensor(ids).cpu(), self.index.embeddings
-        if self.block_emb.shape[0] == 0:
+        num_blocks = self.num_blocks
+        if num_blocks == 0:
             raise ValueError(
                 "RealmForOpenQA has no block embeddings to search: num_block_records=0 and no index. Pass "
                 "`index=RealmBlockIndex...` (or set `model.index`)."
             )
+        if not 1 <= k <= num_blocks:
+            which = "searcher_beam_size" if self.training else "reader_beam_size (the searcher beam in eval mode)"
+            raise ValueError(
+                f"cannot retrieve {k} blocks per question from {num_blocks} blocks: expected k <= {num_blocks}, got "
+                f"k={k} (config.{which}); lower it or index more blocks"
+            )
+        if self.index is not None:
+            with torch.no_grad():
+                _, ids = self.index.search(question_projection.detach().float(), k)
+            ids = torch.as_tensor(ids).cpu()
+            expected = (question_projection.shape[0], k)
+            if tuple(ids.shape) != expected:
+                raise ValueError(f"the index returned block ids of shape {tuple(ids.shape)}, expected {expected}")
+            bad = (ids < 0) | (ids >= num_blocks)
+            if bool(bad.any()):
+                row = int(bad.any(1).nonzero()[0])
+                raise ValueError(
+                    f"the index returned invalid block ids for question {row}: expected {k} ids in [0, {num_blocks}), "
+                    f"got {ids[row].tolist()} (-1: an approximate index found fewer than {k} blocks; raise its nprobe "
+                    "/ efSearch or use an exact backend)"
+                )
+            return ids, self.index.embeddings
         # Search runs where `block_emb` lives (the CPU by default, as in 4.x).
         batch_scores = question_projection.to(self.block_emb.device) @ self.block_emb.T
         _, retrieved_block_ids = torch.topk(batch_scores, k=k, dim=-1)
@@ -1133,6 +1214,13 @@ class RealmForOpenQA(RealmPreTrainedModel):
                 f"input_ids must be (batch_size, sequence_length), got "
                 f"{None if input_ids is None else tuple(input_ids.shape)}"
             )
+        num_records = len(self.retriever.block_records)
+        if num_records != self.num_blocks and self.num_blocks > 0:  # no blocks at all: `search_blocks` says so
+            source = "the index" if self.index is not None else "block_emb (config.num_block_records)"
+            raise ValueError(
+                f"the retriever holds {num_records} block records but {source} holds {self.num_blocks} blocks: "
+                "expected the same corpus, row for row"
+            )
         batch_size = input_ids.shape[0]
         answers = self._split_answers(answer_ids, batch_size)
         lengths = (
@@ -1179,7 +1267,7 @@ class RealmForOpenQA(RealmPreTrainedModel):
             "attention_mask": torch.cat([pad(q[0].attention_mask, 0) for q in per_question]).to(device),
             "token_type_ids": torch.cat([pad(q[0].token_type_ids, 0) for q in per_question]).to(device),
         }
-        sequence_output = self.reader._encode(self.reader.realm, **joint).last_hidden_state
+        sequence_output = self.reader.encode(**joint).last_hidden_state
 
         outputs, predicted = [], []
         for b, (concat, block_mask, relevance, has_answers, start_pos, end_pos) in enumerate(per_question):
@@ -1188,10 +1276,7 @@ class RealmForOpenQA(RealmPreTrainedModel):
                 has_answers = torch.tensor(has_answers, dtype=torch.bool, device=device)
                 start_pos = torch.tensor(start_pos, dtype=torch.long, device=device)
                 end_pos = torch.tensor(end_pos, dtype=torch.long, device=device)
-            self.reader._check_reader_inputs(
-                reader_beam, length, relevance, block_mask, start_pos, end_pos, has_answers
-            )
-            out = self.reader._read(
+            out = self.reader.read_spans(
                 sequence_output[b * reader_beam : (b + 1) * reader_beam, :length],
                 relevance.to(device),
                 block_mask.to(device),

@@ -1,105 +1,93 @@
-"""Search backends: exact torch (Triton on GPU) and faiss (flat, index factory, GPU)."""
+"""Backend names -> configs: the one vocabulary behind every string the package accepts.
+
+`RealmBlockIndex(backend=...)` and `KNNDatastore.build_index(index_type=...)` take these names (or a config object);
+both resolve them here:
+
+| name | config |
+|---|---|
+| `"torch"` | [`TorchSearchConfig`] (exact; ``device``, ``dtype``) |
+| `"faiss"`, `"faiss-flat"` | [`FaissSearchConfig`] (``index_factory``, default `"Flat"`: exact) |
+| `"faiss-gpu"` | [`FaissSearchConfig`] with ``gpu`` = the device index (default 0) |
+| `"faiss-ivfpq"` | [`FaissSearchConfig.ivfpq`] sized for the number of keys (``nlist``, ``m``, ``nbits``, ``nprobe``, ``rerank``) |
+| `"pq"` | [`PQSearchConfig`] (keys given as [`PQCodes`]) |
+| any name registered with [`register_backend`] | that config, built from the options |
+"""
 
 from __future__ import annotations
 
-import numpy as np
+import dataclasses
+
 import torch
 
-from .exact import exact_topk
-from .faiss_utils import faiss_gpu_available, import_faiss
+from .base import BACKENDS, BackendConfig
+from .faiss_backend import FaissSearchConfig
+from .pq import PQSearchConfig
+from .torch_backend import TorchSearchConfig
 
 
-_FAISS_INDEX_NAME_IN_DATASET = "embeddings"
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Search backends
-# ----------------------------------------------------------------------------------------------------------------------
+ALIASES = ("faiss-flat", "faiss-gpu", "faiss-ivfpq")
+"""Names that are not a registered config's own name but map onto one."""
 
 
-class _TorchBackend:
-    """Exact search with `exact_topk`: embeddings resident on ``device`` in ``dtype`` (fp16/bf16 on GPU)."""
-
-    name = "torch"
-
-    def __init__(self, embeddings: torch.Tensor, device=None, dtype=None):
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        if dtype is None:
-            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.keys = embeddings.to(self.device, dtype).contiguous()
-
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return exact_topk(queries.to(self.device), self.keys, k)
+def backend_names() -> tuple[str, ...]:
+    """Every name [`backend_config`] accepts."""
+    return tuple(sorted({*BACKENDS, *ALIASES}))
 
 
-class _FaissBackend:
-    """A faiss index held by the corpus dataset (`datasets`' FAISS integration): flat inner product by default, any
-    index-factory string (trained on a random sample) otherwise; optionally on GPU (faiss-gpu)."""
+def _gpu_id(device) -> int:
+    if device is None:
+        return 0
+    if isinstance(device, int):
+        return device
+    device = torch.device(device)
+    return device.index or 0
 
-    def __init__(
-        self,
-        corpus,
-        embeddings: np.ndarray | None,
-        index_factory: str = "Flat",
-        search_params: dict | None = None,
-        gpu: int | None = None,
-        train_size: int | None = None,
-        faiss_index=None,
-        seed: int = 0,
-    ):
-        faiss = import_faiss()
-        self.index_factory = index_factory
-        self.name = "faiss-gpu" if gpu is not None else "faiss"
-        if gpu is not None and not faiss_gpu_available():
-            raise ImportError(
-                "backend='faiss-gpu' needs faiss with GPU support and a GPU: `pip install faiss-gpu-cu12`"
-            )
-        if faiss_index is None:
-            dim = embeddings.shape[1]
-            faiss_index = faiss.index_factory(dim, index_factory, faiss.METRIC_INNER_PRODUCT)
-            if not faiss_index.is_trained:
-                rng = np.random.default_rng(seed)
-                n_train = min(len(embeddings), train_size or 256 * 1024)
-                sample = embeddings[np.sort(rng.choice(len(embeddings), n_train, replace=False))]
-                faiss_index.train(np.ascontiguousarray(sample, dtype=np.float32))
-        if gpu is not None:
-            self._gpu_resources = faiss.StandardGpuResources()
-            faiss_index = faiss.index_cpu_to_gpu(self._gpu_resources, gpu, faiss_index)
-        self._apply_search_params(faiss_index, search_params or {}, gpu is not None)
-        self.search_params = dict(search_params or {})
-        if faiss_index.ntotal == 0:
-            corpus.add_faiss_index_from_external_arrays(
-                external_arrays=np.ascontiguousarray(embeddings, dtype=np.float32),
-                index_name=_FAISS_INDEX_NAME_IN_DATASET,
-                custom_index=faiss_index,
-                batch_size=65536,
-            )
-        else:
-            import datasets
 
-            holder = datasets.search.FaissIndex(custom_index=faiss_index)
-            corpus._indexes[_FAISS_INDEX_NAME_IN_DATASET] = holder
-        self.faiss_index = corpus.get_index(_FAISS_INDEX_NAME_IN_DATASET)
+def backend_config(spec, *, num_keys: int | None = None, dim: int | None = None, device=None, **options):
+    """The [`BackendConfig`] for ``spec``: a config (returned as is), a dict from [`BackendConfig.to_dict`], or a name.
 
-    @staticmethod
-    def _apply_search_params(index, params: dict, gpu: bool):
-        if not params:
-            return
-        faiss = import_faiss()
-        space = faiss.GpuParameterSpace() if gpu else faiss.ParameterSpace()
-        for key, value in params.items():
-            space.set_index_parameter(index, key, value)
+    Args:
+        spec (`str`, `dict` or `BackendConfig`): See the table in this module's docstring.
+        num_keys (`int`, *optional*) and dim (`int`, *optional*): Size of the key set (`"faiss-ivfpq"` sizes its lists
+            and sub-quantisers from them).
+        device (*optional*): The device of `"torch"` / `"pq"`, the GPU of `"faiss-gpu"`.
+        options: Fields of the config (e.g. ``index_factory``, ``search_params``, ``dtype``).
 
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        q = np.ascontiguousarray(queries.detach().to("cpu", torch.float32).numpy())
-        result = self.faiss_index.search_batch(q, k)
-        scores = torch.from_numpy(np.asarray(result.total_scores, dtype=np.float32))
-        ids = torch.from_numpy(np.asarray(result.total_indices, dtype=np.int64))
-        scores[ids < 0] = float("-inf")  # faiss pads with -1 when an approximate index finds fewer than k
-        return scores, ids
+    Example:
 
-    def cpu_index(self):
-        faiss = import_faiss()
-        index = self.faiss_index.faiss_index
-        return faiss.index_gpu_to_cpu(index) if self.name == "faiss-gpu" else index
+    ```python
+    >>> from hf_realm.search import backend_config
+    >>> backend_config("faiss-ivfpq", num_keys=10_000, dim=64, nprobe=8).index_factory
+    'IVF256,PQ8x8'
+    >>> backend_config("torch", device="cpu")
+    TorchSearchConfig(device='cpu', dtype=None, rescore=True, chunk_size=1048576)
+    ```
+    """
+    if isinstance(spec, BackendConfig):
+        if options:
+            raise ValueError(f"options {sorted(options)} given with a {type(spec).__name__}: set them in the config")
+        return spec
+    if isinstance(spec, dict):
+        options = {**{k: v for k, v in spec.items() if k != "name"}, **options}
+        spec = spec.get("name")
+        if isinstance(options.get("dtype"), str):
+            options["dtype"] = getattr(torch, options["dtype"].replace("torch.", ""))
+    if spec == "faiss-ivfpq":
+        if num_keys is None or dim is None:
+            raise ValueError("'faiss-ivfpq' needs num_keys and dim to size the index")
+        return FaissSearchConfig.ivfpq(num_keys, dim, **options)
+    if spec == "faiss-flat":
+        if options.get("index_factory", "Flat") != "Flat":
+            raise ValueError(f"'faiss-flat' is index_factory='Flat', got {options['index_factory']!r}")
+        return FaissSearchConfig(**options)
+    if spec == "faiss-gpu":
+        return FaissSearchConfig(**{"gpu": _gpu_id(device), **options})
+    if spec in (TorchSearchConfig.name, PQSearchConfig.name):
+        return BACKENDS[spec](**{"device": device, **options})
+    if spec in BACKENDS:
+        cls = BACKENDS[spec]
+        names = {f.name for f in dataclasses.fields(cls)}
+        if device is not None and "device" in names:
+            options.setdefault("device", device)
+        return cls(**options)
+    raise ValueError(f"unknown search backend {spec!r}; known: {backend_names()}")

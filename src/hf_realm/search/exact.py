@@ -18,6 +18,11 @@ Two implementations sit behind [`exact_topk`]:
   buckets would hold a key (its maximum) scoring at least ``score(x)``: ``k`` distinct keys at or above ``x``, so
   ``x`` would not be in the top-k (up to ties). Scores are fp32 sums of exact fp16/bf16 products, as cuBLAS computes
   them; keys whose scores differ by less than the fp32 accumulation-order rounding (~1e-6 relative) can swap places.
+
+`exact_topk` ranks by the scores of the keys *as stored*. The search backends built on it
+([`~hf_realm.search.TorchSearchConfig`], [`~hf_realm.search.PQSearchConfig`]) add the package's definition of exact on
+top (the ids and order of a float64 search over the source keys, e.g. fp32 embeddings stored in fp16 on the GPU): see
+`hf_realm.search.rescore`.
 """
 
 from __future__ import annotations
