@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,12 +10,29 @@ from typing import Any
 import numpy as np
 import torch
 
-from .hub_io import replace_directory
+from . import hub_io
 from .knn_hook import KNNQueryHook
 
 
 DATASTORE_CONFIG_NAME = "knn_datastore.json"
 FORMAT_VERSION = 1
+DATASTORE_KIND = hub_io.DirectoryKind(
+    "KNNDatastore",
+    DATASTORE_CONFIG_NAME,
+    frozenset(
+        {
+            DATASTORE_CONFIG_NAME,
+            "keys.npy",
+            "values.npy",
+            "provenance.npy",
+            "counts.npy",
+            "projection.npz",
+            "pq.npz",
+            "index.faiss",
+        }
+    ),
+    hint="datastore",
+)
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -80,8 +94,9 @@ class KNNDatastoreWriter:
     """Streams (key, value, provenance) rows into a datastore directory of unknown final size.
 
     Rows go to a temporary directory next to ``save_directory``; [`~KNNDatastoreWriter.commit`] writes the
-    metadata and renames it into place, so an interrupted build never leaves a half-written datastore behind (nor
-    damages one already at ``save_directory``).
+    metadata (with the size and SHA-256 of every file) and swaps it into place (`hf_realm.hub_io`), so an interrupted
+    build never leaves a half-written datastore behind (nor damages one already at ``save_directory``).
+    ``save_directory`` must be new, empty or an earlier datastore save; anything else is refused at construction.
 
     Example:
 
@@ -100,10 +115,8 @@ class KNNDatastoreWriter:
     def __init__(self, save_directory: str | os.PathLike, key_dim: int, with_counts: bool = False):
         self.save_directory = Path(save_directory)
         self.key_dim = int(key_dim)
-        self.save_directory.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = Path(
-            tempfile.mkdtemp(prefix=f".{self.save_directory.name}.tmp-", dir=self.save_directory.parent)
-        )
+        self._staging = hub_io.Staging(self.save_directory, DATASTORE_KIND)  # refuses a foreign directory up front
+        self.tmp_dir = self._staging.path
         self._keys = _NpyAppender(self.tmp_dir / "keys.npy", np.float16, (self.key_dim,))
         self._values = _NpyAppender(self.tmp_dir / "values.npy", np.int32)
         self._provenance = _NpyAppender(self.tmp_dir / "provenance.npy", np.int64, (2,))
@@ -154,10 +167,8 @@ class KNNDatastoreWriter:
             max_value=self.max_value,
             has_counts=self._counts is not None,
         )
-        with open(self.tmp_dir / DATASTORE_CONFIG_NAME, "w") as f:
-            json.dump(meta, f, indent=2)
-        replace_directory(self.tmp_dir, self.save_directory)
         self._closed = True
+        self._staging.commit(meta)  # the config last, with sizes and hashes; then the crash-safe swap
         return self.save_directory
 
     def abort(self) -> None:
@@ -165,7 +176,7 @@ class KNNDatastoreWriter:
         for appender in (self._keys, self._values, self._provenance, self._counts):
             if appender is not None and not appender._file.closed:
                 appender._file.close()
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self._staging.abort()
         self._closed = True
 
 

@@ -21,18 +21,40 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import string
-import tempfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .hub_io import replace_directory
+from . import hub_io
 from .masking import CAPITALIZED_STOPWORDS
 
 
 __all__ = ["RELATIONS", "KnowledgeWorld", "Relation", "WorldConfig"]
+
+# What `save_tokenizer` and `save_to_disk` write: only such directories are replaced by a later save.
+TOKENIZER_KIND = hub_io.DirectoryKind(
+    "tokenizer",
+    "tokenizer_config.json",
+    frozenset(
+        {
+            "tokenizer_config.json",
+            "tokenizer.json",
+            "vocab.txt",
+            "special_tokens_map.json",
+            "added_tokens.json",
+            "chat_template.jinja",
+        }
+    ),
+    hint="tokenizer",
+    manifest=False,
+)
+WORLD_KIND = hub_io.DirectoryKind(
+    "KnowledgeWorld",
+    "world_config.json",
+    frozenset({"world_config.json", "corpus", "facts", "pretraining", "qa", "tokenizer"}),
+    hint="world",
+)
 
 
 @dataclass(frozen=True)
@@ -625,17 +647,14 @@ class KnowledgeWorld:
 
     def save_tokenizer(self, path: str | os.PathLike, model_max_length: int = 512) -> str:
         """Save the tokenizer (``tokenizer.json``, ``tokenizer_config.json`` and a BERT ``vocab.txt``) so that
-        ``AutoTokenizer.from_pretrained(path)`` loads it offline. Returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            self.tokenizer(model_max_length).save_pretrained(tmp)
-            (tmp / "vocab.txt").write_text("\n".join(self.vocab()) + "\n", encoding="utf-8")
-            replace_directory(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        ``AutoTokenizer.from_pretrained(path)`` loads it offline. ``path`` must be new, empty or an earlier tokenizer
+        save; it is replaced crash-safely (`hf_realm.hub_io`). Returns the path."""
+        hub_io.save_directory(path, TOKENIZER_KIND, lambda tmp: self._write_tokenizer(tmp, model_max_length))
         return str(path)
+
+    def _write_tokenizer(self, directory: Path, model_max_length: int) -> None:
+        self.tokenizer(model_max_length).save_pretrained(directory)
+        (Path(directory) / "vocab.txt").write_text("\n".join(self.vocab()) + "\n", encoding="utf-8")
 
     # -- persistence --------------------------------------------------------------------------------------------------
 
@@ -652,30 +671,31 @@ class KnowledgeWorld:
         return h.hexdigest()
 
     def save_to_disk(self, path: str | os.PathLike) -> str:
-        """Write ``world_config.json`` (config + fingerprint), ``corpus/``, ``facts/``, ``pretraining/``, ``qa/``
-        (``datasets`` ``save_to_disk`` format) and ``tokenizer/``. The directory is written aside and renamed into
-        place, so an interrupted save leaves any previous one intact."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            meta = {"config": self.config.to_dict(), "fingerprint": self.fingerprint(), "format": 1}
-            (tmp / "world_config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        """Write ``world_config.json`` (config, fingerprint, size and SHA-256 of every file), ``corpus/``, ``facts/``,
+        ``pretraining/``, ``qa/`` (``datasets`` ``save_to_disk`` format) and ``tokenizer/``. ``path`` must be new, empty
+        or an earlier world save; the directory is written aside and swapped in crash-safely (`hf_realm.hub_io`), so
+        an interrupted save leaves any previous one intact."""
+
+        def write(tmp: Path) -> dict:
             self.corpus().save_to_disk(str(tmp / "corpus"))
             self.facts().save_to_disk(str(tmp / "facts"))
             self.pretraining().save_to_disk(str(tmp / "pretraining"))
             self.qa().save_to_disk(str(tmp / "qa"))
-            self.save_tokenizer(tmp / "tokenizer")
-            replace_directory(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self._write_tokenizer(tmp / "tokenizer", 512)
+            return {"config": self.config.to_dict(), "fingerprint": self.fingerprint(), "format": 1}
+
+        hub_io.save_directory(path, WORLD_KIND, write)
         return str(path)
 
     @classmethod
     def from_saved(cls, path: str | os.PathLike) -> KnowledgeWorld:
         """Regenerate the world saved at ``path`` from its config and check that the fingerprint matches (it will not
         if the generator changed since the save; load the saved datasets with ``datasets.load_from_disk`` then)."""
-        meta = json.loads((Path(path) / "world_config.json").read_text())
+        path = Path(path)
+        hub_io.recover(path, WORLD_KIND)
+        if not (path / WORLD_KIND.marker).is_file():
+            raise FileNotFoundError(f"{path} is not a saved world: no {WORLD_KIND.marker} in it")
+        meta = hub_io.read_config(path, WORLD_KIND, {"config": dict, "fingerprint": str})
         world = cls(WorldConfig.from_dict(meta["config"]))
         if world.fingerprint() != meta["fingerprint"]:
             raise ValueError(
