@@ -575,8 +575,9 @@ class RealmBlockIndex:
             for name in corpus_files:  # a truncated or altered file is named
                 manifest.check(name, verify_hashes)
             raise ValueError(
-                f"cannot read the corpus {manifest.path(CORPUS_DIR)} ({type(err).__name__}: {err}); expected the "
-                "`datasets` Arrow folder written by RealmBlockIndex.save_pretrained"
+                f"cannot read the corpus {', '.join(str(manifest.path(n)) for n in corpus_files if n.endswith('.arrow'))} "
+                f"({type(err).__name__}: {err}); expected the `datasets` Arrow files written by "
+                "RealmBlockIndex.save_pretrained (truncated?)"
             ) from err
         if len(corpus) != count:
             raise ValueError(f"the corpus has {len(corpus)} blocks but the index holds {count}: from another corpus?")

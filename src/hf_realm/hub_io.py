@@ -96,9 +96,6 @@ def check_ownership(path: str | os.PathLike, kind: DirectoryKind) -> Path:
     """The absolute target of a save of ``kind`` at ``path``; raises unless it is missing, empty or already one of
     ``kind``'s directories with nothing else in it."""
     path = Path(os.path.realpath(os.fspath(path)))
-    cwd = os.getcwd()
-    if cwd == str(path) or cwd.startswith(str(path) + os.sep):
-        raise ValueError(f"cannot save a {kind.name} to {path}: it is (or holds) the current working directory")
     if not os.path.lexists(path):
         return path
     if not path.is_dir():
@@ -111,6 +108,9 @@ def check_ownership(path: str | os.PathLike, kind: DirectoryKind) -> Path:
             f"directory, so a {kind.name} is only saved to a new or empty directory or over an earlier {kind.name} "
             f"save; save it to a sub-directory instead, e.g. {path / kind.hint}"
         )
+    cwd = os.getcwd()
+    if cwd == str(path) or cwd.startswith(str(path) + os.sep):  # the swap would leave the process in a deleted dir
+        raise ValueError(f"cannot save a {kind.name} to {path}: it is (or holds) the current working directory")
     return path
 
 
