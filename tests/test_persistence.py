@@ -341,7 +341,9 @@ def test_truncated_corpus_arrow_names_the_file(tmp_path, hashed):
         drop_hashes(tmp_path / "idx", "index_config.json", keep_files=("embeddings.safetensors",))
     file = arrow_file(tmp_path / "idx")
     file.write_bytes(file.read_bytes()[:-100])
-    match = r"\.arrow is truncated or altered: \d+ bytes, expected" if hashed else r"cannot read the corpus .*\.arrow \("
+    match = (
+        r"\.arrow is truncated or altered: \d+ bytes, expected" if hashed else r"cannot read the corpus .*\.arrow \("
+    )
     raises_unchanged(tmp_path, ValueError, match, RealmBlockIndex.from_pretrained, tmp_path / "idx")
 
 

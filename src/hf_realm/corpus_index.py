@@ -574,8 +574,9 @@ class RealmBlockIndex:
         except Exception as err:
             for name in corpus_files:  # a truncated or altered file is named
                 manifest.check(name, verify_hashes)
+            arrow = ", ".join(str(manifest.path(name)) for name in corpus_files if name.endswith(".arrow"))
             raise ValueError(
-                f"cannot read the corpus {', '.join(str(manifest.path(n)) for n in corpus_files if n.endswith('.arrow'))} "
+                f"cannot read the corpus {arrow} "
                 f"({type(err).__name__}: {err}); expected the `datasets` Arrow files written by "
                 "RealmBlockIndex.save_pretrained (truncated?)"
             ) from err
