@@ -13,7 +13,8 @@ the query comes from a forward pre-hook on `model.get_output_embeddings()` that 
 
 Layout of a saved datastore (`KNNDatastore.save_pretrained`):
 
-    knn_datastore.json   metadata: count, key dim, dtypes, model and tokenizer fingerprints, compression, history
+    knn_datastore.json   metadata: count, key dim, dtypes, model and tokenizer fingerprints, compression, history,
+                         and the size and SHA-256 of every other file (`files`, `sha256`), checked at load
     keys.npy             (num_entries, key_dim) float16       (absent when keys are product-quantised)
     values.npy           (num_entries,) int32                   next-token ids
     provenance.npy       (num_entries, 2) int64                 (example id, target position) of every entry
