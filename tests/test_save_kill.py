@@ -179,3 +179,20 @@ def test_kill_first_save_leaves_nothing_or_everything(tmp_path):
         store.save_pretrained(tmp_path / "d")
         assert sorted(os.listdir(tmp_path)) == ["d"]
         shutil.rmtree(tmp_path / "d")
+
+
+def test_failed_save_after_a_kill_between_the_renames_keeps_the_old_index(tmp_path, monkeypatch):
+    """Two-rename swap killed after moving the old index aside, then a save that fails: the old copy is put back
+    first, never cleaned away as a leftover."""
+    monkeypatch.setattr(hub_io, "_USE_EXCHANGE", False)
+    old, new = make_index(0), make_index(1)
+    old.save_pretrained(tmp_path / "d")
+    steps = recorded_steps(new.save_pretrained, tmp_path / "d")
+    old.save_pretrained(tmp_path / "d")
+    save_killed_at(new.save_pretrained, tmp_path / "d", steps.index("moved-aside"))
+    assert not (tmp_path / "d").exists()
+    with mock.patch("safetensors.torch.save_file", side_effect=OSError("disk full")):
+        with pytest.raises(OSError, match="disk full"):
+            new.save_pretrained(tmp_path / "d")
+    assert sorted(os.listdir(tmp_path)) == ["d"]  # restored, the killed save's staging removed
+    assert_index_equal(RealmBlockIndex.from_pretrained(tmp_path / "d"), old)

@@ -181,7 +181,10 @@ def _remove_old(path: Path, kind: DirectoryKind) -> None:
 
 
 def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a directory cannot be opened on some systems (Windows)
+        return
     try:
         os.fsync(fd)
     except OSError:  # some file systems cannot fsync a directory
@@ -260,6 +263,7 @@ class Staging:
 
     def __init__(self, path: str | os.PathLike, kind: DirectoryKind):
         self.kind = kind
+        recover(path, kind)  # an interrupted swap's old copy is put back before anything else is decided
         self.target = check_ownership(path, kind)
         self.target.parent.mkdir(parents=True, exist_ok=True)
         for leftover in _leftovers(self.target, kind):
