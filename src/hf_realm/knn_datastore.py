@@ -322,6 +322,7 @@ class KNNDatastore:
         provenance = load("provenance.npy", (n, 2))
         counts = load("counts.npy", (n,), required=bool(meta.get("has_counts")))
         projection = load_npz("projection.npz", ("matrix", "bias")) if manifest.has("projection.npz") else None
+        meta = {k: v for k, v in meta.items() if k not in ("files", "sha256")}  # the manifest is of the saved files
         store = cls(keys, values, provenance, counts, meta, projection=projection, pq=pq)
         if load_index and manifest.has("index.faiss"):
             faiss_file = manifest.check("index.faiss", verify_hash=False)
