@@ -4,7 +4,7 @@
 Documents (anything `datasets` loads, with an optional title) are split into blocks of at most 288 wordpieces and
 tokenized once, embedded with a `RealmEmbedder` (length-bucketed batches, bf16 on GPU, sharded across processes under
 `accelerate launch`), indexed (faiss `IndexFlatIP` through `datasets`, a faiss index-factory string, or the exact torch
-GPU search) and saved with `save_pretrained` (optionally pushed to the Hub). The recall@k of the index against exact
+GPU search) and saved with `save_pretrained` to `<output_dir>/index` (optionally pushed to the Hub). The recall@k of the index against exact
 search is measured on held-out queries and written with the timings to `<output_dir>/all_results.json`.
 
 With no arguments it indexes the built-in generated knowledge world (`hf_realm.world`) with a tiny randomly initialised
@@ -229,7 +229,9 @@ def main(argv=None):
         results["search_ms_per_query"] = (time.perf_counter() - t0) * 1e3 / n_eval
         results[f"recall@{k}_vs_exact"] = index.evaluate_recall(queries, k)
 
-        index.save_pretrained(index_args.output_dir)
+        # The index gets a directory of its own: an index directory holds only the index's files, so that a re-run
+        # replaces it (the library refuses to overwrite directories holding files it did not write).
+        index.save_pretrained(os.path.join(index_args.output_dir, "index"))
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(index_args.output_dir, "tokenizer"))
         if index_args.push_to_hub:
@@ -238,7 +240,7 @@ def main(argv=None):
             results["hub_commit"] = index.push_to_hub(index_args.hub_repo_id)
         with open(os.path.join(index_args.output_dir, "all_results.json"), "w") as f:
             json.dump(results, f, indent=2)
-        logger.info(f"index saved to {index_args.output_dir}: {json.dumps(results, indent=1)}")
+        logger.info(f"index saved to {index_args.output_dir}/index: {json.dumps(results, indent=1)}")
     state.wait_for_everyone()
     return results
 

@@ -623,7 +623,8 @@ def test_build_index_example_default(tmp_path):
     assert results["recall@10_vs_exact"] == 1.0
     saved = json.loads((tmp_path / "idx" / "all_results.json").read_text())
     assert saved["num_blocks"] == results["num_blocks"]
-    index = RealmBlockIndex.from_pretrained(tmp_path / "idx", backend="torch")
+    index = RealmBlockIndex.from_pretrained(tmp_path / "idx" / "index", backend="torch")
+    module.main(["--output_dir", str(tmp_path / "idx"), "--eval_queries", "50"])  # a re-run replaces its own output
     queries = np.random.default_rng(0).standard_normal((3, index.dim)).astype(np.float32)
     np.testing.assert_array_equal(index.search(queries, 5)[1], brute_force(queries, index.embeddings.numpy(), 5)[1])
     assert list(index.corpus["block_id"]) == list(range(len(index)))  # the world's gold block ids are kept
