@@ -112,6 +112,16 @@ def subprocess_env(**overrides: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)), **overrides}
 
 
+def free_port() -> int:
+    """A TCP port free now on the loopback (a launched process group binds it; two test runs at once then do not
+    collide on accelerate's default port)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: intra-op threads only add overhead, and on a busy machine they slow everything down many times."""

@@ -11,7 +11,7 @@ import torch
 
 from hf_realm import embed_corpus
 
-from .conftest import subprocess_env
+from .conftest import free_port, subprocess_env
 from .scripts.distributed_refresh_worker import build
 
 
@@ -36,6 +36,8 @@ def test_two_process_refresh_equals_one_process(tmp_path):
         "2",
         "--num_machines",
         "1",
+        "--main_process_port",
+        str(free_port()),
         "--mixed_precision",
         "no",
         "--dynamo_backend",
@@ -70,7 +72,8 @@ def test_train_realm_two_processes(tmp_path):
     launcher = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = subprocess_env(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--main_process_port", str(free_port()), "--mixed_precision",
            "no", "--dynamo_backend", "no", os.path.join(root, "examples", "train_realm.py"), "--use_cpu", "true",
            "--num_entities", "100", "--max_steps", "10", "--ict_steps", "10", "--refresh_steps", "5",
            "--max_eval_examples", "20", "--output_dir", str(tmp_path)]  # fmt: skip
