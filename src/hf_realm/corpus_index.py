@@ -99,6 +99,36 @@ def _check_embeddings(embeddings, num_blocks: int | None) -> torch.Tensor:
     return embeddings
 
 
+def _check_block_ids(corpus) -> None:
+    """A `block_id` column must be `0..n-1` in row order: search returns row numbers, `get_blocks` reads rows, and
+    gold / source block ids in the data are `block_id` values, so any other column would make them disagree."""
+    if "block_id" not in corpus.column_names:
+        return
+    column = corpus.data.column("block_id")
+    offset = 0
+    for chunk in column.chunks:  # chunk by chunk: a 13M-block corpus is never copied whole
+        values = chunk.to_numpy(zero_copy_only=False)
+        expected = np.arange(offset, offset + len(values))
+        wrong = np.flatnonzero(values != expected)
+        if wrong.size:
+            row = offset + int(wrong[0])
+            ids = np.asarray(column.to_numpy(zero_copy_only=False))
+            unique, counts = np.unique(ids, return_counts=True)
+            if (counts > 1).any():
+                dup = unique[counts > 1]
+                rows = np.flatnonzero(ids == dup[0])[:2].tolist()
+                raise ValueError(
+                    f"the corpus' block_id column holds {int(dup.size)} duplicated ids (block_id {int(dup[0])} is at "
+                    f"rows {rows[0]} and {rows[1]}); block ids must be 0..{len(ids) - 1} in row order"
+                )
+            raise ValueError(
+                f"the corpus' block_id column must be 0..{len(ids) - 1} in row order (search returns row numbers), "
+                f"but row {row} has block_id {ids[row]}; sort the corpus by block_id (corpus.sort('block_id')) or "
+                "rebuild it with build_corpus"
+            )
+        offset += len(values)
+
+
 class RealmBlockIndex:
     r"""
     REALM's knowledge corpus with its cached doc embeddings and a maximum inner product search over them.
@@ -128,7 +158,7 @@ class RealmBlockIndex:
     Args:
         corpus (`datasets.Dataset`):
             Blocks in block-id order (from [`build_corpus`]; `text`, `title`, `doc_id`, `input_ids` columns are used
-            when present).
+            when present). A `block_id` column must be `0..n-1` in row order (duplicates or gaps raise).
         embeddings (`torch.Tensor` or `np.ndarray` of shape `(num_blocks, dim)`):
             Doc embeddings, row ``i`` for block ``i``.
         backend (`str` or [`~hf_realm.search.BackendConfig`], *optional*, defaults to `"auto"`): See above. With a
@@ -175,6 +205,7 @@ class RealmBlockIndex:
             raise ValueError("the corpus is empty: no blocks")
         if corpus._indices is not None:
             corpus = corpus.flatten_indices()
+        _check_block_ids(corpus)
         self.corpus = corpus
         self.device = device
         self.search_dtype = search_dtype

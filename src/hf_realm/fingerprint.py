@@ -1,9 +1,16 @@
-"""Weights and tokenizer fingerprints: which model built an index or a datastore."""
+"""Weights and tokenizer fingerprints: which model built an index or a datastore.
+
+One weights hash serves both: [`embedder_fingerprint`] (recorded with a REALM index) and the `"sha256"` of
+[`model_fingerprint`] (recorded with a kNN datastore) are the same digest of every floating-point tensor, streamed
+tensor by tensor (and in chunks of large tensors) so that hashing never holds a second copy of the model.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import weakref
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -11,9 +18,57 @@ import torch
 from torch import nn
 
 
+# Elements widened and copied to the host at a time: bounds the extra memory of hashing a large tensor (64 MiB fp32).
+_CHUNK = 1 << 24
+FINGERPRINT_SCHEME = 2
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# Embedder fingerprint
+# The weights hash
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def _tensor_digest(tensor: torch.Tensor, cast: torch.dtype | None = None) -> str:
+    """sha256 of a tensor's shape and its values as contiguous little-endian float32, optionally after a cast.
+
+    The cast and the widening run on the tensor's device, one chunk at a time; only float32 chunks reach the host.
+    """
+    flat = tensor.detach().reshape(-1)
+    h = hashlib.sha256(repr(tuple(tensor.shape)).encode())
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk = flat[start : start + _CHUNK]
+        if cast is not None:
+            chunk = chunk.to(cast)
+        h.update(chunk.to(torch.float32).cpu().contiguous().numpy().astype("<f4", copy=False).data)
+    return h.hexdigest()
+
+
+def _floating_tensors(state: dict[str, Any]) -> Iterable[torch.Tensor]:
+    # Only floating-point tensors count: integer buffers such as `position_ids` vary across library versions.
+    return (t for t in state.values() if torch.is_tensor(t) and t.is_floating_point())
+
+
+def _weights_digest(tensors: Iterable[torch.Tensor], cast: torch.dtype | None = None) -> str:
+    """sha256 of the sorted set of per-tensor digests: names, order and weight tying (one tensor stored twice) do not
+    count."""
+    digests = set()
+    seen = set()
+    for tensor in tensors:
+        # A tied weight appears under two names as two views of one storage: hash it once (the set would also
+        # merge the two equal digests, but only after hashing both).
+        view = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if tensor.numel() and view in seen:
+            continue
+        seen.add(view)
+        same = cast is None or tensor.dtype == cast  # a bf16 tensor cast to bf16 is itself
+        digests.add(_tensor_digest(tensor, None if same else cast))
+    return hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()
+
+
+def _state_dict(module_or_state_dict) -> dict[str, Any]:
+    if hasattr(module_or_state_dict, "state_dict"):
+        return module_or_state_dict.state_dict()
+    return module_or_state_dict
 
 
 def embedder_fingerprint(embedder_or_state_dict) -> str:
@@ -23,8 +78,8 @@ def embedder_fingerprint(embedder_or_state_dict) -> str:
     its values as contiguous little-endian float32 (bf16/fp16 weights widen exactly), identical digests counted once.
     Only floating-point tensors count (integer buffers such as `position_ids` vary across versions), and names, order
     and weight tying do not: the same weights loaded under 4.x names (`embedder.realm.*`) or transformers 5 names give
-    the same hash. Casting the weights to a narrower
-    dtype changes them, and the hash.
+    the same hash. Casting the weights to a narrower dtype changes them, and the hash. Every value is hashed, streamed
+    tensor by tensor.
 
     Args:
         embedder_or_state_dict (`torch.nn.Module` or `dict[str, torch.Tensor]`)
@@ -42,35 +97,17 @@ def embedder_fingerprint(embedder_or_state_dict) -> str:
     True
     ```
     """
-    state = (
-        embedder_or_state_dict.state_dict()
-        if hasattr(embedder_or_state_dict, "state_dict")
-        else embedder_or_state_dict
-    )
-    digests = set()  # a set: tied weights, stored once or twice, count once
-    for tensor in state.values():
-        if not torch.is_tensor(tensor) or not tensor.is_floating_point():
-            continue
-        t = tensor.detach().to("cpu", torch.float32).contiguous()
-        h = hashlib.sha256(repr(tuple(t.shape)).encode())
-        h.update(t.numpy().astype("<f4", copy=False).data)
-        digests.add(h.hexdigest())
-    total = hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()
-    return f"sha256:{total}"
+    return "sha256:" + _weights_digest(_floating_tensors(_state_dict(embedder_or_state_dict)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Fingerprints: a datastore only makes sense with the model (and tokenizer) that built it.
+# Model fingerprint: a datastore only makes sense with the model (and tokenizer) that built it.
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def model_fingerprint(model: nn.Module, samples_per_tensor: int = 16) -> dict[str, Any]:
-    """A cheap, dtype-tolerant fingerprint of a model's weights.
-
-    Takes ``samples_per_tensor`` evenly spaced values of every floating parameter and buffer (in name order, tied
-    weights once). ``sha256`` hashes their names, shapes and float32 values (exact identity); ``values`` keeps the
-    samples so that the same weights cast to another dtype (fp32 -> bf16) can still be recognised with a tolerance.
-    """
+def _sampled_fingerprint(model: nn.Module, samples_per_tensor: int) -> tuple[str, np.ndarray]:
+    """The scheme-1 fingerprint (datastores written before the full hash): ``samples_per_tensor`` evenly spaced values
+    of every floating parameter and buffer, in name order, tied weights once; sha256 of names, shapes and values."""
     names, values = [], []
     seen: set[int] = set()
     tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
@@ -89,8 +126,54 @@ def model_fingerprint(model: nn.Module, samples_per_tensor: int = 16) -> dict[st
     digest = hashlib.sha256()
     digest.update("\n".join(names).encode())
     digest.update(sample.tobytes())
-    num_parameters = sum(p.numel() for p in model.parameters())
-    return {"sha256": digest.hexdigest(), "values": sample.tolist(), "num_parameters": int(num_parameters)}
+    return digest.hexdigest(), sample
+
+
+# model -> (key of its tensors' identities and in-place versions, fingerprint): attaching the same unchanged model
+# again does not hash its weights again.
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cache_key(model: nn.Module, samples_per_tensor: int) -> tuple:
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
+    return (samples_per_tensor,) + tuple(
+        (name, t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for name, t in tensors
+    )
+
+
+def model_fingerprint(model: nn.Module, samples_per_tensor: int = 16) -> dict[str, Any]:
+    """A fingerprint of a model's weights that tells other weights apart and recognises the same weights cast to bf16.
+
+    Keys:
+
+    - ``sha256``: the hash of every floating weight ([`embedder_fingerprint`]'s digest, without its prefix): exact
+      identity.
+    - ``bf16_sha256``: the same hash after casting every floating weight to bfloat16, so that a model built in fp32
+      and run in bf16 (or the reverse) is recognised without a tolerance.
+    - ``dtypes``: the floating dtypes of the weights.
+    - ``sample_sha256`` / ``values``: ``samples_per_tensor`` evenly spaced values of every tensor, kept for fp16 casts
+      (where rounding twice makes the bf16 hashes differ) and for stores written with the sampled fingerprint alone.
+    - ``num_parameters`` and ``scheme``.
+
+    Results are cached per model until one of its tensors is replaced or changed in place.
+    """
+    key = _cache_key(model, samples_per_tensor)
+    cached = _CACHE.get(model)
+    if cached is not None and cached[0] == key:
+        return dict(cached[1])
+    state = model.state_dict()
+    sample_sha, sample = _sampled_fingerprint(model, samples_per_tensor)
+    fingerprint = {
+        "scheme": FINGERPRINT_SCHEME,
+        "sha256": _weights_digest(_floating_tensors(state)),
+        "bf16_sha256": _weights_digest(_floating_tensors(state), cast=torch.bfloat16),
+        "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in _floating_tensors(state)}),
+        "sample_sha256": sample_sha,
+        "values": sample.tolist(),
+        "num_parameters": int(sum(p.numel() for p in model.parameters())),
+    }
+    _CACHE[model] = (key, fingerprint)
+    return dict(fingerprint)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -100,12 +183,34 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps([vocab, special], ensure_ascii=False).encode()).hexdigest()
 
 
-def _fingerprints_match(stored: dict[str, Any], current: dict[str, Any]) -> bool:
-    if stored.get("sha256") == current["sha256"]:
-        return True
+def _samples_close(stored: dict[str, Any], current: dict[str, Any]) -> bool:
     a = np.asarray(stored.get("values", []), dtype=np.float64)
     b = np.asarray(current["values"], dtype=np.float64)
     if a.shape != b.shape or stored.get("num_parameters") != current["num_parameters"]:
         return False
     # Same weights in another dtype: bf16 keeps 8 bits of mantissa (relative error <= 2^-8).
     return bool(np.all(np.abs(a - b) <= 1e-2 * np.abs(a) + 1e-4))
+
+
+def _fingerprints_match(stored: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether the weights that built a datastore (``stored``) are those of the model at hand (``current``).
+
+    With a full hash (scheme 2): equal hashes; or, when the weights' dtypes differ, equal hashes after casting both to
+    bf16; or, when one side holds fp16 weights (fp16 and bf16 roundings of the same fp32 value can disagree), the
+    sampled values within bf16 tolerance. Weights of the same dtypes must hash equal. A stored scheme-1 fingerprint
+    (16 samples a tensor, no full hash) is compared as before: equal sample hash or samples within tolerance.
+    """
+    if "bf16_sha256" not in stored:  # scheme 1
+        if stored.get("sha256") == current["sample_sha256"]:
+            return True
+        return _samples_close(stored, current)
+    if stored["sha256"] == current["sha256"]:
+        return True
+    stored_dtypes, current_dtypes = set(stored.get("dtypes", [])), set(current["dtypes"])
+    if stored_dtypes == current_dtypes:
+        return False  # same dtypes, different values: other weights
+    if stored["bf16_sha256"] == current["bf16_sha256"]:
+        return True
+    if "float16" in stored_dtypes | current_dtypes:
+        return _samples_close(stored, current)
+    return False

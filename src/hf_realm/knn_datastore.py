@@ -71,6 +71,41 @@ _INDEX_TYPES = ("auto", "torch", "faiss-flat", "faiss-ivfpq")
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _validate_finite(array: np.ndarray, what: str, chunk_bytes: int = 1 << 26) -> None:
+    """Raises if any row of ``array`` holds NaN or inf, naming how many rows and the first one.
+
+    Reads ``chunk_bytes`` at a time, so a memory-mapped store of 10^9 rows is checked without being loaded at once.
+    A NaN key is nearest to every query (NaN comparisons sort it first) and an inf key poisons the distances.
+    """
+    n = array.shape[0] if array.ndim else 1
+    row_bytes = max(1, array.itemsize * (int(np.prod(array.shape[1:])) if array.ndim > 1 else 1))
+    step = max(1, chunk_bytes // row_bytes)
+    bad, first = 0, None
+    for start in range(0, n, step):
+        chunk = np.asarray(array[start : start + step])
+        rows_ok = np.isfinite(chunk.reshape(chunk.shape[0], -1)).all(axis=1)
+        if not rows_ok.all():
+            if first is None:
+                first = start + int(np.argmin(rows_ok))
+            bad += int((~rows_ok).sum())
+    if bad:
+        source = getattr(array, "filename", None)
+        where = f" (in {source})" if source else ""
+        hint = " float16 holds |x| <= 65504: larger values become inf." if array.dtype == np.float16 else ""
+        raise ValueError(f"{what}{where}: {bad} of {n} rows hold NaN or inf, the first is row {first}.{hint}")
+
+
+def _validate_keys(keys: np.ndarray | None, pq: dict | None, projection: dict | None) -> None:
+    """Refuses non-finite keys, PQ codebooks or projection (they would return NaN distances or rank a key first)."""
+    if keys is not None:
+        _validate_finite(keys, "keys")
+    if pq is not None:
+        _validate_finite(pq["codebooks"], "pq codebooks")
+    if projection is not None:
+        _validate_finite(projection["matrix"], "projection matrix")
+        _validate_finite(projection["bias"].reshape(1, -1), "projection bias")
+
+
 @dataclass
 class _DeviceTables:
     """What the kNN maths reads besides the search (values, merge counts, the query projection), moved once to one
@@ -142,7 +177,8 @@ class KNNDatastore:
         if keys is not None:
             keys = _to_numpy(keys)
             if keys.dtype != np.float16:
-                keys = keys.astype(np.float16)
+                with np.errstate(over="ignore"):  # overflow to inf is refused below, naming the row
+                    keys = keys.astype(np.float16)
             if keys.ndim != 2 or keys.shape[0] != n:
                 raise ValueError(f"keys of shape {keys.shape} for {n} values; expected ({n}, key_dim)")
         self.keys = keys
@@ -169,6 +205,7 @@ class KNNDatastore:
                     f"projection matrix {matrix.shape} / bias {bias.shape} do not map to key dim {self.key_dim}"
                 )
             self.projection = {"matrix": matrix, "bias": bias}
+        _validate_keys(self.keys, self.pq, self.projection)
         self.metadata = dict(metadata or {})
         self.metadata["num_entries"] = n
         self.metadata["key_dim"] = self.key_dim
@@ -519,7 +556,9 @@ class KNNDatastore:
             queries = torch.addmm(tables.projection_bias, queries, tables.projection_matrix)
         return queries
 
-    def search(self, queries: torch.Tensor, k: int, projected: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(
+        self, queries: torch.Tensor, k: int, projected: bool = False, check_finite: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` nearest entries of every query, by squared L2 distance.
 
         Args:
@@ -529,6 +568,9 @@ class KNNDatastore:
                 Neighbours per query, `1 <= k <= len(self)`.
             projected (`bool`, *optional*, defaults to `False`):
                 Whether ``queries`` are already in key space (see [`KNNDatastore.project`]).
+            check_finite (`bool`, *optional*, defaults to `True`):
+                Raise on NaN/inf queries (a host sync on GPUs). [`KNNLogitsProcessor`] turns it off: it flags them on
+                the device and checks every few steps.
 
         Returns:
             `tuple(torch.Tensor, torch.Tensor)`: squared distances (float32, ascending) and entry ids (int64), each
@@ -541,6 +583,13 @@ class KNNDatastore:
             raise ValueError(f"k must be in [1, {len(self)}] (the datastore size), got {k}")
         if queries.dim() != 2:
             raise ValueError(f"queries must be 2-d (num_queries, dim), got shape {tuple(queries.shape)}")
+        if check_finite:
+            rows_ok = torch.isfinite(queries).all(dim=1)
+            if not bool(rows_ok.all()):
+                bad = (~rows_ok).nonzero()[:, 0]
+                raise ValueError(
+                    f"{bad.numel()} of {queries.shape[0]} queries hold NaN or inf, the first is row {int(bad[0])}"
+                )
         q = queries.float() if projected else self.project(queries)
         if q.shape[-1] != self.key_dim:
             raise ValueError(f"query dim {q.shape[-1]} != datastore key dim {self.key_dim}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -154,6 +155,7 @@ class KNNLogitsProcessor(LogitsProcessor):
         self._last_len: int | None = None
         self._steps = 0
         self._nonfinite: torch.Tensor | None = None
+        self._steps_at_attach = 0
 
     # -- attach / detach -----------------------------------------------------------------------------------------------
 
@@ -169,14 +171,16 @@ class KNNLogitsProcessor(LogitsProcessor):
         device = hook.module.weight.device if hasattr(hook.module, "weight") else next(model.parameters()).device
         self.datastore.to(device)
         self.reset()
+        self._steps_at_attach = self._steps
         return self
 
     def detach(self) -> None:
-        """Removes the hook (and runs the pending NaN check)."""
+        """Removes the hook (and runs the pending NaN check; warns if the model ran but the processor never did)."""
         if self.hook is not None:
-            self.hook.detach()
-            self.hook = None
+            hook, self.hook = self.hook, None
+            hook.detach()
             self._check_finite()
+            self._warn_if_unused(hook)
 
     def reset(self) -> None:
         """Forgets the previous step (e.g. after a forward pass outside generate) and zeroes the counters."""
@@ -196,6 +200,20 @@ class KNNLogitsProcessor(LogitsProcessor):
             hook.detach()
         if exc_type is None:
             self._check_finite()
+            if hook is not None:
+                self._warn_if_unused(hook)
+
+    def _warn_if_unused(self, hook: KNNQueryHook) -> None:
+        # The usual slip: `with processor.attach(model): model.generate(...)` without `logits_processor=`. The hook
+        # fires on every forward pass, the processor never runs, and the output is the plain model's.
+        if hook.num_calls > 0 and self._steps == self._steps_at_attach:
+            warnings.warn(
+                f"the attached model ran {hook.num_calls} forward passes but the KNNLogitsProcessor was called 0 times: "
+                "the outputs were generated without kNN. Pass it to generate: "
+                "`model.generate(..., logits_processor=[processor])`",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _check_finite(self) -> None:
         flag, self._nonfinite = self._nonfinite, None
@@ -248,7 +266,7 @@ class KNNLogitsProcessor(LogitsProcessor):
             self._check_finite()
 
         if self.skip_threshold is None:
-            sqdist, ids = self.datastore.search(queries, self.k)
+            sqdist, ids = self.datastore.search(queries, self.k, check_finite=False)
             self.num_searches += scores.shape[0]
             knn_logp = knn_log_probs(sqdist, ids, values, vocab, self.temperature, log_counts)
             return mix_log_probs(scores, knn_logp, self.lmbda).to(scores.dtype)
@@ -265,7 +283,7 @@ class KNNLogitsProcessor(LogitsProcessor):
         out = lm_logp.masked_fill(torch.isneginf(scores), float("-inf"))
         if rows.numel() == 0:
             return out.to(scores.dtype)
-        sqdist, ids = self.datastore.search(queries[rows], self.k)
+        sqdist, ids = self.datastore.search(queries[rows], self.k, check_finite=False)
         knn_logp = knn_log_probs(sqdist, ids, values, vocab, self.temperature, log_counts)
         out = out.index_copy(0, rows, mix_log_probs(scores[rows], knn_logp, self.lmbda))
         return out.to(scores.dtype)

@@ -30,6 +30,7 @@ from transformers.modeling_utils import AttentionInterface
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertModel
 from transformers.utils import ModelOutput, logging
 
+from .checks import check_token_ids_fit, check_tokenizer_fits
 from .configuration_realm import RealmConfig, check_position_embedding_type
 from .loading import OTHER_PART, checkpoint_part, part_key_mapping, restore_attachments
 from .retrieval import BlockIndex, missing_members
@@ -1174,7 +1175,12 @@ class RealmForOpenQA(RealmPreTrainedModel):
             return [None] * batch_size
         if isinstance(answer_ids, torch.Tensor):
             answer_ids = answer_ids.tolist()
-        if batch_size == 1 and (len(answer_ids) == 0 or not isinstance(answer_ids[0][0], list)):
+        if not all(isinstance(a, (list, tuple)) for a in answer_ids):
+            raise ValueError(f"answer_ids must hold lists of token ids (one list per answer), got {answer_ids!r}")
+        # `[[]]` is one question with one empty answer (4.x form): wrapped, then refused below
+        if batch_size == 1 and (
+            not answer_ids or not answer_ids[0] or not isinstance(answer_ids[0][0], (list, tuple))
+        ):
             answer_ids = [answer_ids]
         if len(answer_ids) != batch_size:
             raise ValueError(
@@ -1221,6 +1227,8 @@ class RealmForOpenQA(RealmPreTrainedModel):
                 f"the retriever holds {num_records} block records but {source} holds {self.num_blocks} blocks: "
                 "expected the same corpus, row for row"
             )
+        check_tokenizer_fits(self.retriever.tokenizer, self.config, "the retriever's tokenizer")
+        check_token_ids_fit(input_ids, self.config)
         batch_size = input_ids.shape[0]
         answers = self._split_answers(answer_ids, batch_size)
         lengths = (

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checks import check_tokenizer_fits
 from .metrics import answer_hits, answer_metrics, gold_block_hits, recall_at_k
 
 
@@ -123,6 +124,8 @@ def evaluate_open_qa(
         raise ValueError("the evaluation dataset is empty")
     if model.retriever is None:
         raise ValueError("the model has no retriever (block texts + tokenizer) to read blocks with")
+    check_tokenizer_fits(tokenizer, model, "the question tokenizer")
+    check_tokenizer_fits(model.retriever.tokenizer, model, "the retriever's tokenizer")
     num_blocks = model.index.num_blocks if model.index is not None else model.block_emb.shape[0]
     recall_ks = sorted({k for k in recall_ks if k <= num_blocks})
     max_k = max(recall_ks) if recall_ks else 1

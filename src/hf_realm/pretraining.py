@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checks import check_tokenizer_fits
 from .metrics import gold_block_hits, masked_span_accuracy, recall_at_k
 
 
@@ -110,6 +111,7 @@ def train_inverse_cloze_task(model, corpus, tokenizer, training_args, *, query_m
     """
     from transformers import Trainer
 
+    check_tokenizer_fits(tokenizer, model)
     collator = DataCollatorForInverseClozeTask(
         tokenizer,
         query_max_length=query_max_length,
@@ -181,6 +183,7 @@ def evaluate_masked_lm(
     """
     from tqdm.auto import tqdm
 
+    check_tokenizer_fits(getattr(data_collator, "tokenizer", None), model, "the collator's tokenizer")
     recall_ks = sorted(set(recall_ks or (1, 5, 8)))
     max_k = min(max(recall_ks), model.index.num_blocks if hasattr(model.index, "num_blocks") else max(recall_ks))
     was_training = model.training
