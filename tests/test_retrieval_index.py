@@ -450,6 +450,7 @@ def test_save_load_round_trip(tmp_path, corpus, backend, factory):
     if factory != "Flat":
         # IVF4 needs enough points to train: repeat the corpus with a little noise.
         big = datasets.concatenate_datasets([corpus] * 30)
+        big = big.remove_columns("block_id").add_column("block_id", np.arange(len(big)))  # unique block ids
         emb = embed_corpus(embedder, big, show_progress=False) + 0.01 * torch.randn(len(big), 16)
         index = RealmBlockIndex(big, emb, backend=backend, index_factory=factory, **kwargs)
     else:

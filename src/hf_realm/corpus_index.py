@@ -119,7 +119,8 @@ def _check_block_ids(corpus) -> None:
                 rows = np.flatnonzero(ids == dup[0])[:2].tolist()
                 raise ValueError(
                     f"the corpus' block_id column holds {int(dup.size)} duplicated ids (block_id {int(dup[0])} is at "
-                    f"rows {rows[0]} and {rows[1]}); block ids must be 0..{len(ids) - 1} in row order"
+                    f"rows {rows[0]} and {rows[1]}); block ids must be 0..{len(ids) - 1} in row order (after concatenating "
+                    "corpora, renumber: corpus.remove_columns('block_id').add_column('block_id', range(len(corpus))))"
                 )
             raise ValueError(
                 f"the corpus' block_id column must be 0..{len(ids) - 1} in row order (search returns row numbers), "
