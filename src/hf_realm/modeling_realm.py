@@ -1175,7 +1175,7 @@ class RealmForOpenQA(RealmPreTrainedModel):
             return [None] * batch_size
         if isinstance(answer_ids, torch.Tensor):
             answer_ids = answer_ids.tolist()
-        if not all(isinstance(a, (list, tuple)) for a in answer_ids):
+        if not all(isinstance(a, (list, tuple, torch.Tensor)) for a in answer_ids):
             raise ValueError(f"answer_ids must hold lists of token ids (one list per answer), got {answer_ids!r}")
         # `[[]]` is one question with one empty answer (4.x form): wrapped, then refused below
         if batch_size == 1 and (
