@@ -15,17 +15,15 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessorList
+from transformers import GPT2LMHeadModel, LogitsProcessorList
 
 from hf_realm import (
     KNNDatastore,
     KNNLogitsProcessor,
     RealmBlockIndex,
-    RealmConfig,
     RealmForInverseClozeTask,
     RealmForMaskedLM,
     RealmForOpenQA,
-    RealmRetriever,
     embedder_fingerprint,
 )
 from hf_realm.fingerprint import _fingerprints_match, model_fingerprint
@@ -33,21 +31,11 @@ from hf_realm.knn_datastore import _validate_finite
 from hf_realm.openqa import DataCollatorForOpenQA, evaluate_open_qa
 from hf_realm.pretraining import evaluate_masked_lm, train_inverse_cloze_task
 
-from .toy import BLOCKS, WORDS, toy_tokenizer
+from .conftest import BLOCKS, WORDS, toy_openqa, toy_openqa_config, toy_tokenizer
+from .test_knn_generation import PAD, tiny_gpt2
 
 
-VOCAB = 99
-PAD, EOS = 0, 1
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=EOS, eos_token_id=EOS,
-        pad_token_id=PAD, initializer_range=0.3,
-    )  # fmt: skip
-    return GPT2LMHeadModel(config).eval()
 
 
 def random_keys(n=40, dim=32, seed=0) -> np.ndarray:
@@ -325,23 +313,8 @@ def test_datastores_with_the_old_sampled_fingerprint_still_load(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def realm_config(**kw) -> RealmConfig:
-    fields = dict(
-        vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-        retriever_proj_size=16, span_hidden_size=8, max_span_width=3, reader_beam_size=2, searcher_beam_size=4,
-        reader_seq_len=24, max_position_embeddings=64, num_block_records=len(BLOCKS), pad_token_id=0,
-    )  # fmt: skip
-    fields.update(kw)
-    return RealmConfig(**fields)
-
-
 def open_qa_model(tokenizer) -> RealmForOpenQA:
-    torch.manual_seed(0)
-    retriever = RealmRetriever(np.array([b.encode() for b in BLOCKS], dtype=object), tokenizer)
-    model = RealmForOpenQA(realm_config(), retriever=retriever).eval()
-    with torch.no_grad():
-        model.block_emb.normal_()
-    return model
+    return toy_openqa(tokenizer, toy_openqa_config(num_block_records=len(BLOCKS))).eval()
 
 
 def big_tokenizer():
@@ -363,12 +336,14 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused_early():
         model(**batch)  # was: IndexError: index out of range in self
     with pytest.raises(ValueError, match="the retriever's tokenizer " + expected):
         open_qa_model(big)(**DataCollatorForOpenQA(small)([{"question": "who wrote hamlet ?", "answers": ["x"]}]))
-    ict = RealmForInverseClozeTask(realm_config())
+    ict = RealmForInverseClozeTask(toy_openqa_config())
     with pytest.raises(ValueError, match="the tokenizer " + expected):
         train_inverse_cloze_task(ict, datasets.Dataset.from_dict({"text": BLOCKS}), big, training_args=None)
     collator = types.SimpleNamespace(tokenizer=big)
     with pytest.raises(ValueError, match="the collator's tokenizer " + expected):
-        evaluate_masked_lm(RealmForMaskedLM(realm_config()), datasets.Dataset.from_dict({"text": ["a"]}), collator)
+        evaluate_masked_lm(
+            RealmForMaskedLM(toy_openqa_config()), datasets.Dataset.from_dict({"text": ["a"]}), collator
+        )
     # the model's own tokenizer: evaluation runs (EM is a number in [0, 1])
     metrics, _ = evaluate_open_qa(model, questions, small, recall_ks=(1,))
     assert 0.0 <= metrics["exact_match"] <= 1.0
