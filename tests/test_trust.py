@@ -26,8 +26,8 @@ from hf_realm import (
     RealmForOpenQA,
     embedder_fingerprint,
 )
+from hf_realm.checks import _validate_finite
 from hf_realm.fingerprint import _fingerprints_match, model_fingerprint
-from hf_realm.knn_datastore import _validate_finite
 from hf_realm.openqa import DataCollatorForOpenQA, evaluate_open_qa
 from hf_realm.pretraining import evaluate_masked_lm, train_inverse_cloze_task
 
