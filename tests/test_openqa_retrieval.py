@@ -84,6 +84,7 @@ def test_an_approximate_faiss_index_with_missing_results_is_refused(tokenizer):
     legacy, modern = models(tokenizer)
     corpus = modern.index.corpus
     big = datasets.concatenate_datasets([corpus] * 10)  # IVF lists need points to train on
+    big = big.remove_columns("block_id").add_column("block_id", np.arange(len(big)))  # unique block ids
     emb = legacy.block_emb.repeat(10, 1) + 0.01 * torch.randn(60, 16, generator=torch.Generator().manual_seed(0))
     index = RealmBlockIndex(big, emb, backend="faiss", index_factory="IVF8,Flat", search_params={"nprobe": 1})
     retriever = RealmRetriever(np.array([t.encode() for t in big["text"]], dtype=object), tokenizer)
