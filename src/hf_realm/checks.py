@@ -90,3 +90,53 @@ def _validate_keys(keys: np.ndarray | None, pq: dict | None, projection: dict | 
     if projection is not None:
         _validate_finite(projection["matrix"], "projection matrix")
         _validate_finite(projection["bias"].reshape(1, -1), "projection bias")
+
+
+def check_embeddings(embeddings, num_blocks: int | None) -> torch.Tensor:
+    if isinstance(embeddings, np.ndarray):
+        embeddings = torch.from_numpy(embeddings)
+    if not torch.is_tensor(embeddings):
+        raise TypeError(f"embeddings must be a torch.Tensor or numpy array, got {type(embeddings).__name__}")
+    if not embeddings.is_floating_point():
+        raise TypeError(f"embeddings must be floating point (fp32, fp16 or bf16), got {embeddings.dtype}")
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be (num_blocks, dim), got shape {tuple(embeddings.shape)}")
+    if embeddings.shape[0] == 0:
+        raise ValueError("the corpus is empty: no embeddings")
+    if num_blocks is not None and embeddings.shape[0] != num_blocks:
+        raise ValueError(f"{embeddings.shape[0]} embeddings != {num_blocks} blocks in the corpus")
+    if not bool(torch.isfinite(embeddings).all()):
+        bad = int((~torch.isfinite(embeddings)).any(dim=1).sum())
+        raise ValueError(f"embeddings contain NaN or inf ({bad} blocks)")
+    return embeddings
+
+
+def check_block_ids(corpus) -> None:
+    """A `block_id` column must be `0..n-1` in row order: search returns row numbers, `get_blocks` reads rows, and
+    gold / source block ids in the data are `block_id` values, so any other column would make them disagree."""
+    if "block_id" not in corpus.column_names:
+        return
+    column = corpus.data.column("block_id")
+    offset = 0
+    for chunk in column.chunks:  # chunk by chunk: a 13M-block corpus is never copied whole
+        values = chunk.to_numpy(zero_copy_only=False)
+        expected = np.arange(offset, offset + len(values))
+        wrong = np.flatnonzero(values != expected)
+        if wrong.size:
+            row = offset + int(wrong[0])
+            ids = np.asarray(column.to_numpy(zero_copy_only=False))
+            unique, counts = np.unique(ids, return_counts=True)
+            if (counts > 1).any():
+                dup = unique[counts > 1]
+                rows = np.flatnonzero(ids == dup[0])[:2].tolist()
+                raise ValueError(
+                    f"the corpus' block_id column holds {int(dup.size)} duplicated ids (block_id {int(dup[0])} is at "
+                    f"rows {rows[0]} and {rows[1]}); block ids must be 0..{len(ids) - 1} in row order (after concatenating "
+                    "corpora, renumber: corpus.remove_columns('block_id').add_column('block_id', range(len(corpus))))"
+                )
+            raise ValueError(
+                f"the corpus' block_id column must be 0..{len(ids) - 1} in row order (search returns row numbers), "
+                f"but row {row} has block_id {ids[row]}; sort the corpus by block_id (corpus.sort('block_id')) or "
+                "rebuild it with build_corpus"
+            )
+        offset += len(values)

@@ -1,22 +1,15 @@
-"""REALM's knowledge corpus and its maximum inner product search (MIPS) index.
+"""REALM's knowledge corpus with its cached doc embeddings and a maximum inner product search (MIPS) over them.
 
-- [`build_corpus`]: documents (anything `datasets` loads, with an optional title) split greedily into blocks of at most
-  ``block_seq_len`` wordpieces, ``[CLS] title [SEP] body [SEP]``, tokenized once; stable ``block_id`` / ``doc_id``.
-- [`CorpusTokens`]: the corpus' token ids as flat numpy arrays, the form the hot paths (embedding, candidate
-  re-embedding) read.
-- [`embed_corpus`]: doc embeddings with a [`RealmEmbedder`]: length-bucketed batches, bf16 autocast on GPU,
-  `torch.inference_mode`, pinned asynchronous host-to-device copies, sharded across processes under `accelerate`.
-- [`RealmBlockIndex`]: corpus + embeddings + a search backend behind one API, ``search(query_embeddings, k) -> (scores,
-  block_ids)``: faiss `IndexFlatIP` (through `datasets`' FAISS integration), faiss index-factory strings (IVF, HNSW,
-  IVF-PQ) with recall measured against exact search, faiss-gpu, and an exact torch GPU backend
-  ([`hf_realm.search.exact_topk`], fused Triton kernel). `save_pretrained` / `from_pretrained` / `push_to_hub`, and an
-  import of transformers 4.x `RealmForOpenQA` checkpoints (``block_emb`` + ``block_records.npy``).
+[`RealmBlockIndex`]: a corpus (from [`~hf_realm.corpus.build_corpus`]) + its embeddings (from
+[`~hf_realm.embedding.embed_corpus`]) + a search backend of `hf_realm.search` behind one API, ``search(query_embeddings,
+k) -> (scores, block_ids)``; the one refresh path ([`RealmBlockIndex.refresh`]); `save_pretrained` / `from_pretrained`
+/ `push_to_hub` through `hf_realm.hub_io`; and an import of transformers 4.x `RealmForOpenQA` checkpoints
+(`hf_realm.legacy_checkpoint`).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import threading
@@ -30,22 +23,21 @@ import numpy as np
 import torch
 
 from . import hub_io
+from .checks import check_block_ids, check_embeddings
 from .corpus import CorpusTokens, build_corpus
 from .embedding import _embedder_name, embed_corpus
 from .fingerprint import embedder_fingerprint
 from .search import (
-    BACKENDS,
     BackendConfig,
     FaissBackend,
     FaissSearchConfig,
     TorchBackend,
     TorchSearchConfig,
-    backend_config,
-    faiss_available,
     import_faiss,
     shard_range,
     sharded_search,
 )
+from .search.backends import config_from_options
 
 
 logger = logging.getLogger(__name__)
@@ -62,7 +54,6 @@ INDEX_KIND = hub_io.DirectoryKind(
     frozenset({INDEX_CONFIG_NAME, EMBEDDINGS_NAME, CORPUS_DIR, FAISS_INDEX_NAME, "refresh_state.json"}),
     hint="index",
 )
-_BACKENDS = ("auto", "faiss", "faiss-gpu", "torch")
 _DATASETS_INDEX_NAME = "embeddings"  # the name of the faiss index attached to `index.corpus` for `datasets`' own API
 
 
@@ -78,56 +69,6 @@ class _IndexState:
 # ----------------------------------------------------------------------------------------------------------------------
 # The index
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _check_embeddings(embeddings, num_blocks: int | None) -> torch.Tensor:
-    if isinstance(embeddings, np.ndarray):
-        embeddings = torch.from_numpy(embeddings)
-    if not torch.is_tensor(embeddings):
-        raise TypeError(f"embeddings must be a torch.Tensor or numpy array, got {type(embeddings).__name__}")
-    if not embeddings.is_floating_point():
-        raise TypeError(f"embeddings must be floating point (fp32, fp16 or bf16), got {embeddings.dtype}")
-    if embeddings.dim() != 2:
-        raise ValueError(f"embeddings must be (num_blocks, dim), got shape {tuple(embeddings.shape)}")
-    if embeddings.shape[0] == 0:
-        raise ValueError("the corpus is empty: no embeddings")
-    if num_blocks is not None and embeddings.shape[0] != num_blocks:
-        raise ValueError(f"{embeddings.shape[0]} embeddings != {num_blocks} blocks in the corpus")
-    if not bool(torch.isfinite(embeddings).all()):
-        bad = int((~torch.isfinite(embeddings)).any(dim=1).sum())
-        raise ValueError(f"embeddings contain NaN or inf ({bad} blocks)")
-    return embeddings
-
-
-def _check_block_ids(corpus) -> None:
-    """A `block_id` column must be `0..n-1` in row order: search returns row numbers, `get_blocks` reads rows, and
-    gold / source block ids in the data are `block_id` values, so any other column would make them disagree."""
-    if "block_id" not in corpus.column_names:
-        return
-    column = corpus.data.column("block_id")
-    offset = 0
-    for chunk in column.chunks:  # chunk by chunk: a 13M-block corpus is never copied whole
-        values = chunk.to_numpy(zero_copy_only=False)
-        expected = np.arange(offset, offset + len(values))
-        wrong = np.flatnonzero(values != expected)
-        if wrong.size:
-            row = offset + int(wrong[0])
-            ids = np.asarray(column.to_numpy(zero_copy_only=False))
-            unique, counts = np.unique(ids, return_counts=True)
-            if (counts > 1).any():
-                dup = unique[counts > 1]
-                rows = np.flatnonzero(ids == dup[0])[:2].tolist()
-                raise ValueError(
-                    f"the corpus' block_id column holds {int(dup.size)} duplicated ids (block_id {int(dup[0])} is at "
-                    f"rows {rows[0]} and {rows[1]}); block ids must be 0..{len(ids) - 1} in row order (after concatenating "
-                    "corpora, renumber: corpus.remove_columns('block_id').add_column('block_id', range(len(corpus))))"
-                )
-            raise ValueError(
-                f"the corpus' block_id column must be 0..{len(ids) - 1} in row order (search returns row numbers), "
-                f"but row {row} has block_id {ids[row]}; sort the corpus by block_id (corpus.sort('block_id')) or "
-                "rebuild it with build_corpus"
-            )
-        offset += len(values)
 
 
 class RealmBlockIndex:
@@ -201,12 +142,15 @@ class RealmBlockIndex:
         embedder_hash: str | None = None,
         _faiss_index=None,
     ):
-        self.search_config = _search_config(backend, index_factory, search_params, device, search_dtype, train_size)
+        self.search_config = config_from_options(
+            backend, index_factory=index_factory, search_params=search_params, device=device,
+            search_dtype=search_dtype, train_size=train_size,
+        )  # fmt: skip
         if len(corpus) == 0:
             raise ValueError("the corpus is empty: no blocks")
         if corpus._indices is not None:
             corpus = corpus.flatten_indices()
-        _check_block_ids(corpus)
+        check_block_ids(corpus)
         self.corpus = corpus
         self.device = device
         self.search_dtype = search_dtype
@@ -214,7 +158,7 @@ class RealmBlockIndex:
         self._tokens: CorpusTokens | None = None
         self._lock = threading.Lock()
         self._state = self._build_state(
-            _check_embeddings(embeddings, len(corpus)), embedder_name, embedder_hash, _faiss_index
+            check_embeddings(embeddings, len(corpus)), embedder_name, embedder_hash, _faiss_index
         )
         self._expose_faiss_index()
 
@@ -421,7 +365,7 @@ class RealmBlockIndex:
     ) -> None:
         """Swap in new embeddings (same corpus): the new search structure is built first, then replaces the old one in
         a single assignment; on any error the old index keeps serving unchanged."""
-        embeddings = _check_embeddings(embeddings, self.num_blocks)
+        embeddings = check_embeddings(embeddings, self.num_blocks)
         if embeddings.shape[1] != self.dim:
             raise ValueError(f"new embedding dim {embeddings.shape[1]} != index dim {self.dim}")
         with self._lock:
@@ -706,85 +650,12 @@ class RealmBlockIndex:
             embeddings_dtype (`torch.dtype`, *optional*, defaults to fp32): Dtype to keep the embeddings in.
             index_kwargs: Passed to the constructor (``backend``, ...).
         """
-        from .retrieval_realm import load_legacy_block_records
+        from .legacy_checkpoint import index_from_legacy_checkpoint
 
-        checkpoint = os.fspath(checkpoint)
-        ckpt_dir = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
-        if block_records is None:
-            block_records = os.path.join(ckpt_dir, "block_records.npy")
-        if isinstance(block_records, (str, os.PathLike)):
-            if not os.path.isfile(block_records):
-                raise FileNotFoundError(f"no block records at {block_records}")
-            block_records = load_legacy_block_records(os.fspath(block_records), allow_pickle)
-        texts = [b.decode("utf-8") if isinstance(b, bytes) else str(b) for b in block_records]
-        block_emb, embedder_state = _read_legacy_weights(checkpoint)
-        if block_emb.dim() != 2:
-            raise ValueError(f"block_emb must be 2-d, got shape {tuple(block_emb.shape)}")
-        if block_emb.shape[0] != len(texts):
-            raise ValueError(f"block_emb has {block_emb.shape[0]} rows but there are {len(texts)} block records")
-        if tokenizer is None and os.path.isdir(ckpt_dir) and _has_tokenizer_files(ckpt_dir):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
-        import datasets
-
-        corpus = datasets.Dataset.from_dict(
-            {
-                "block_id": np.arange(len(texts), dtype=np.int64),
-                "doc_id": np.arange(len(texts), dtype=np.int64),
-                "title": [""] * len(texts),
-                "text": texts,
-            }
-        )
-        if tokenizer is not None:
-            corpus = build_corpus(
-                corpus, tokenizer, block_seq_len=block_seq_len, split_documents=False, num_proc=num_proc
-            )
-        return cls(
-            corpus,
-            block_emb.to(embeddings_dtype),
-            embedder_name=os.path.basename(os.path.normpath(checkpoint)) or checkpoint,
-            embedder_hash=embedder_fingerprint(embedder_state) if embedder_state else None,
-            **index_kwargs,
-        )
-
-
-def _search_config(backend, index_factory, search_params, device, search_dtype, train_size) -> BackendConfig:
-    """The constructor's backend arguments as one config (see [`hf_realm.search.backend_config`])."""
-    if isinstance(backend, BackendConfig):
-        given = {
-            "index_factory": index_factory != "Flat",
-            "search_params": bool(search_params),
-            "device": device is not None,
-            "search_dtype": search_dtype is not None,
-            "train_size": train_size is not None,
-        }
-        if any(given.values()):
-            names = [name for name, set_ in given.items() if set_]
-            raise ValueError(f"backend is a {type(backend).__name__}: set {names} in it, not as index arguments")
-        return backend
-    if backend not in _BACKENDS and backend not in BACKENDS:
-        raise ValueError(
-            f"backend must be one of {_BACKENDS}, a registered search backend or a config, got {backend!r}"
-        )
-    if backend == "auto":
-        if torch.cuda.is_available():
-            backend = "torch"
-        elif faiss_available():
-            backend = "faiss"
-        else:
-            logger.info("faiss is not installed: exact search in torch on the CPU")
-            backend = "torch"
-    if backend == "torch":
-        if index_factory != "Flat":
-            raise ValueError(f"index_factory={index_factory!r} needs a faiss backend; the torch backend is exact")
-        return TorchSearchConfig(device=device, dtype=search_dtype)
-    if backend in ("faiss", "faiss-gpu"):
-        options = {"index_factory": index_factory, "search_params": dict(search_params or {})}
-        if train_size is not None:
-            options["train_size"] = train_size
-        return backend_config(backend, device=device, **options)
-    return backend_config(backend, device=device)
+        return index_from_legacy_checkpoint(
+            cls, checkpoint, block_records, tokenizer=tokenizer, allow_pickle=allow_pickle,
+            block_seq_len=block_seq_len, embeddings_dtype=embeddings_dtype, num_proc=num_proc, **index_kwargs,
+        )  # fmt: skip
 
 
 def _without_indexes(dataset):
@@ -792,57 +663,6 @@ def _without_indexes(dataset):
     import datasets
 
     return datasets.Dataset(dataset.data, info=dataset.info.copy(), split=dataset.split)
-
-
-def _has_tokenizer_files(path: str) -> bool:
-    return any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "vocab.txt"))
-
-
-def _read_legacy_weights(checkpoint: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``block_emb`` and the ``embedder.*`` weights (prefix removed) of a 4.x `RealmForOpenQA` checkpoint."""
-    if os.path.isdir(checkpoint):
-        candidates = [
-            "model.safetensors",
-            "model.safetensors.index.json",
-            "pytorch_model.bin",
-            "pytorch_model.bin.index.json",
-        ]
-        files = [os.path.join(checkpoint, n) for n in candidates if os.path.isfile(os.path.join(checkpoint, n))]
-        if not files:
-            raise FileNotFoundError(f"no model.safetensors / pytorch_model.bin (or sharded index) in {checkpoint}")
-        file = files[0]
-    else:
-        file = checkpoint
-    if file.endswith(".index.json"):
-        with open(file) as f:
-            weight_map = json.load(f)["weight_map"]
-        shards = sorted({os.path.join(os.path.dirname(file), s) for s in weight_map.values()})
-    else:
-        shards = [file]
-    block_emb, embedder = None, {}
-    for shard in shards:
-        if shard.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(shard, framework="pt") as f:
-                for key in f.keys():
-                    if key == "block_emb":
-                        block_emb = f.get_tensor(key)
-                    elif key.startswith("embedder."):
-                        embedder[key[len("embedder.") :]] = f.get_tensor(key)
-        else:
-            try:  # memory-mapped: only block_emb and the embedder are read from a multi-GB checkpoint
-                state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # a pre-zipfile (torch < 1.6) file cannot be memory-mapped
-                state = torch.load(shard, map_location="cpu", weights_only=True)
-            for key, value in state.items():
-                if key == "block_emb":
-                    block_emb = value
-                elif key.startswith("embedder."):
-                    embedder[key[len("embedder.") :]] = value
-    if block_emb is None:
-        raise ValueError(f"{checkpoint} has no `block_emb` buffer: not a 4.x RealmForOpenQA checkpoint")
-    return block_emb.float().clone(), embedder
 
 
 def _check_embedder(embedder, dim: int, saved_hash: str | None) -> None:

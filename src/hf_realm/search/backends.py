@@ -16,15 +16,21 @@ both resolve them here:
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
 from .base import BACKENDS, BackendConfig
 from .faiss_backend import FaissSearchConfig
+from .faiss_utils import faiss_available
 from .pq import PQSearchConfig
 from .torch_backend import TorchSearchConfig
 
 
+logger = logging.getLogger(__name__)
+
+
+_INDEX_NAMES = ("auto", "faiss", "faiss-gpu", "torch")
 ALIASES = ("faiss-flat", "faiss-gpu", "faiss-ivfpq")
 """Names that are not a registered config's own name but map onto one."""
 
@@ -91,3 +97,51 @@ def backend_config(spec, *, num_keys: int | None = None, dim: int | None = None,
             options.setdefault("device", device)
         return cls(**options)
     raise ValueError(f"unknown search backend {spec!r}; known: {backend_names()}")
+
+
+def config_from_options(
+    backend,
+    *,
+    index_factory: str = "Flat",
+    search_params: dict | None = None,
+    device=None,
+    search_dtype: torch.dtype | None = None,
+    train_size: int | None = None,
+) -> BackendConfig:
+    """A backend name (or `"auto"`) plus the index-style options (``index_factory``, ``search_params``, ``device``,
+    ``search_dtype``, ``train_size``) as one config; a config passed as ``backend`` is returned as is (the options must
+    then be unset). `"auto"`: exact torch search on a GPU, else faiss (flat) when installed, else torch on the CPU."""
+    if isinstance(backend, BackendConfig):
+        given = {
+            "index_factory": index_factory != "Flat",
+            "search_params": bool(search_params),
+            "device": device is not None,
+            "search_dtype": search_dtype is not None,
+            "train_size": train_size is not None,
+        }
+        if any(given.values()):
+            names = [name for name, set_ in given.items() if set_]
+            raise ValueError(f"backend is a {type(backend).__name__}: set {names} in it, not as index arguments")
+        return backend
+    if backend not in _INDEX_NAMES and backend not in BACKENDS:
+        raise ValueError(
+            f"backend must be one of {_INDEX_NAMES}, a registered search backend or a config, got {backend!r}"
+        )
+    if backend == "auto":
+        if torch.cuda.is_available():
+            backend = "torch"
+        elif faiss_available():
+            backend = "faiss"
+        else:
+            logger.info("faiss is not installed: exact search in torch on the CPU")
+            backend = "torch"
+    if backend == "torch":
+        if index_factory != "Flat":
+            raise ValueError(f"index_factory={index_factory!r} needs a faiss backend; the torch backend is exact")
+        return TorchSearchConfig(device=device, dtype=search_dtype)
+    if backend in ("faiss", "faiss-gpu"):
+        options = {"index_factory": index_factory, "search_params": dict(search_params or {})}
+        if train_size is not None:
+            options["train_size"] = train_size
+        return backend_config(backend, device=device, **options)
+    return backend_config(backend, device=device)
