@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,13 +44,9 @@ from .knn_build import (
     DATASTORE_CONFIG_NAME,
     DATASTORE_KIND,
     FORMAT_VERSION,
-    KNNDatastoreWriter,
-    _build_shard,
     _save_npy_chunked,
     _to_numpy,
-    merge_datastores,
 )
-from .knn_hook import KNNQueryHook
 from .search import (
     BackendConfig,
     FaissBackend,
@@ -61,7 +56,6 @@ from .search import (
     backend_config,
     pq_decode,
 )
-from .search.sharded import process_layout, shard_range
 
 
 _INDEX_TYPES = ("auto", "torch", "faiss-flat", "faiss-ivfpq")
@@ -624,67 +618,13 @@ class KNNDatastore:
         (4, [2, 3, 4, 6])
         ```
         """
-        is_enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
-        columns = set(dataset.column_names)
-        pretokenized = "input_ids" in columns
-        if not pretokenized:
-            if tokenizer is None:
-                raise ValueError("a tokenizer is needed for a dataset without an `input_ids` column")
-            needed = [source_column, target_column] if is_enc_dec else [text_column]
-            if any(c is None for c in needed):
-                what = "source_column and target_column" if is_enc_dec else "text_column"
-                raise ValueError(f"{type(model).__name__} needs {what} for a raw-text dataset")
-            missing = [c for c in needed if c not in columns]
-            if missing:
-                raise ValueError(f"columns {missing} not in the dataset (it has {sorted(columns)})")
-        elif is_enc_dec and "labels" not in columns:
-            raise ValueError("a pre-tokenised dataset for an encoder-decoder model needs a `labels` column")
-        hook_probe = KNNQueryHook(model)  # raises early for models without an output embedding
-        out = hook_probe.module
-        key_dim = getattr(out, "in_features", None) or int(out.weight.shape[1])
+        from .knn_build import build_datastore
 
-        rank, num_processes = process_layout(accelerator) if accelerator is not None else (0, 1)
-        save_directory = Path(save_directory)
-        n = len(dataset)
-        start, end = shard_range(n, rank, num_processes)
-        shard_root = save_directory.with_name(f".{save_directory.name}.shards")
-        target_dir = save_directory if num_processes == 1 else shard_root / f"rank-{rank:05d}"
-
-        metadata = {
-            "model_name_or_path": model_name_or_path or getattr(model, "name_or_path", None) or None,
-            "model_class": type(model).__name__,
-            "model_fingerprint": model_fingerprint(model),
-            "is_encoder_decoder": is_enc_dec,
-            "tokenizer_name_or_path": getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None,
-            "tokenizer_hash": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
-            "vocab_size": int(getattr(out, "out_features", 0) or out.weight.shape[0]),
-            "source": {
-                "num_examples": n,
-                "fingerprint": getattr(dataset, "_fingerprint", None),
-                "columns": [source_column, target_column] if is_enc_dec else [text_column],
-            },
-            "history": [],
-        }
-        writer = KNNDatastoreWriter(target_dir, key_dim)
-        try:
-            _build_shard(
-                model, dataset, start, end, writer, tokenizer, is_enc_dec, pretokenized,
-                source_column, target_column, text_column, batch_size, max_length,
-                progress=progress and rank == 0,
-            )  # fmt: skip
-            writer.commit(metadata)
-        except BaseException:
-            writer.abort()
-            raise
-        if num_processes == 1:
-            return cls.from_pretrained(save_directory)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            shards = [shard_root / f"rank-{r:05d}" for r in range(num_processes)]
-            merge_datastores(shards, save_directory, metadata=metadata)
-            shutil.rmtree(shard_root, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        return cls.from_pretrained(save_directory)
+        return build_datastore(
+            cls, model, dataset, save_directory, tokenizer=tokenizer, source_column=source_column,
+            target_column=target_column, text_column=text_column, batch_size=batch_size, max_length=max_length,
+            accelerator=accelerator, model_name_or_path=model_name_or_path, progress=progress,
+        )  # fmt: skip
 
     # -- subsets (used by pruning) -------------------------------------------------------------------------------------
 
