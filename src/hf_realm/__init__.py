@@ -14,7 +14,7 @@ from transformers import (
     AutoTokenizer,
 )
 
-from . import metrics
+from . import metrics, modeling_realm
 from .callbacks import IndexRefreshCallback
 from .configuration_realm import RealmConfig
 from .corpus import CorpusTokens, build_corpus
@@ -37,22 +37,8 @@ from .knn_pruning import (
     shrink_datastore,
 )
 from .masking import SalientSpanMasker, find_salient_spans
-from .modeling_realm import (
-    RealmEmbedder,
-    RealmEmbedderOutput,
-    RealmForInverseClozeTask,
-    RealmForInverseClozeTaskOutput,
-    RealmForMaskedLM,
-    RealmForMaskedLMOutput,
-    RealmForOpenQA,
-    RealmForOpenQAOutput,
-    RealmKnowledgeAugEncoder,
-    RealmPreTrainedModel,
-    RealmReader,
-    RealmReaderOutput,
-    RealmScorer,
-    RealmScorerOutput,
-)
+from .modeling_realm import *  # noqa: F403  (every name of modeling_realm.__all__)
+from .modeling_realm import RealmEmbedder, RealmForMaskedLM, RealmForOpenQA, RealmKnowledgeAugEncoder
 from .openqa import DataCollatorForOpenQA, evaluate_open_qa
 from .pretraining import (
     DataCollatorForInverseClozeTask,
@@ -81,6 +67,7 @@ def _register() -> None:
 _register()
 
 __all__ = [
+    *modeling_realm.__all__,
     "KNNDatastore",
     "KNNDatastoreWriter",
     "KNNLogitsProcessor",
@@ -113,21 +100,7 @@ __all__ = [
     "DataCollatorForSalientSpanMasking",
     "KnowledgeWorld",
     "RealmConfig",
-    "RealmEmbedder",
-    "RealmEmbedderOutput",
-    "RealmForInverseClozeTask",
-    "RealmForInverseClozeTaskOutput",
-    "RealmForMaskedLM",
-    "RealmForMaskedLMOutput",
-    "RealmForOpenQA",
-    "RealmForOpenQAOutput",
-    "RealmKnowledgeAugEncoder",
-    "RealmPreTrainedModel",
-    "RealmReader",
-    "RealmReaderOutput",
     "RealmRetriever",
-    "RealmScorer",
-    "RealmScorerOutput",
     "RealmTokenizer",
     "RealmTokenizerFast",
     "SalientSpanMasker",

@@ -330,22 +330,9 @@ def _build_shard(
         model.train(was_training)
 
 
-def build_datastore(
-    cls,
-    model: nn.Module,
-    dataset,
-    save_directory: str | os.PathLike,
-    *,
-    tokenizer=None,
-    source_column: str | None = None,
-    target_column: str | None = None,
-    text_column: str | None = None,
-    batch_size: int = 32,
-    max_length: int | None = None,
-    accelerator=None,
-    model_name_or_path: str | None = None,
-    progress: bool = True,
-):
+def build_datastore(cls, model: nn.Module, dataset, save_directory: str | os.PathLike, *, tokenizer=None,
+                    source_column=None, target_column=None, text_column=None, batch_size: int = 32, max_length=None,
+                    accelerator=None, model_name_or_path=None, progress: bool = True):  # fmt: skip
     """The body of [`KNNDatastore.build`] (``cls`` is the datastore class to load the result with)."""
     is_enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
     columns = set(dataset.column_names)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -14,18 +13,9 @@ from .corpus import build_corpus
 from .fingerprint import embedder_fingerprint
 
 
-def index_from_legacy_checkpoint(
-    cls,
-    checkpoint: str | os.PathLike,
-    block_records: str | os.PathLike | Sequence | None = None,
-    *,
-    tokenizer=None,
-    allow_pickle: bool | None = None,
-    block_seq_len: int = 288,
-    embeddings_dtype: torch.dtype = torch.float32,
-    num_proc: int | None = None,
-    **index_kwargs,
-):
+def index_from_legacy_checkpoint(cls, checkpoint: str | os.PathLike, block_records=None, *, tokenizer=None,
+                                 allow_pickle: bool | None = None, block_seq_len: int = 288,
+                                 embeddings_dtype: torch.dtype = torch.float32, num_proc=None, **index_kwargs):  # fmt: skip
     """The body of [`RealmBlockIndex.from_legacy_checkpoint`] (``cls`` is the index class to build)."""
     from .retrieval_realm import load_legacy_block_records
 

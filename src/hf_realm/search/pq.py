@@ -139,14 +139,9 @@ class PQBackend:
         unit = matmul_input_unit(torch.float32, self.device)
         slack = score_slack(q, torch.float32, self._max_abs, None, self._max_abs_bias, unit)
         return rescored_topk(
-            q,
-            int(k),
-            self.num_keys,
-            candidates=self._fast,
-            source_rows=self.source_rows,
-            slack=slack,
+            q, int(k), self.num_keys, candidates=self._fast, source_rows=self.source_rows, slack=slack,
             metric=self.metric,
-        )
+        )  # fmt: skip
 
     def add(self, keys: PQCodes) -> None:
         if not torch.equal(as_tensor(keys.codebooks).to(self.codebooks), self.codebooks):

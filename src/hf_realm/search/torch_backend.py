@@ -157,15 +157,9 @@ class TorchBackend:
             matmul_input_unit(self.dtype, self.device),
         )
         return rescored_topk(
-            q,
-            int(k),
-            self.num_keys,
-            candidates=self._fast,
-            source_rows=self.source_rows,
-            slack=slack,
-            metric=self.metric,
-            oversample=self.rescore,
-        )
+            q, int(k), self.num_keys, candidates=self._fast, source_rows=self.source_rows, slack=slack,
+            metric=self.metric, oversample=self.rescore,
+        )  # fmt: skip
 
     def add(self, keys) -> None:
         current = self._source if self._source is not None else self.keys
