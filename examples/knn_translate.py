@@ -101,7 +101,9 @@ class KNNArguments:
 @dataclass
 class RunArguments:
     output_dir: str = field(default="outputs/knn_translate")
-    seed: int = field(default=42)
+    seed: int = field(
+        default=0, metadata={"help": "Seed of the built-in task's data, of the tiny model's training and of PyTorch."}
+    )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the datastore to the Hub."})
     hub_datastore_id: str | None = field(default=None)
     synthetic_train_steps: int = field(default=2000, metadata={"help": "Training steps of the built-in tiny model."})

@@ -21,7 +21,9 @@ key), a pruning step first (`cluster@0.25+pca64+pq16`); `auto` = PCA to a quarte
 and the two combined. Greedy merging stops once no neighbour of the same value is left; fractions below that give
 the same store (marked `same_as`).
 
-Writes `<output_dir>/prune_results.json` (rewritten after every row, so an interrupted sweep keeps what it measured),
+Writes `<output_dir>/all_results.json` (every metric in percent, as BLEU is: `base_bleu`, `full_bleu`, and
+`<store>_bleu` / `<store>_gain_kept` per row), `<output_dir>/prune_results.json` (the whole sweep, rewritten after every
+row so that an interrupted sweep keeps what it measured; there `fraction` and `gain_kept` are fractions of 1),
 `prune_table.md` and `prune_plot.png`; `--save_stores` also keeps every smaller store (`KNNDatastore.save_pretrained`,
 loadable with `from_pretrained` and usable by `KNNLogitsProcessor` like the original).
 """
@@ -83,7 +85,11 @@ class PruneArguments:
     max_new_tokens: int = field(default=128)
     max_source_length: int = field(default=256)
     save_stores: bool = field(default=False, metadata={"help": "Keep every smaller store in output_dir/stores/."})
-    seed: int = field(default=0)
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed of random pruning and k-means, and of the knn_translate.py run made when the default "
+                  "--knn_dir is missing."},
+    )  # fmt: skip
     device: str | None = field(default=None)
 
 
@@ -154,6 +160,17 @@ def plot_sweep(ax, sweep: dict[str, dict], base_bleu: float, title: str, ylabel:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
+def flat_metrics(results: dict) -> dict[str, float]:
+    """The sweep as `all_results.json` holds it: one number per metric, all in percent (BLEU is already 0-100)."""
+    flat = {"base_bleu": results["base"]["bleu"], "full_bleu": results["sweep"]["full"]["bleu"]}
+    for name, row in results["sweep"].items():
+        if name != "full":
+            flat[f"{name}_bleu"] = row["bleu"]
+            if row.get("gain_kept") is not None:
+                flat[f"{name}_gain_kept"] = 100 * row["gain_kept"]
+    return flat
+
+
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
@@ -172,7 +189,7 @@ def _load_knn_run(args: PruneArguments, log) -> dict:
         import knn_translate
 
         with torch.enable_grad():
-            knn_translate.main(["--output_dir", str(knn_dir)])
+            knn_translate.main(["--output_dir", str(knn_dir), "--seed", str(args.seed)])
     return json.loads((knn_dir / "all_results.json").read_text())
 
 
@@ -268,10 +285,12 @@ def main(argv: list[str] | None = None) -> dict:
         }
         if args.save_stores:
             small.save_pretrained(out_dir / "stores" / name)
-        log(f"  {name:28s} BLEU {bleu:6.2f}  {len(small):>9,d} entries  {small.nbytes / 2**20:8.2f} MiB")
+        kept = f"gain kept {100 * sweep[name]['gain_kept']:4.0f}%" if gain else ""
+        log(f"  {name:28s} BLEU {bleu:6.2f}  {kept}  {len(small):>9,d} entries  {small.nbytes / 2**20:8.2f} MiB")
         _write_json(out_dir / "prune_results.json", results)
 
     _write_json(out_dir / "prune_results.json", results)
+    _write_json(out_dir / "all_results.json", flat_metrics(results))
     table = [f"base model BLEU {base_bleu:.2f}; kNN-MT settings k={setting['k']}, T={setting['temperature']:g}, "
              f"λ={setting['lmbda']:g}; {len(sources)} test sentences, beam {args.num_beams}", "", *sweep_table(sweep)]  # fmt: skip
     (out_dir / "prune_table.md").write_text("\n".join(table) + "\n")
