@@ -29,6 +29,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -167,6 +168,7 @@ def aggregate(name: str, runs: list[dict], versions: dict[str, str], shared_mach
     return {
         "command": example.command,
         "seed_command": " ".join(["python", example.script, *example.args]),
+        "needs": list(example.needs),
         "seeds": [r["seed"] for r in runs],
         "unit": example.unit,
         "tolerance_rule": f"max(3 x sample std over the seeds, {example.min_tolerance:g})",
@@ -197,12 +199,16 @@ def render(name: str, entry: dict, metrics: list[str] | None = None) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in entry["versions"].items())
     wall, cpu = entry["wall_seconds"], entry["cpu_seconds"]
     seeds = ", ".join(map(str, entry["seeds"]))
-    lines = [
+    needs = f" (not counting the {' and '.join(entry['needs'])} run it uses)" if entry["needs"] else ""
+    header = (
         f"`{entry['command']}` (seeds {seeds}: `{entry['seed_command']}`), on {versions}. "
-        f"Wall time per run on a {entry['machine']}: {_minutes(wall['mean'])} "
+        f"Wall time per run{needs} on a {entry['machine']}: {_minutes(wall['mean'])} "
         f"({_minutes(wall['min'])} - {_minutes(wall['max'])}; CPU time {_minutes(cpu['mean'])}). "
         f"Metrics in {'percent' if entry['unit'] == '%' else entry['unit'] or 'the units of all_results.json'}; "
-        f"a rerun must land within the tolerance of the mean ({entry['tolerance_rule']}).",
+        f"a rerun must land within the tolerance of the mean ({entry['tolerance_rule']})."
+    )
+    lines = [
+        textwrap.fill(header, 119, break_long_words=False, break_on_hyphens=False),
         "",
         "| metric (`all_results.json`) | mean ± std | min / max | tolerance |",
         "|---|---:|---:|---:|",

@@ -115,6 +115,7 @@ def test_render_and_parse_round_trip():
     entry = {
         "command": "python examples/x.py",
         "seed_command": "python examples/x.py --seed {seed}",
+        "needs": [],
         "seeds": [0, 1, 2],
         "unit": "%",
         "tolerance_rule": "max(3 x sample std over the seeds, 1)",
@@ -125,7 +126,8 @@ def test_render_and_parse_round_trip():
         "metrics": {"a_bleu": {"mean": 75.123, "std": 1.5, "min": -3.0, "max": 77.0, "tolerance": 4.5}},
     }
     body = numbers.render("x", entry)
-    assert "2 min 05 s (1 min 01 s - 2 min 30 s; CPU time 1 min 00 s)" in body
+    assert "2 min 05 s (1 min 01 s - 2 min 30 s; CPU time 1 min 00 s)" in " ".join(body.split())
+    assert max(map(len, body.splitlines())) <= 119
     assert numbers.parse_rows(body) == {"a_bleu": (75.12, 1.5, -3.0, 77.0, 4.5)}
     doc = "text\n<!-- readme_numbers:x metrics=a_bleu -->\nold\n<!-- /readme_numbers:x -->\nmore"
     assert numbers.doc_blocks(doc) == [("x", ["a_bleu"], "old\n")]
