@@ -52,7 +52,8 @@ class Example:
 
     ``args`` are format strings: ``{seed}``, ``{output_dir}`` (this run's) and ``{outputs[NAME]}`` (the same seed's
     run of the example ``NAME`` in ``needs``). ``metrics`` = `None` takes every numeric top-level entry not named in
-    `NOT_METRICS`. ``min_tolerance`` is in the metrics' unit (1 point for percentages).
+    `NOT_METRICS`. ``min_tolerance`` is in the metrics' unit (1 point for percentages). ``readme_command`` is the
+    command README shows when the bare script is not the seed-0 run (a script whose default `--seed` is not 0).
     """
 
     script: str
@@ -62,11 +63,12 @@ class Example:
     unit: str = "%"
     min_tolerance: float = 1.0
     env: dict[str, str] = field(default_factory=dict)
+    readme_command: str | None = None
 
     @property
     def command(self) -> str:
         """The command README shows (it is the seed-0 run)."""
-        return f"python {self.script}"
+        return self.readme_command or f"python {self.script}"
 
 
 EXAMPLES = {
