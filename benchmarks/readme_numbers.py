@@ -12,14 +12,15 @@ with seed s too), so that the spread covers both. An example that needs another'
 other flag is the command README shows, so a reader who types it reproduces the seed-0 row.
 
 The JSON keeps the entries of examples not run this time, so examples can be (re)measured separately. The markdown
-blocks live in the docs between `<!-- readme_numbers:EXAMPLE [metrics=a,b,...] -->` and
-`<!-- /readme_numbers:EXAMPLE -->`; `--update_docs` rewrites those blocks (metrics= picks the rows shown, all by
-default), and `tests/test_readme_numbers.py` checks that the docs quote exactly what the JSON holds.
+blocks live in the docs between `<!-- readme_numbers:EXAMPLE [metrics=a,b_*,...] -->` and
+`<!-- /readme_numbers:EXAMPLE -->`; `--update_docs` rewrites those blocks (metrics= picks the rows shown, by name or
+pattern; all by default), and `tests/test_readme_numbers.py` checks that the docs quote exactly what the JSON holds.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import os
@@ -196,6 +197,17 @@ def _minutes(seconds: float) -> str:
     return f"{m} min {s:02d} s" if m else f"{s} s"
 
 
+def shown_metrics(entry: dict, metrics: list[str] | None) -> list[str]:
+    """The metrics a block shows: all when `None`, else the names or shell patterns (`*_bleu`) given, in order."""
+    if metrics is None:
+        return list(entry["metrics"])
+    shown = [k for pattern in metrics for k in entry["metrics"] if fnmatch.fnmatchcase(k, pattern)]
+    missing = [p for p in metrics if not any(fnmatch.fnmatchcase(k, p) for k in entry["metrics"])]
+    if missing:
+        raise KeyError(f"metrics {missing} match none of {list(entry['metrics'])}")
+    return shown
+
+
 def render(name: str, entry: dict, metrics: list[str] | None = None) -> str:
     """The markdown block of an example: the command, versions and times, then one row per metric."""
     versions = ", ".join(f"{k} {v}" for k, v in entry["versions"].items())
@@ -215,7 +227,7 @@ def render(name: str, entry: dict, metrics: list[str] | None = None) -> str:
         "| metric (`all_results.json`) | mean ± std | min / max | tolerance |",
         "|---|---:|---:|---:|",
     ]
-    for key in metrics or entry["metrics"]:
+    for key in shown_metrics(entry, metrics):
         m = entry["metrics"][key]
         lines.append(f"| `{key}` | {m['mean']:.2f} ± {m['std']:.2f} | {m['min']:.2f} / {m['max']:.2f} | "
                      f"{m['tolerance']:.2f} |")  # fmt: skip
@@ -233,8 +245,8 @@ def parse_rows(body: str) -> dict[str, tuple[float, ...]]:
 
 
 def update_docs(data: dict, names: list[str]) -> list[str]:
-    """Rewrites the blocks of ``names`` in the docs; returns the files changed."""
-    changed = []
+    """Rewrites the blocks of ``names`` in the docs; returns the files that hold some (changed or already current)."""
+    found = []
     for doc in DOCS:
         path = REPO / doc
         text = path.read_text()
@@ -248,8 +260,9 @@ def update_docs(data: dict, names: list[str]) -> list[str]:
         new = BLOCK.sub(fill, text)
         if new != text:
             path.write_text(new)
-            changed.append(doc)
-    return changed
+        if any(name in names for name, _, _ in doc_blocks(text)):
+            found.append(doc)
+    return found
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -292,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in names:
         print(f"\n<!-- readme_numbers:{name} -->\n{render(name, data[name])}<!-- /readme_numbers:{name} -->")
     if args.update_docs:
-        print(f"\nupdated: {update_docs(data, names) or 'no block of these examples in ' + ', '.join(DOCS)}")
+        print(f"\nblocks updated in: {update_docs(data, names) or 'none (no block of these examples in the docs)'}")
     print(f"\nwrote {output}")
     return data
 
