@@ -28,9 +28,10 @@ from pathlib import Path
 
 from . import hub_io
 from .masking import CAPITALIZED_STOPWORDS
+from .world_templates import OCCUPATIONS, RELATIONS, TEMPLATE_SETS, Relation, TemplateSet
 
 
-__all__ = ["RELATIONS", "KnowledgeWorld", "Relation", "WorldConfig"]
+__all__ = ["OCCUPATIONS", "RELATIONS", "TEMPLATE_SETS", "KnowledgeWorld", "Relation", "TemplateSet", "WorldConfig"]
 
 # What `save_tokenizer` and `save_to_disk` write: only such directories are replaced by a later save.
 TOKENIZER_KIND = hub_io.DirectoryKind(
@@ -57,111 +58,6 @@ WORLD_KIND = hub_io.DirectoryKind(
 )
 
 
-@dataclass(frozen=True)
-class Relation:
-    """One attribute of a person, with the phrasings used to state and to ask it.
-
-    Templates are `str.format` strings with the fields ``{name}``, ``{value}`` and ``{a}`` (the article, "a" or
-    "an", for the value). Pretraining templates must not be ambiguous between relations once the value is masked
-    (``"{name} was born in {value}."`` would be, birthplace or year).
-    """
-
-    name: str
-    pool: str  # "city", "year", "occupation", "organization"
-    block_templates: tuple[str, ...]
-    sentence_templates: tuple[str, ...]
-    question_templates: tuple[str, ...]
-
-
-RELATIONS: dict[str, Relation] = {
-    r.name: r
-    for r in (
-        Relation(
-            "birthplace",
-            "city",
-            (
-                "{name} was born in {value}.",
-                "{name} was a native of {value}.",
-                "The birthplace of {name} was {value}.",
-            ),
-            (
-                "{name} was born in the city of {value}.",
-                "The birthplace of {name} was {value}.",
-                "{name} was a native of {value}.",
-            ),
-            ("Where was {name} born?", "What was the birthplace of {name}?", "In which city was {name} born?"),
-        ),
-        Relation(
-            "birth_year",
-            "year",
-            ("{name} was born in {value}.", "{name} was born in the year {value}."),
-            (
-                "{name} was born in the year {value}.",
-                "The birth year of {name} was {value}.",
-                "{name}'s year of birth was {value}.",
-            ),
-            ("When was {name} born?", "In what year was {name} born?", "What was the birth year of {name}?"),
-        ),
-        Relation(
-            "occupation",
-            "occupation",
-            (
-                "{name} worked as {a} {value}.",
-                "{name} was {a} {value} by profession.",
-                "By profession, {name} was {a} {value}.",
-            ),
-            (
-                "The occupation of {name} was {value}.",
-                "{name} was known as a skilled {value}.",
-                "{name} earned a living as a trained {value}.",
-            ),
-            ("What was the occupation of {name}?", "What did {name} work as?", "What was {name}'s profession?"),
-        ),
-        Relation(
-            "employer",
-            "organization",
-            ("{name} was employed by the {value}.", "{name} worked for the {value}.", "The {value} employed {name}."),
-            (
-                "The employer of {name} was the {value}.",
-                "{name} was on the staff of the {value}.",
-                "{name} held a post at the {value}.",
-            ),
-            ("Who employed {name}?", "Which organization employed {name}?", "Where did {name} work?"),
-        ),
-        Relation(
-            "residence",
-            "city",
-            ("{name} lived in {value}.", "{name} settled in {value}."),
-            ("{name} spent later life in the city of {value}.", "In later life, {name} made a home in {value}."),
-            ("Where did {name} live?", "In which city did {name} settle?"),
-        ),
-    )
-}
-
-# Block sentences that state two facts at once, used (with probability 1/2) when both facts share a block.
-_COMBINED_BLOCK_TEMPLATES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("birthplace", "birth_year"): ("{name} was born in {birthplace} in {birth_year}.",),
-    ("occupation", "employer"): ("{name} worked as {a_occupation} {occupation} at the {employer}.",),
-}
-
-OCCUPATIONS = tuple(
-    """
-    apothecary architect astronomer baker banker blacksmith botanist brewer carpenter cartographer chemist
-    clockmaker composer cooper diplomat economist engineer engraver farrier fisherman gardener geologist glassblower
-    historian jeweller journalist judge lawyer librarian locksmith mason mathematician merchant miller navigator
-    novelist organist painter philosopher photographer physician physicist poet potter printer saddler sculptor
-    shipwright surgeon surveyor tailor tanner translator violinist weaver zoologist
-    """.split()
-)
-ORGANIZATION_SUFFIXES = tuple(
-    "Academy Bank Company Foundry Guild Institute Library Museum Observatory Press Society Works".split()
-)
-
-_ONSETS = "b br c d dr f g gr h j k kr l m n p pr r s sh st t th tr v z".split()
-_VOWELS = "a e i o u ai ea ie ou y".split()
-_CODAS = ["", "", "", "n", "r", "l", "s", "k", "m", "th", "nd", "rn", "x"]
-
-
 @dataclass
 class WorldConfig:
     """Sizes and seed of a :class:`KnowledgeWorld`.
@@ -184,6 +80,11 @@ class WorldConfig:
         validation_fraction (`float`, *optional*, defaults to 0.05), test_fraction (`float`, *optional*, defaults to
             0.1): Fractions of (person, relation) facts held out.
         seed (`int`, *optional*, defaults to 0): Everything is a function of the config, seed included.
+        templates (`str`, *optional*, defaults to `"biography"`): The world's language, a key of
+            :data:`~hf_realm.world_templates.TEMPLATE_SETS`: ``"biography"`` (past-tense encyclopedia prose,
+            ``Talor Vessik``) or ``"registry"`` (present-tense register entries with other phrasings and name shapes:
+            hyphenated family names, two-word cities, ``Lodge of Umbrath``); a check that a recipe is not tuned to
+            one set of sentences.
     """
 
     num_entities: int = 1000
@@ -201,13 +102,17 @@ class WorldConfig:
     validation_fraction: float = 0.05
     test_fraction: float = 0.1
     seed: int = 0
+    templates: str = "biography"
 
     def __post_init__(self):
         self.relations = tuple(self.relations)
         self.year_range = tuple(self.year_range)
-        unknown = [r for r in self.relations if r not in RELATIONS]
+        if self.templates not in TEMPLATE_SETS:
+            raise ValueError(f"templates must be one of {sorted(TEMPLATE_SETS)}, got {self.templates!r}")
+        known = self.template_set.relations
+        unknown = [r for r in self.relations if r not in known]
         if unknown or not self.relations:
-            raise ValueError(f"relations must be a non-empty subset of {sorted(RELATIONS)}, got {self.relations}")
+            raise ValueError(f"relations must be a non-empty subset of {sorted(known)}, got {self.relations}")
         if len(set(self.relations)) != len(self.relations):
             raise ValueError(f"relations must not repeat, got {self.relations}")
         for name in ("num_entities", "num_first_names", "num_cities", "num_organizations", "blocks_per_entity"):
@@ -225,8 +130,9 @@ class WorldConfig:
             raise ValueError(f"year_range must be (first, last) with 1000 <= first <= last, got {self.year_range}")
         if self.year_range[1] > 2099:
             raise ValueError(f"year_range must end by 2099 (four-digit years), got {self.year_range}")
-        if self.num_occupations is not None and not 1 <= self.num_occupations <= len(OCCUPATIONS):
-            raise ValueError(f"num_occupations must be in [1, {len(OCCUPATIONS)}], got {self.num_occupations}")
+        num_occupations = len(self.template_set.occupations)
+        if self.num_occupations is not None and not 1 <= self.num_occupations <= num_occupations:
+            raise ValueError(f"num_occupations must be in [1, {num_occupations}], got {self.num_occupations}")
         if not (
             0 <= self.validation_fraction < 1
             and 0 <= self.test_fraction < 1
@@ -236,6 +142,10 @@ class WorldConfig:
                 "validation_fraction and test_fraction must be in [0, 1) with a sum < 1, got "
                 f"{self.validation_fraction} and {self.test_fraction}"
             )
+
+    @property
+    def template_set(self) -> TemplateSet:
+        return TEMPLATE_SETS[self.templates]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -356,31 +266,29 @@ class KnowledgeWorld:
         return random.Random(f"hf_realm.world/{self.config.seed}/{stream}")
 
     def _reserved_words(self) -> set[str]:
+        t = self.config.template_set
         reserved = {w.lower() for w in CAPITALIZED_STOPWORDS}
-        reserved.update(OCCUPATIONS)
-        reserved.update(s.lower() for s in ORGANIZATION_SUFFIXES)
+        reserved.update(t.occupations)
+        reserved.update(s.lower() for s in t.organization_suffixes + t.city_suffixes)
         reserved.update(["a", "an", "the"])
-        for relation in RELATIONS.values():
-            for template in relation.block_templates + relation.sentence_templates + relation.question_templates:
-                reserved.update(_template_words(template))
-        for templates in _COMBINED_BLOCK_TEMPLATES.values():
-            for template in templates:
-                reserved.update(_template_words(template))
+        for template in t.all_templates() + [t.organization_format, t.city_format]:
+            reserved.update(_template_words(template))
         return reserved
 
     def _generate_words(self, count: int, rng: random.Random, taken: set[str]) -> list[str]:
+        t = self.config.template_set
         words = []
         attempts = 0
         while len(words) < count:
             attempts += 1
             if attempts > 100 * count + 10_000:
                 raise RuntimeError(f"could not generate {count} distinct names (got {len(words)})")
-            syllables = rng.choice((2, 2, 2, 3))
+            syllables = rng.choice(t.syllables)
             word = ""
             for i in range(syllables):
-                onset = "" if i == 0 and rng.random() < 0.2 else rng.choice(_ONSETS)
-                coda = rng.choice(_CODAS) if i == syllables - 1 else rng.choice(_CODAS[:6])
-                word += onset + rng.choice(_VOWELS) + coda
+                onset = "" if i == 0 and rng.random() < 0.2 else rng.choice(t.onsets)
+                coda = rng.choice(t.codas) if i == syllables - 1 else rng.choice(t.codas[:6])
+                word += onset + rng.choice(t.vowels) + coda
             if not 4 <= len(word) <= 10 or word in taken:
                 continue
             taken.add(word)
@@ -392,13 +300,23 @@ class KnowledgeWorld:
         taken = self._reserved_words()
         rng = self._rng("names")
         # one shared stream of distinct words: no first name, surname, city or organisation stem collides
+        t = c.template_set
         first_names = self._generate_words(c.num_first_names, rng, taken)
-        surnames = self._generate_words(c.num_entities, rng, taken)
+        if t.family_words == 1:
+            surnames = self._generate_words(c.num_entities, rng, taken)
+        else:
+            surnames = self._family_names(rng, taken)
         cities = self._generate_words(c.num_cities, rng, taken)
         org_stems = self._generate_words(c.num_organizations, rng, taken)
         suffix_rng = self._rng("organizations")
-        organizations = [f"{stem} {suffix_rng.choice(ORGANIZATION_SUFFIXES)}" for stem in org_stems]
-        occupations = list(OCCUPATIONS[: c.num_occupations] if c.num_occupations else OCCUPATIONS)
+        organizations = [
+            t.organization_format.format(stem=stem, suffix=suffix_rng.choice(t.organization_suffixes))
+            for stem in org_stems
+        ]
+        if t.city_format != "{stem}":
+            city_rng = self._rng("cities")
+            cities = [t.city_format.format(stem=stem, suffix=city_rng.choice(t.city_suffixes)) for stem in cities]
+        occupations = list(t.occupations[: c.num_occupations] if c.num_occupations else t.occupations)
         years = [str(y) for y in range(c.year_range[0], c.year_range[1] + 1)]
         self.pools = {"city": cities, "year": years, "occupation": occupations, "organization": organizations}
         self.first_names = first_names
@@ -408,7 +326,7 @@ class KnowledgeWorld:
         for i in range(c.num_entities):
             entity = _Entity(i, rng.choice(first_names), surnames[i])
             for relation in c.relations:
-                entity.attributes[relation] = rng.choice(self.pools[RELATIONS[relation].pool])
+                entity.attributes[relation] = rng.choice(self.pools[t.relations[relation].pool])
             self.entities.append(entity)
 
         self._facts = [
@@ -419,8 +337,21 @@ class KnowledgeWorld:
         self._write_blocks()
         self._split_facts()
 
+    def _family_names(self, rng: random.Random, taken: set[str]) -> list[str]:
+        """Unique hyphenated family names whose words are shared: only the combination identifies a person."""
+        words_per_name = self.config.template_set.family_words
+        stems = self._generate_words(max(2 * words_per_name, self.config.num_entities // 4), rng, taken)
+        names, seen = [], set()
+        while len(names) < self.config.num_entities:
+            name = "-".join(rng.sample(stems, words_per_name))
+            if name not in seen:
+                seen.add(name)
+                names.append(name)
+        return names
+
     def _write_blocks(self) -> None:
         c = self.config
+        t = c.template_set
         rng = self._rng("blocks")
         self._blocks: list[dict] = []
         facts_by_entity = {}
@@ -439,22 +370,23 @@ class KnowledgeWorld:
                 while remaining:
                     relation = remaining.pop(0)
                     partner = next(
-                        (p for (r, p) in _COMBINED_BLOCK_TEMPLATES if r == relation and p in remaining), None
+                        (p for (r, p) in t.combined_block_templates if r == relation and p in remaining), None
                     )
                     if partner is not None and rng.random() < 0.5:
                         remaining.remove(partner)
-                        template = rng.choice(_COMBINED_BLOCK_TEMPLATES[(relation, partner)])
+                        template = rng.choice(t.combined_block_templates[(relation, partner)])
                         values = {relation: entity.attributes[relation], partner: entity.attributes[partner]}
                         values.update({f"a_{k}": _article(v) for k, v in values.items()})
                         sentences.append(([relation, partner], template, values))
                     else:
-                        template = rng.choice(RELATIONS[relation].block_templates)
+                        template = rng.choice(t.relations[relation].block_templates)
                         value = entity.attributes[relation]
                         sentences.append(([relation], template, {"value": value, "a": _article(value)}))
                 text, pos = "", 0
                 for k, (relations_here, template, values) in enumerate(sentences):
-                    # the first sentence names the person in full, later ones by surname or full name
-                    values["name"] = entity.name if k == 0 or rng.random() < 0.5 else entity.last
+                    # the first sentence names the person in full, later ones by the short name or full name
+                    short = entity.last if t.short_name == "last" else entity.first
+                    values["name"] = entity.name if k == 0 or rng.random() < 0.5 else short
                     sentence, spans = _render(template, values)
                     if text:
                         text += " "
@@ -526,7 +458,7 @@ class KnowledgeWorld:
         rng = self._rng(kind)
         out: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
         for fact in self._facts:
-            relation = RELATIONS[fact.relation]
+            relation = c.template_set.relations[fact.relation]
             entity = self.entities[fact.entity_id]
             if kind == "pretraining":
                 templates = relation.sentence_templates
@@ -615,11 +547,9 @@ class KnowledgeWorld:
             texts = [e.name for e in self.entities] + self.first_names
             for pool in self.pools.values():
                 texts.extend(pool)
-            texts.extend(ORGANIZATION_SUFFIXES)
-            for relation in RELATIONS.values():
-                texts.extend(relation.block_templates + relation.sentence_templates + relation.question_templates)
-            for templates in _COMBINED_BLOCK_TEMPLATES.values():
-                texts.extend(templates)
+            t = self.config.template_set
+            texts.extend(t.organization_suffixes + t.city_suffixes)
+            texts.extend(t.all_templates())
             texts.extend(["a", "an"])
             words = set()
             for text in texts:
@@ -706,7 +636,7 @@ class KnowledgeWorld:
 
     def chance_accuracy(self, relation: str) -> float:
         """Closed-book chance of guessing ``relation``'s value uniformly from its pool."""
-        return 1.0 / len(self.pools[RELATIONS[relation].pool])
+        return 1.0 / len(self.pools[self.config.template_set.relations[relation].pool])
 
     def __repr__(self) -> str:
         c = self.config
