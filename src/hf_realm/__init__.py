@@ -36,15 +36,22 @@ from .knn_pruning import (
     random_prune,
     shrink_datastore,
 )
-from .masking import SalientSpanMasker, find_salient_spans
+from .masking import NoSalientSpanWarning, SalientSpanMasker, find_salient_spans
 from .modeling_realm import *  # noqa: F403  (every name of modeling_realm.__all__)
 from .modeling_realm import RealmEmbedder, RealmForMaskedLM, RealmForOpenQA, RealmKnowledgeAugEncoder
 from .openqa import DataCollatorForOpenQA, evaluate_open_qa
 from .pretraining import (
     DataCollatorForInverseClozeTask,
+    RetrievalMonitorCallback,
     evaluate_masked_lm,
     optimizer_grouped_parameters,
     train_inverse_cloze_task,
+)
+from .pretraining_data import (
+    build_pretraining_examples,
+    corpus_sentences,
+    load_text_dataset,
+    train_wordpiece_tokenizer,
 )
 from .retrieval_realm import RealmRetriever, load_legacy_block_records
 from .search import exact_topk, shard_range, sharded_search
@@ -96,6 +103,12 @@ __all__ = [
     "shard_range",
     "sharded_search",
     "train_inverse_cloze_task",
+    "build_pretraining_examples",
+    "corpus_sentences",
+    "load_text_dataset",
+    "train_wordpiece_tokenizer",
+    "RetrievalMonitorCallback",
+    "NoSalientSpanWarning",
     "DataCollatorForInverseClozeTask",
     "DataCollatorForSalientSpanMasking",
     "KnowledgeWorld",

@@ -347,7 +347,8 @@ class SalientSpanMasker:
     Args:
         strategy (`str`, *optional*, defaults to `"salient"`):
             ``"salient"``: one salient span (date, number or named entity) chosen uniformly among those found,
-            falling back to a random span (with a :class:`NoSalientSpanWarning`) when the text has none;
+            falling back to a random span when the text has none (one :class:`NoSalientSpanWarning` per masker, at
+            the first such text; `num_random_fallbacks` counts them all);
             ``"random_span"``: one random span of 1 to ``max_span_words`` whole words;
             ``"random_token"``: BERT-style independent tokens (handled by the collator, see
             :class:`~hf_realm.data_collator.DataCollatorForSalientSpanMasking`); :meth:`choose_span` is not used.
@@ -390,6 +391,7 @@ class SalientSpanMasker:
         self.include = tuple(include)
         self.max_span_words = max_span_words
         self.rng = random.Random(seed)
+        self.num_random_fallbacks = 0
 
     def salient_spans(self, text: str) -> list[Span]:
         return find_salient_spans(text, ner=self.ner, include=self.include)
@@ -413,9 +415,12 @@ class SalientSpanMasker:
             spans = [s for s in self.salient_spans(text) if allowed_end is None or s.end <= allowed_end]
             if spans:
                 return self.rng.choice(spans)
-            warnings.warn(
-                f"no salient span in {text[:60]!r}{'...' if len(text) > 60 else ''}: masking a random span instead",
-                NoSalientSpanWarning,
-                stacklevel=2,
-            )
+            self.num_random_fallbacks += 1
+            if self.num_random_fallbacks == 1:  # once per masker, not once per sentence: the rest are counted
+                warnings.warn(
+                    f"no salient span in {text[:60]!r}{'...' if len(text) > 60 else ''}: masking a random span "
+                    "instead (warned once; `num_random_fallbacks` counts every such text)",
+                    NoSalientSpanWarning,
+                    stacklevel=2,
+                )
         return self.random_span(text, allowed_end)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from collections.abc import Sequence
@@ -10,10 +11,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import TrainerCallback
 
 from .checks import check_tokenizer_fits
 from .metrics import gold_block_hits, masked_span_accuracy, recall_at_k
 
+
+logger = logging.getLogger(__name__)
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -172,7 +176,12 @@ def evaluate_masked_lm(
     - `retrieval_utility`: mean over masked tokens of `log p(y|x) - log p(y|null, x)` (REALM's "retrieval utility");
     - `log_prob` and `closed_book_log_prob`: the mean log-probabilities themselves;
     - `recall@k`: whether the gold block is among the index's top k for the query, when examples carry
-      `gold_block_id`.
+      `gold_block_id`;
+    - `answer_recall@k`: whether one of the top k blocks holds the masked wordpieces (in a row), which needs no
+      gold block: the signal on your own data (inflated where the answer is a common word).
+
+    Examples carrying `source_block_id` (sentences taken from the corpus) have their own block dropped from the
+    candidates and from the top k, as in training.
 
     Args:
         model ([`RealmForMaskedLM`]): With its index.
@@ -190,7 +199,7 @@ def evaluate_masked_lm(
     model.eval()
     device = next(model.parameters()).device
     predictions, closed_book, labels_all = [], [], []
-    log_probs, null_log_probs, hits = [], [], []
+    log_probs, null_log_probs, hits, answer_hits = [], [], [], []
     try:
         for start in tqdm(range(0, len(dataset), batch_size), disable=not show_progress, desc="Evaluating"):
             rows = dataset[start : start + batch_size]
@@ -200,7 +209,7 @@ def evaluate_masked_lm(
             batch = {
                 k: v.to(device)
                 for k, v in batch.items()
-                if k in ("input_ids", "attention_mask", "token_type_ids", "labels")
+                if k in ("input_ids", "attention_mask", "token_type_ids", "labels", "source_block_id")
             }
             out = model(**batch)
             labels = batch["labels"]
@@ -215,12 +224,13 @@ def evaluate_masked_lm(
             labels_all.append(_pad(labels, width))
             log_probs.append(out.gold_log_probs.cpu())
             null_log_probs.append(out.null_gold_log_probs.cpu())
+            query = model.query_embedder(
+                batch["input_ids"], attention_mask=batch["attention_mask"], return_dict=True
+            ).projected_score
+            retrieved = _top_blocks(model.index, query, max_k, batch.get("source_block_id"))
             if gold is not None:
-                query = model.query_embedder(
-                    batch["input_ids"], attention_mask=batch["attention_mask"], return_dict=True
-                ).projected_score
-                _, retrieved = model.index.search(query.float(), max_k)
-                hits.extend(gold_block_hits(retrieved.cpu().numpy(), gold.tolist()))
+                hits.extend(gold_block_hits(retrieved.numpy(), gold.tolist()))
+            answer_hits.extend(_answer_hits(model.index, retrieved, labels.cpu()))
     finally:
         model.train(was_training)
     width = max(p.shape[1] for p in predictions)
@@ -240,9 +250,37 @@ def evaluate_masked_lm(
         "retrieval_utility": (log_probs - null_log_probs).mean().item(),
         "num_examples": len(dataset),
     }
+    ks = [k for k in recall_ks if k <= max_k]
     if hits:
-        metrics.update(recall_at_k(hits, [k for k in recall_ks if k <= max_k]))
+        metrics.update(recall_at_k(hits, ks))
+    metrics.update({f"answer_{k}": v for k, v in recall_at_k(answer_hits, ks).items()})
     return metrics
+
+
+def _top_blocks(index, query: torch.Tensor, k: int, source_block_id: torch.Tensor | None) -> torch.Tensor:
+    """The index's top ``k`` block ids per query (CPU), each query's own source block left out."""
+    extra = 0 if source_block_id is None else 1
+    _, ids = index.search(query.float(), min(k + extra, getattr(index, "num_blocks", k + extra)))
+    ids = torch.as_tensor(ids).cpu().long()
+    if source_block_id is None:
+        return ids[:, :k]
+    keep = ids != source_block_id.cpu().view(-1, 1)
+    return torch.stack([row[m][:k] for row, m in zip(ids, keep, strict=True)])
+
+
+def _answer_hits(index, retrieved: torch.Tensor, labels: torch.Tensor) -> list[list[bool]]:
+    """Per query and retrieved block: whether the block's tokens hold the query's masked tokens in a row."""
+    blocks = index.block_inputs(retrieved.reshape(-1))
+    ids, mask = torch.as_tensor(blocks["input_ids"]), torch.as_tensor(blocks["attention_mask"]).bool()
+    out = []
+    for i, row in enumerate(labels):
+        answer = row[row != -100].tolist()
+        hits = []
+        for j in range(retrieved.shape[1]):
+            block = ids[i * retrieved.shape[1] + j][mask[i * retrieved.shape[1] + j]].tolist()
+            hits.append(any(block[s : s + len(answer)] == answer for s in range(len(block) - len(answer) + 1)))
+        out.append(hits)
+    return out
 
 
 def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -251,8 +289,86 @@ def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
 
 __all__ = [
     "DataCollatorForInverseClozeTask",
+    "RetrievalMonitorCallback",
     "train_inverse_cloze_task",
     "evaluate_masked_lm",
     "optimizer_grouped_parameters",
     "split_sentences",
 ]
+
+
+class RetrievalMonitorCallback(TrainerCallback):
+    r"""
+    Says whether REALM pretraining is working while it runs: every `eval_steps` optimizer steps (by default right
+    after each index refresh) it evaluates the model on a few held-out examples ([`evaluate_masked_lm`]) and logs
+    `retrieval_utility` (the log-likelihood the retrieved blocks add over the null document alone), gold-block
+    `recall@k` (when the examples carry `gold_block_id`), `answer_recall@k` and `masked_span_accuracy`, prefixed
+    `monitor_`. When the utility stays <= 0 for `patience` checks in a row it warns that the reader is not using
+    what the retriever finds.
+
+    Args:
+        eval_dataset: Held-out examples for `data_collator` (a sample of `max_examples` is used).
+        data_collator: The masking collator (a seeded one gives the same spans at each check).
+        eval_steps (`int`): Check every this many steps (0: never; use the refresh period).
+        max_examples (`int`, *optional*, defaults to 256): Examples per check.
+        patience (`int`, *optional*, defaults to 2): Checks with utility <= 0 in a row before warning.
+        recall_ks (`Sequence[int]`, *optional*, defaults to `(1, 5, 8)`): Recall cut-offs.
+
+    Example:
+
+    ```python
+    >>> from hf_realm.pretraining import RetrievalMonitorCallback
+    >>> monitor = RetrievalMonitorCallback(eval_dataset=[], data_collator=None, eval_steps=100)
+    >>> monitor.history
+    []
+    ```
+    """
+
+    def __init__(
+        self,
+        eval_dataset,
+        data_collator,
+        eval_steps: int,
+        max_examples: int = 256,
+        patience: int = 2,
+        recall_ks: Sequence[int] = (1, 5, 8),
+        batch_size: int = 64,
+    ):
+        if eval_steps < 0 or patience < 1 or max_examples < 1:
+            raise ValueError(
+                f"need eval_steps >= 0, patience >= 1 and max_examples >= 1, got {eval_steps}, {patience}, "
+                f"{max_examples}"
+            )
+        if hasattr(eval_dataset, "select") and len(eval_dataset) > max_examples:
+            eval_dataset = eval_dataset.select(range(max_examples))
+        self.eval_dataset, self.data_collator = eval_dataset, data_collator
+        self.eval_steps, self.patience, self.recall_ks, self.batch_size = eval_steps, patience, recall_ks, batch_size
+        self.history: list[dict] = []
+        self._bad_checks = 0
+
+    def check(self, model, step: int) -> dict[str, float]:
+        """Evaluate now; log, record in `history` and warn as described above. Returns the metrics."""
+        metrics = evaluate_masked_lm(
+            model, self.eval_dataset, self.data_collator, batch_size=self.batch_size, recall_ks=self.recall_ks
+        )
+        keys = ["retrieval_utility", "masked_span_accuracy", "closed_book_span_accuracy"]
+        keys += [k for k in metrics if k.startswith(("recall@", "answer_recall@"))]
+        record = {"step": step, **{k: round(float(metrics[k]), 4) for k in keys}}
+        self.history.append(record)
+        logger.info("retrieval at step %d: %s", step, ", ".join(f"{k} {v}" for k, v in record.items() if k != "step"))
+        self._bad_checks = self._bad_checks + 1 if metrics["retrieval_utility"] <= 0 else 0
+        if self._bad_checks == self.patience:
+            logger.warning(
+                f"retrieval utility has stayed <= 0 for {self.patience} checks (now {metrics['retrieval_utility']:.3f} "
+                f"nats at step {step}): the reader predicts no better with the retrieved blocks than without. Look at "
+                "recall@k / answer_recall@k (is the retriever finding the blocks?), then at the reader (learning rate, "
+                "steps, a warm start)."
+            )
+        return metrics
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if not self.eval_steps or state.global_step % self.eval_steps or not state.is_world_process_zero:
+            return
+        self.check(model, state.global_step)
+        logs = {f"monitor_{k}": v for k, v in self.history[-1].items() if k != "step"}
+        state.log_history.append({**logs, "step": state.global_step})

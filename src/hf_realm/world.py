@@ -634,6 +634,30 @@ class KnowledgeWorld:
             )
         return world
 
+    def write_pretraining_files(self, directory: str | os.PathLike) -> dict[str, str]:
+        """Write the world as a user's own data would look: ``corpus.jsonl`` (``block_id``, ``doc_id``, ``title``,
+        ``text``), ``train.jsonl`` (training sentences: ``text``, ``span``, the exact value to mask, and
+        ``gold_block_id``) and ``validation.jsonl`` (the held-out test facts, same columns), for
+        ``examples/train_realm.py --corpus_file ... --train_file ... --validation_file ...``. Existing files are
+        never overwritten (`FileExistsError`). Returns the paths by name."""
+        directory = Path(directory)
+        paths = {name: directory / f"{name}.jsonl" for name in ("corpus", "train", "validation")}
+        existing = [str(p) for p in paths.values() if p.exists()]
+        if existing:
+            raise FileExistsError(f"not overwriting {existing}")
+        rows = {"corpus": self._blocks}
+        for name, split in (("train", "train"), ("validation", "test")):
+            rows[name] = []
+            for r in self.pretraining()[split]:
+                if r["text"].find(r["value"]) != r["span_start"]:  # `span` masks its first occurrence
+                    raise RuntimeError(f"the value {r['value']!r} occurs earlier in {r['text']!r}")
+                rows[name].append({"text": r["text"], "span": r["value"], "gold_block_id": r["gold_block_id"]})
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, path in paths.items():
+            with open(path, "x", encoding="utf-8") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows[name])
+        return {name: str(path) for name, path in paths.items()}
+
     def chance_accuracy(self, relation: str) -> float:
         """Closed-book chance of guessing ``relation``'s value uniformly from its pool."""
         return 1.0 / len(self.pools[self.config.template_set.relations[relation].pool])

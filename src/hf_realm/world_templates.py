@@ -221,7 +221,11 @@ REGISTRY = TemplateSet(
             Relation(
                 "employer",
                 "organization",
-                ("{name} serves the {value}.", "The {value} pays the wages of {name}.", "{name} answers to the {value}."),
+                (
+                    "{name} serves the {value}.",
+                    "The {value} pays the wages of {name}.",
+                    "{name} answers to the {value}.",
+                ),
                 (
                     "{name} draws a salary from the {value}.",
                     "The paymaster of {name} is the {value}.",
