@@ -55,6 +55,7 @@ from hf_realm import (
     evaluate_masked_lm,
     load_text_dataset,
     optimizer_grouped_parameters,
+    realm_lr_scheduler,
     train_inverse_cloze_task,
     train_wordpiece_tokenizer,
 )
@@ -170,6 +171,19 @@ class RealmTrainingArguments(TrainingArguments):
     ict_steps: int = field(default=800, metadata={"help": "Inverse Cloze Task steps warm-starting the retriever."})
     ict_learning_rate: float = 1e-3
     ict_batch_size: int = 32
+    retriever_delay_steps: int = field(
+        default=400,
+        metadata={
+            "help": "REALM steps before the retriever starts to move (its gradient is noise until the reader reads)."
+        },
+    )
+    realm_schedule: bool = field(
+        default=True,
+        metadata={
+            "help": "Constant learning rates after warmup, retriever delayed (realm_lr_scheduler); false: Trainer's "
+            "--lr_scheduler_type for both towers."
+        },
+    )
     refresh_steps: int = field(default=100, metadata={"help": "Index refresh period in steps (0: never refresh)."})
     monitor_steps: int = field(
         default=100,
@@ -475,6 +489,9 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW(
         optimizer_grouped_parameters(model, args.learning_rate, args.retriever_learning_rate, args.weight_decay)
     )
+    scheduler = (
+        realm_lr_scheduler(optimizer, args.warmup_steps, args.retriever_delay_steps) if args.realm_schedule else None
+    )
     realm_args = phase_args(args, output_dir=args.output_dir)
     trainer = Trainer(
         model=model,
@@ -482,7 +499,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=data.train,
         data_collator=collator,
         callbacks=[callback, monitor],
-        optimizers=(optimizer, None),
+        optimizers=(optimizer, scheduler),
     )
     realm_start = time.time()
     train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)

@@ -216,3 +216,40 @@ def test_attribute_values_spread_over_their_pools():
     # uniform draws: 2000 over 300 years and 56 occupations; no value dominates (closed book stays near chance)
     assert len(occupations) == len(OCCUPATIONS) == 56 and max(occupations.values()) / 2000 < 0.04
     assert len(years) > 280 and max(years.values()) / 2000 < 0.02
+
+
+def test_registry_world_other_phrasings_and_name_shapes():
+    """The second template set: its own phrasings, hyphenated family names whose words name one person each, the given
+    name as the short mention, two-word cities, `<Suffix> of <Stem>` organisations; facts still in their gold block."""
+    from hf_realm.world import TEMPLATE_SETS
+
+    world = KnowledgeWorld(num_entities=200, seed=7, templates="registry")
+    registry, biography = TEMPLATE_SETS["registry"], TEMPLATE_SETS["biography"]
+    assert not set(registry.all_templates()) & set(biography.all_templates())
+    family = [e.last.split("-") for e in world.entities]
+    assert all(len(parts) == 2 for parts in family)
+    words = [w for parts in family for w in parts]
+    assert len(set(words)) == len(words) == 400
+    assert all(len(c.split()) == 2 and c.split()[1] in registry.city_suffixes for c in world.pools["city"])
+    assert all(
+        o.split()[1] == "of" and o.split()[0] in registry.organization_suffixes for o in world.pools["organization"]
+    )
+    assert set(world.pools["occupation"]) == set(registry.occupations) and not set(registry.occupations) & set(
+        OCCUPATIONS
+    )
+    texts = list(world.corpus()["text"])
+    for fact in world.facts():
+        assert texts[fact["block_id"]][fact["value_start"] : fact["value_end"]] == fact["value"]
+    later = [t for t, e in zip(texts, world.entities, strict=True) if f". {e.first} " in t]
+    assert later  # some later sentences name the person by the given name alone
+    frames = set()
+    for ex in world.pretraining()["train"]:
+        frame = ex["text"].replace(world.entities[ex["entity_id"]].name, "{name}").replace(ex["value"], "{value}")
+        frames.add(frame.replace(" an {value}", " {a} {value}").replace(" a {value}", " {a} {value}"))
+    templates = [t for r in world.config.relations for t in registry.relations[r].sentence_templates]
+    assert frames == {t[0].upper() + t[1:] for t in templates}
+    assert world.fingerprint() != KnowledgeWorld(num_entities=200, seed=7).fingerprint()
+    tokenizer = world.tokenizer()
+    assert tokenizer.unk_token_id not in tokenizer(texts[:20])["input_ids"][0]
+    with pytest.raises(ValueError, match="templates must be one of"):
+        WorldConfig(templates="sonnets")

@@ -45,6 +45,7 @@ from .pretraining import (
     RetrievalMonitorCallback,
     evaluate_masked_lm,
     optimizer_grouped_parameters,
+    realm_lr_scheduler,
     train_inverse_cloze_task,
 )
 from .pretraining_data import (
@@ -100,6 +101,7 @@ __all__ = [
     "evaluate_open_qa",
     "exact_topk",
     "optimizer_grouped_parameters",
+    "realm_lr_scheduler",
     "shard_range",
     "sharded_search",
     "train_inverse_cloze_task",

@@ -108,7 +108,7 @@ def train_inverse_cloze_task(model, corpus, tokenizer, training_args, *, query_m
         corpus (`datasets.Dataset`): Blocks with `text` (and `title`).
         tokenizer: BERT-style tokenizer.
         training_args ([`~transformers.TrainingArguments`]): Steps, batch size (the in-batch negatives), learning
-            rate. ICT at lr 1e-3 sits on a plateau (loss ~ log batch) for a few hundred steps, then drops (DESIGN.md).
+            rate. ICT at lr 1e-3 sits on a plateau (loss ~ log batch) for a few hundred steps, then drops.
 
     Returns:
         The `Trainer`'s `TrainOutput`.
@@ -139,7 +139,8 @@ def optimizer_grouped_parameters(
     """AdamW parameter groups with a separate learning rate for the retriever (the embedders).
 
     REALM's early gradients come from a reader that cannot read yet; at the reader's learning rate they wreck a warm
-    ICT retriever (DESIGN.md: recall 0.73 -> 0.09 at 1e-3; kept at 1e-4). Biases and LayerNorm weights get no decay.
+    ICT retriever (recall 0.73 -> 0.09 at 1e-3 on the generated world; kept at 1e-4). Biases and LayerNorm weights get
+    no decay. Each group carries `"retriever": True/False`, which [`realm_lr_scheduler`] reads.
     """
     retriever_learning_rate = learning_rate if retriever_learning_rate is None else retriever_learning_rate
     groups: dict[tuple[bool, bool], list] = {}
@@ -154,9 +155,56 @@ def optimizer_grouped_parameters(
             "params": params,
             "lr": retriever_learning_rate if is_retriever else learning_rate,
             "weight_decay": 0.0 if no_decay else weight_decay,
+            "retriever": is_retriever,
         }
         for (is_retriever, no_decay), params in groups.items()
     ]
+
+
+def realm_lr_scheduler(optimizer, num_warmup_steps: int = 0, retriever_delay_steps: int = 0):
+    r"""
+    REALM's learning-rate schedule: constant after a linear warmup, with the retriever held still at first.
+
+    - Reader groups warm up linearly over `num_warmup_steps`, then stay at their learning rate. A reader trained from
+      scratch learns to copy from the retrieved block in a sudden transition after a few hundred steps; a schedule
+      that decays over a short run spends its learning rate before the transition, and the reader never reads.
+    - Retriever groups (`"retriever": True` from [`optimizer_grouped_parameters`]) stay at 0 for
+      `retriever_delay_steps`, then warm up the same way. Until the reader reads, `p(y|z, x)` says nothing about which
+      block is right, so the retriever's gradient is noise that Adam turns into full-size steps, and a warm ICT
+      retriever loses recall.
+
+    Args:
+        optimizer (`torch.optim.Optimizer`): With the groups of [`optimizer_grouped_parameters`].
+        num_warmup_steps (`int`, *optional*, defaults to 0): Linear warmup steps.
+        retriever_delay_steps (`int`, *optional*, defaults to 0): Steps before the retriever starts to move.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_realm.pretraining import realm_lr_scheduler
+    >>> reader, retriever = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    >>> optimizer = torch.optim.AdamW([{"params": [reader], "lr": 1e-3, "retriever": False},
+    ...                                {"params": [retriever], "lr": 1e-4, "retriever": True}])
+    >>> scheduler = realm_lr_scheduler(optimizer, num_warmup_steps=2, retriever_delay_steps=3)
+    >>> lrs = []
+    >>> for _ in range(6):
+    ...     lrs.append([round(g["lr"], 6) for g in optimizer.param_groups])
+    ...     optimizer.step(); scheduler.step()
+    >>> lrs
+    [[0.0005, 0.0], [0.001, 0.0], [0.001, 0.0], [0.001, 5e-05], [0.001, 0.0001], [0.001, 0.0001]]
+    ```
+    """
+    if num_warmup_steps < 0 or retriever_delay_steps < 0:
+        raise ValueError(
+            f"num_warmup_steps and retriever_delay_steps must be >= 0, got {num_warmup_steps}, {retriever_delay_steps}"
+        )
+
+    def ramp(start: int):
+        return lambda step: 0.0 if step < start else min(1.0, (step - start + 1) / max(1, num_warmup_steps))
+
+    lambdas = [ramp(retriever_delay_steps if g.get("retriever") else 0) for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
 @torch.no_grad()
@@ -293,6 +341,7 @@ __all__ = [
     "train_inverse_cloze_task",
     "evaluate_masked_lm",
     "optimizer_grouped_parameters",
+    "realm_lr_scheduler",
     "split_sentences",
 ]
 
@@ -365,6 +414,10 @@ class RetrievalMonitorCallback(TrainerCallback):
                 "steps, a warm start)."
             )
         return metrics
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.eval_steps and state.is_world_process_zero and not self.history:
+            self.check(model, state.global_step)  # the starting point: what the warm-started retriever finds
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if not self.eval_steps or state.global_step % self.eval_steps or not state.is_world_process_zero:

@@ -338,16 +338,10 @@ class KnowledgeWorld:
         self._split_facts()
 
     def _family_names(self, rng: random.Random, taken: set[str]) -> list[str]:
-        """Unique hyphenated family names whose words are shared: only the combination identifies a person."""
-        words_per_name = self.config.template_set.family_words
-        stems = self._generate_words(max(2 * words_per_name, self.config.num_entities // 4), rng, taken)
-        names, seen = [], set()
-        while len(names) < self.config.num_entities:
-            name = "-".join(rng.sample(stems, words_per_name))
-            if name not in seen:
-                seen.add(name)
-                names.append(name)
-        return names
+        """Hyphenated family names of ``family_words`` generated words each, every word used by one person only."""
+        n = self.config.template_set.family_words
+        words = self._generate_words(n * self.config.num_entities, rng, taken)
+        return ["-".join(words[i * n : (i + 1) * n]) for i in range(self.config.num_entities)]
 
     def _write_blocks(self) -> None:
         c = self.config

@@ -46,8 +46,7 @@ class TemplateSet:
         organization_format (`str`), organization_suffixes (`tuple[str, ...]`): An organisation's name from a
             generated ``{stem}`` and a ``{suffix}`` drawn from the list.
         city_format (`str`), city_suffixes (`tuple[str, ...]`): The same for cities (``"{stem}"``: one word).
-        family_words (`int`): Generated words in a family name, joined by hyphens; with more than one, the words come
-            from a shared pool (of ``2 * num_entities`` words) and only their combination is unique.
+        family_words (`int`): Generated words in a family name, joined by hyphens (each word names one person only).
         short_name (`str`): ``"last"`` or ``"first"``, how a block refers to its person after the first sentence.
         onsets (`tuple[str, ...]`), vowels (`tuple[str, ...]`), codas (`tuple[str, ...]`), syllables
             (`tuple[int, ...]`): The syllable inventory of generated words (syllable counts drawn from
