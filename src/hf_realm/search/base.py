@@ -102,21 +102,21 @@ BACKENDS: dict[str, type[BackendConfig]] = {}
 def register_backend(cls: type[BackendConfig]) -> type[BackendConfig]:
     """Class decorator: registers a backend config dataclass under its ``name``.
 
-        Example:
+    Example:
 
-        ```python
-        >>> import dataclasses
-        >>> from hf_realm.search import BACKENDS, BackendConfig, TorchSearchConfig, register_backend
-        >>> @register_backend
-        ... @dataclasses.dataclass
-        ... class CpuExactConfig(BackendConfig):
-        ...     name = "cpu-exact"
-        ...     def build(self, keys, *, metric="inner_product", state=None):
-        ...         return TorchSearchConfig(device="cpu").build(keys, metric=metric)
-        >>> BACKENDS["cpu-exact"] is CpuExactConfig
-        True
-        >>> _ = BACKENDS.pop("cpu-exact")
-        ```
+    ```python
+    >>> import dataclasses
+    >>> from hf_realm.search import BACKENDS, BackendConfig, TorchSearchConfig, register_backend
+    >>> @register_backend
+    ... @dataclasses.dataclass
+    ... class CpuExactConfig(BackendConfig):
+    ...     name = "cpu-exact"
+    ...     def build(self, keys, *, metric="inner_product", state=None):
+    ...         return TorchSearchConfig(device="cpu").build(keys, metric=metric)
+    >>> BACKENDS["cpu-exact"] is CpuExactConfig
+    True
+    >>> _ = BACKENDS.pop("cpu-exact")
+    ```
     """
     if not cls.name:
         raise ValueError(f"{cls.__name__} needs a class attribute `name`")
