@@ -27,9 +27,7 @@ from hf_realm.metrics import (
 from .conftest import subprocess_env
 
 
-DRQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "drqa_openqa"
-if not DRQA.is_dir():
-    DRQA = Path("/work/shared/data/drqa_openqa")
+DRQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "drqa_openqa"  # ../shared/data beside the checkout
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ class RealmConfig(PreTrainedConfig):
         share_embedders (`bool`, *optional*, defaults to `True`):
             Whether [`RealmForMaskedLM`] / [`RealmForInverseClozeTask`] embed queries and documents with one
             embedder (as 4.x's `RealmScorer` does by default). Separate towers barely learn ICT from scratch on small
-            data (see DESIGN.md); not a 4.x field.
+            data; not a 4.x field.
 
     Example:
 
