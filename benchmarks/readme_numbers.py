@@ -83,9 +83,22 @@ EXAMPLES = {
         ("--seed", "{seed}", "--knn_dir", "{outputs[knn_translate]}", "--output_dir", "{output_dir}"),
         needs=("knn_translate",),
     ),
-    # The REALM world examples: their metrics are whatever all_results.json holds (see NOT_METRICS)
+    # The REALM world examples (fractions of 1, not percentages)
     "train_realm": Example(
-        "examples/train_realm.py", ("--seed", "{seed}", "--world_seed", "{seed}", "--output_dir", "{output_dir}")
+        "examples/train_realm.py",
+        ("--seed", "{seed}", "--world_seed", "{seed}", "--output_dir", "{output_dir}"),
+        metrics=(
+            "eval_masked_span_accuracy",
+            "eval_closed_book_span_accuracy",
+            "eval_accuracy_ratio_vs_closed_book",
+            "eval_retrieval_utility",
+            "eval_recall@1",
+            "eval_recall@8",
+        ),
+        unit="",
+        min_tolerance=0.05,
+        env={"OMP_NUM_THREADS": "1"},
+        readme_command="python examples/train_realm.py --seed 0",
     ),
     "finetune_openqa": Example(
         "examples/finetune_openqa.py",
@@ -99,8 +112,19 @@ EXAMPLES = {
             "--output_dir",
             "{output_dir}",
         ),
+        metrics=(
+            "eval_exact_match",
+            "eval_f1",
+            "eval_closed_book_exact_match",
+            "eval_recall@5",
+            "eval_answer_recall@5",
+        ),
+        unit="",
+        min_tolerance=0.05,
         needs=("train_realm",),
-    ),  # fmt: skip
+        env={"OMP_NUM_THREADS": "1"},
+        readme_command="python examples/finetune_openqa.py --seed 0",
+    ),
 }
 
 
@@ -126,7 +150,9 @@ def run_once(name: str, seed: int, work_dir: Path, reuse: bool = False) -> dict:
     out = REPO / work_dir / name / f"seed{seed}"
     record = out / "readme_run.json"
     if reuse and record.is_file() and (out / "all_results.json").is_file():
-        return json.loads(record.read_text())
+        run = json.loads(record.read_text())  # the metrics are picked again: the list may have changed since
+        run["metrics"] = select_metrics(example, json.loads((out / "all_results.json").read_text()))
+        return run
     argv = [sys.executable, example.script, *seed_argv(name, seed, work_dir)]
     print(f"[{name} seed {seed}] {' '.join(argv[1:])}", flush=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
