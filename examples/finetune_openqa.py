@@ -40,6 +40,7 @@ from hf_realm import (
     RealmRetriever,
     build_corpus,
 )
+from hf_realm.loading import ADAPTER_MARKER_NAME
 from hf_realm.openqa import DataCollatorForOpenQA, evaluate_open_qa
 from hf_realm.pretraining import optimizer_grouped_parameters, train_inverse_cloze_task
 from hf_realm.utils import FAISS, MINILM, check_dependencies
@@ -349,7 +350,13 @@ def main(argv=None) -> dict:
         with open(os.path.join(args.output_dir, "all_results.json"), "w") as f:
             json.dump(results, f, indent=2)
         if hasattr(model, "merge_and_unload"):  # peft: the adapter on its own, the merged model beside it
-            model.save_pretrained(os.path.join(args.output_dir, "adapter"))
+            adapter_dir = os.path.join(args.output_dir, "adapter")
+            model.save_pretrained(adapter_dir)
+            with open(os.path.join(adapter_dir, ADAPTER_MARKER_NAME), "w") as f:  # Auto classes refuse other classes
+                hint = (f"The merged model is {args.output_dir} (RealmForOpenQA.from_pretrained); to use the adapter, "
+                        "build the RealmForOpenQA as this example does and call PeftModel.from_pretrained(model, "
+                        f"{adapter_dir!r}).")  # fmt: skip
+                json.dump({"model_class": "RealmForOpenQA", "hint": hint}, f, indent=2)
             base = model.merge_and_unload()
         base.save_pretrained(args.output_dir)
         base.retriever.save_pretrained(args.output_dir)

@@ -28,7 +28,7 @@ from hf_realm import (
 )
 from hf_realm.openqa import DataCollatorForOpenQA
 
-from .conftest import BLOCKS, WORDS, toy_tokenizer
+from .conftest import BLOCKS, WORDS, tiny_realm_config, toy_tokenizer
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -251,3 +251,32 @@ def test_directories_written_by_the_examples(tmp_path):
     questions = KnowledgeWorld(num_entities=40, seed=0).qa()["test"].select(range(8))
     metrics, _ = evaluate_open_qa(qa.eval(), questions, qa.retriever.tokenizer, batch_size=32)
     assert metrics["exact_match"] == pytest.approx(results["eval_exact_match"])  # the trained model, as evaluated
+
+
+def test_an_openqa_lora_adapter_is_refused_by_other_classes(tmp_path):
+    """`finetune_openqa.py --lora_r N` saves `adapter/` (LoRA weights of a RealmForOpenQA, its base named as the
+    pretraining embedder) with a marker: `AutoModel` on it would build a RealmEmbedder and apply weights that match
+    none of its modules; it raises instead, naming the class the adapter belongs to."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    from hf_realm import RealmEmbedder, RealmForOpenQA
+    from hf_realm.loading import ADAPTER_MARKER_NAME
+
+    config = tiny_realm_config()
+    RealmEmbedder(config).save_pretrained(tmp_path / "embedder")
+    peft_model = get_peft_model(RealmForOpenQA(config), LoraConfig(r=2, target_modules=["query", "value"]))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = str(tmp_path / "embedder")
+    (adapter / "adapter_config.json").write_text(json.dumps(adapter_config))
+    before = sorted(p.name for p in adapter.iterdir())
+    (adapter / ADAPTER_MARKER_NAME).write_text(json.dumps({"model_class": "RealmForOpenQA", "hint": "load X"}))
+    with pytest.raises(ValueError, match=r"LoRA adapter trained on RealmForOpenQA, not RealmEmbedder.*load X"):
+        AutoModel.from_pretrained(adapter)
+    with pytest.raises(ValueError, match=r"trained on RealmForOpenQA, not RealmEmbedder"):
+        RealmEmbedder.from_pretrained(adapter)
+    assert sorted(p.name for p in adapter.iterdir()) == sorted([*before, ADAPTER_MARKER_NAME])

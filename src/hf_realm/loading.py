@@ -125,3 +125,36 @@ def restore_attachments(model, path: str, subfolder: str | None, attached: dict)
 
 
 __all__ = []
+
+
+ADAPTER_MARKER_NAME = "hf_realm_adapter.json"
+"""Written beside a peft adapter's files by the examples: the REALM class the adapter was trained on."""
+
+
+def check_adapter_target(cls_name: str, path, kwargs: dict) -> None:
+    """Refuses to apply a peft adapter trained on one REALM class to another (the Auto classes would load the base
+    named in the adapter config, then apply LoRA weights whose module names do not match it, leaving a model that is
+    silently not the trained one). ``path`` is what `from_pretrained` was given; transformers' Auto classes pass the
+    adapter's own directory in ``adapter_kwargs["_adapter_model_path"]``."""
+    import json
+
+    adapter_dir = (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path")
+    if (
+        adapter_dir is None
+        and path is not None
+        and os.path.isfile(os.path.join(os.fspath(path), "adapter_config.json"))
+    ):
+        adapter_dir = os.fspath(path)
+    if adapter_dir is None or not os.path.isdir(os.fspath(adapter_dir)):
+        return
+    marker = os.path.join(os.fspath(adapter_dir), ADAPTER_MARKER_NAME)
+    if not os.path.isfile(marker):
+        return
+    with open(marker) as f:
+        info = json.load(f)
+    trained_on = info.get("model_class")
+    if trained_on and trained_on != cls_name:
+        raise ValueError(
+            f"{adapter_dir} is a LoRA adapter trained on {trained_on}, not {cls_name}: applied to {cls_name} its "
+            f"weights would not match the model. {info.get('hint', '')}".rstrip()
+        )

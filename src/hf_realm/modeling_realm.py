@@ -32,7 +32,7 @@ from transformers.utils import ModelOutput, logging
 
 from .checks import check_token_ids_fit, check_tokenizer_fits
 from .configuration_realm import RealmConfig, check_position_embedding_type
-from .loading import OTHER_PART, checkpoint_part, part_key_mapping, restore_attachments
+from .loading import OTHER_PART, check_adapter_target, checkpoint_part, part_key_mapping, restore_attachments
 from .retrieval import BlockIndex, missing_members
 
 
@@ -338,6 +338,7 @@ class RealmPreTrainedModel(PreTrainedModel):
             architectures, shared = config_dict.get("architectures"), config_dict.get("share_embedders", True)
         else:  # the Auto classes pass the config they read
             architectures, shared = getattr(config, "architectures", None), getattr(config, "share_embedders", True)
+        check_adapter_target(cls.__name__, pretrained_model_name_or_path, kwargs)
         if pretrained_model_name_or_path is not None:
             path = os.fspath(pretrained_model_name_or_path)
             part = checkpoint_part(cls.__name__, path, architectures, shared)
