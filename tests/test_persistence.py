@@ -471,3 +471,19 @@ def test_push_to_hub_uploads_the_saved_directory(tmp_path):
     assert_index_equal(RealmBlockIndex.from_pretrained(os.path.join(repos["me/idx"], "index")), index)
     assert_store_equal(KNNDatastore.from_pretrained(repos["me/ds"]), store)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_remove_owned_directory_leaves_anything_else(tmp_path):
+    """Merged build shards are removed only when they hold nothing but a datastore's files."""
+    from hf_realm.knn_build import DATASTORE_KIND
+
+    store = KNNDatastore(keys=np.eye(3, dtype=np.float16), values=np.array([1, 2, 3]))
+    ours, theirs = tmp_path / "rank-00000", tmp_path / "rank-00001"
+    store.save_pretrained(ours)
+    store.save_pretrained(theirs)
+    (theirs / "notes.txt").write_text("a user's file")
+    assert hub_io.remove_owned_directory(ours, DATASTORE_KIND) is True
+    assert not ours.exists()
+    assert hub_io.remove_owned_directory(theirs, DATASTORE_KIND) is False
+    assert (theirs / "notes.txt").read_text() == "a user's file" and (theirs / "values.npy").is_file()
+    assert hub_io.remove_owned_directory(tmp_path / "missing", DATASTORE_KIND) is False

@@ -172,6 +172,16 @@ def _remove_tree(path: Path, kind: DirectoryKind | None = None) -> None:
     path.rmdir()
 
 
+def remove_owned_directory(path: str | os.PathLike, kind: DirectoryKind) -> bool:
+    """Delete ``path`` if it is one of ``kind``'s directories with nothing else in it (e.g. the per-process shards of
+    a build, once merged); anything else is left as it is. Returns whether it was deleted."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink() or not (path / kind.marker).is_file() or _unknown_entries(path, kind):
+        return False
+    _remove_tree(path, kind)
+    return True
+
+
 def _remove_old(path: Path, kind: DirectoryKind) -> None:
     # The new directory is in place: failing to delete the old copy only leaves a leftover for the next save.
     try:

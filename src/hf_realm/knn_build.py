@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -392,6 +392,10 @@ def build_datastore(cls, model: nn.Module, dataset, save_directory: str | os.Pat
     if accelerator.is_main_process:
         shards = [shard_root / f"rank-{r:05d}" for r in range(num_processes)]
         merge_datastores(shards, save_directory, metadata=metadata)
-        shutil.rmtree(shard_root, ignore_errors=True)
+        # Only the shard datastores this build wrote go; a folder holding anything else is left as it is.
+        for shard in shards:
+            hub_io.remove_owned_directory(shard, DATASTORE_KIND)
+        with contextlib.suppress(OSError):
+            shard_root.rmdir()
     accelerator.wait_for_everyone()
     return cls.from_pretrained(save_directory)
