@@ -10,7 +10,6 @@ that needs no pickle (fixed-width bytes).
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 
 import numpy as np
@@ -201,17 +200,14 @@ class RealmRetriever:
                 os.replace(os.path.join(tmp, name), os.path.join(save_directory, name))
 
     def push_to_hub(self, repo_id: str, commit_message: str = "Upload RealmRetriever", **kwargs) -> str:
-        """Save to a temporary directory and upload it to the Hub repo `repo_id`."""
-        from huggingface_hub import HfApi
+        """Save to a temporary directory and upload it to the Hub repo `repo_id` (``token``, ``private``,
+        ``revision``, ``path_in_repo`` as in `huggingface_hub`). Returns the commit URL."""
+        from .hub_io import push_folder_to_hub
 
-        api = HfApi(token=kwargs.pop("token", None))
-        api.create_repo(repo_id, exist_ok=True, private=kwargs.pop("private", None))
-        tmp = tempfile.mkdtemp()
-        try:
-            self.save_pretrained(tmp)
-            return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message, **kwargs)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        return push_folder_to_hub(
+            self.save_pretrained, repo_id, repo_type=kwargs.pop("repo_type", "model"), commit_message=commit_message,
+            **kwargs,
+        )  # fmt: skip
 
     def block_has_answer(self, concat_inputs, answer_ids):
         """Check whether the retrieved blocks contain an answer, and where (positions in the reader inputs)."""
