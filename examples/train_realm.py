@@ -56,6 +56,7 @@ from hf_realm import (
     optimizer_grouped_parameters,
     realm_lr_scheduler,
     train_inverse_cloze_task,
+    train_reader_warm_start,
     train_wordpiece_tokenizer,
 )
 from hf_realm.masking import find_salient_spans
@@ -145,10 +146,11 @@ class ModelArguments:
     share_embedders: bool = field(default=True, metadata={"help": "One embedder for queries and documents."})
     max_position_embeddings: int = 128
     tie_word_embeddings: bool = field(
-        default=False,
+        default=True,
         metadata={
-            "help": "Tie the MLM decoder to the input embeddings (4.x REALM does; from scratch, an untied decoder "
-            "learns to copy from the retrieved block several times faster)."
+            "help": "Tie the MLM decoder to the input embeddings (as 4.x REALM does). Copying a word out of a block "
+            "then needs no per-word output weights: the reader warm start's own-block loss is 0.98 after 600 steps "
+            "tied and 4.17 untied (built-in world)."
         },
     )
     encoder_from_retriever: bool = field(
@@ -186,6 +188,14 @@ class RealmTrainingArguments(TrainingArguments):
     dataloader_drop_last: bool = True
     ict_steps: int = field(default=800, metadata={"help": "Inverse Cloze Task steps warm-starting the retriever."})
     ict_learning_rate: float = 1e-3
+    reader_warmup_steps: int = field(
+        default=600,
+        metadata={
+            "help": "Steps warm-starting the reader on the corpus's own sentences, each read with its own block "
+            "(train_reader_warm_start), before REALM training: REALM then starts with a reader that reads, instead of "
+            "waiting a seed-dependent 250-700+ steps for it (0: no warm start)."
+        },
+    )
     ict_batch_size: int = 32
     retriever_delay_steps: int = field(
         default=0,
@@ -466,6 +476,7 @@ def main(argv: list[str] | None = None) -> dict:
         model.encoder.realm.load_state_dict(ict.embedder.realm.state_dict())
     device = args.device
     model.to(device)
+    text_corpus = corpus  # the blocks of real text (synthetic fillers, if any, are appended after them)
     if data_args.synthetic_blocks:
         with args.main_process_first(desc="synthetic blocks"):
             corpus = add_synthetic_blocks(
@@ -486,6 +497,24 @@ def main(argv: list[str] | None = None) -> dict:
     )
     embed_kwargs = {"batch_size": args.embed_batch_size, "show_progress": False}
     model.index = index
+    warmup_seconds = 0.0
+    if args.reader_warmup_steps:
+        warmup_start = time.time()
+        warm = train_reader_warm_start(
+            model,
+            text_corpus,
+            tokenizer,
+            phase_args(
+                args,
+                output_dir=os.path.join(args.output_dir, "reader_warmup"),
+                max_steps=args.reader_warmup_steps,
+                lr_scheduler_type="constant_with_warmup",
+                save_strategy="no",
+            ),
+            max_length=model_args.max_position_embeddings // 2,
+        )
+        warmup_seconds = time.time() - warmup_start
+        logger.info(f"reader warm start: {warm.metrics}")
     callback = IndexRefreshCallback(
         index, refresh_steps=args.refresh_steps, mode=args.refresh_mode, embed_kwargs=embed_kwargs
     )
@@ -517,7 +546,12 @@ def main(argv: list[str] | None = None) -> dict:
     realm_seconds = time.time() - realm_start
 
     # 3. Held-out facts: accuracy with retrieval vs closed book, utility, gold-block recall
-    results = {"ict_seconds": ict_seconds, "realm_seconds": realm_seconds, **train_result.metrics}
+    results = {
+        "ict_seconds": ict_seconds,
+        "reader_warmup_seconds": warmup_seconds,
+        "realm_seconds": realm_seconds,
+        **train_result.metrics,
+    }
     results["index_refreshes"] = callback.num_refreshes
     results["index_staleness_at_end"] = trainer.state.global_step - callback.built_at_step
     results["monitor"] = monitor.history

@@ -210,3 +210,66 @@ def test_index_of_another_embedder_dimension_is_refused():
     input_ids, attention_mask, labels = batch()
     with pytest.raises(ValueError, match="query dim 16 != index dim 8"):
         model(input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def test_reader_mlm_loss_equals_float64_brute_force():
+    """The reader warm start's loss: one given block per query, no retrieval, no null document."""
+    torch.manual_seed(3)
+    model = RealmForMaskedLM(config()).eval()
+    model.index = ExactIndex(model.embedder)
+    input_ids, attention_mask, labels = batch()
+    blocks = [4, 7]
+    with torch.no_grad():
+        loss = model.reader_mlm_loss(input_ids, attention_mask, labels, torch.tensor(blocks)).item()
+        model = model.double()
+        terms = []
+        for b, block_id in enumerate(blocks):
+            x = input_ids[b][attention_mask[b].bool()].tolist()
+            seq = torch.tensor(x + BLOCKS[block_id][1:])
+            types = (torch.arange(len(seq)) >= len(x)).long()
+            logits = model.encoder(seq[None, None], token_type_ids=types[None, None]).logits[0]
+            for p in torch.nonzero(labels[b] != -100).flatten().tolist():
+                terms.append(-logits[p].log_softmax(-1)[labels[b, p]].item())
+    assert loss == pytest.approx(sum(terms) / len(terms), abs=1e-5)
+    with pytest.raises(ValueError, match="one block per query"):
+        model.reader_mlm_loss(input_ids, attention_mask, labels, torch.tensor([1]))
+
+
+def test_reader_warm_start_teaches_the_reader_to_read_its_own_block(tmp_path):
+    """`train_reader_warm_start` trains the knowledge-augmented encoder alone, and its own-block loss falls."""
+    from hf_realm import (
+        DataCollatorForSalientSpanMasking,
+        KnowledgeWorld,
+        RealmBlockIndex,
+        build_corpus,
+        build_pretraining_examples,
+        train_reader_warm_start,
+    )
+
+    from .conftest import tiny_training_args
+
+    world = KnowledgeWorld(num_entities=8, seed=0)
+    tokenizer = world.tokenizer(model_max_length=64)
+    corpus = build_corpus(world.corpus(), tokenizer, block_seq_len=64)
+    torch.manual_seed(0)
+    model = RealmForMaskedLM(tiny_realm_config(vocab_size=len(tokenizer), max_position_embeddings=64, **NO_DROPOUT))
+    model.index = RealmBlockIndex.build(corpus, model.embedder, embed_kwargs={"show_progress": False})
+    examples = build_pretraining_examples(corpus, None, tokenizer=tokenizer, max_length=32)
+    batch = DataCollatorForSalientSpanMasking(tokenizer, max_length=32, seed=0)([examples[i] for i in range(16)])
+
+    def own_block_loss():
+        with torch.no_grad():
+            return model.reader_mlm_loss(
+                batch["input_ids"], batch["attention_mask"], batch["labels"], batch["source_block_id"]
+            ).item()
+
+    before = own_block_loss()
+    retriever = {k: v.clone() for k, v in model.embedder.state_dict().items()}
+    args = tiny_training_args(tmp_path, max_steps=60, learning_rate=3e-3, per_device_train_batch_size=16, seed=0)
+    assert train_reader_warm_start(model, corpus, tokenizer, args, max_length=32).global_step == 60
+    after = own_block_loss()
+    assert after < 0.6 * before, (before, after)
+    assert all(torch.equal(v, model.embedder.state_dict()[k]) for k, v in retriever.items())
+    model.index = None
+    with pytest.raises(ValueError, match="model's index"):
+        train_reader_warm_start(model, corpus, tokenizer, args)

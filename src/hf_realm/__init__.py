@@ -47,6 +47,7 @@ from .pretraining import (
     optimizer_grouped_parameters,
     realm_lr_scheduler,
     train_inverse_cloze_task,
+    train_reader_warm_start,
 )
 from .pretraining_data import (
     build_pretraining_examples,
@@ -105,6 +106,7 @@ __all__ = [
     "shard_range",
     "sharded_search",
     "train_inverse_cloze_task",
+    "train_reader_warm_start",
     "build_pretraining_examples",
     "corpus_sentences",
     "load_text_dataset",

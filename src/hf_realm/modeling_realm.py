@@ -1487,13 +1487,18 @@ class RealmForMaskedLM(_QueryEmbedderMixin, RealmPreTrainedModel):
     def _joint_inputs(self, input_ids, attention_mask, block_token_ids, num_queries):
         """`[CLS] x [SEP] z [SEP]` for every query and candidate (candidate 0: the null document, x alone)."""
         k = self.config.num_candidates
-        max_len = self.config.max_position_embeddings
         rows = []
         for b in range(num_queries):
             x = input_ids[b][attention_mask[b].bool()].tolist()
             for c in range(k):
-                z = [] if c == 0 else block_token_ids[b * (k - 1) + c - 1][1:]
-                rows.append((x, z[: max(0, max_len - len(x))]))
+                rows.append((x, [] if c == 0 else block_token_ids[b * (k - 1) + c - 1][1:]))
+        return self._pack_pairs(rows, input_ids.device)
+
+    def _pack_pairs(self, rows, device):
+        """Right-padded `input_ids` / `attention_mask` / `token_type_ids` of `x + z` pairs (`z` cut to fit the reader's
+        positions; `z` gets token type 1)."""
+        max_len = self.config.max_position_embeddings
+        rows = [(x, z[: max(0, max_len - len(x))]) for x, z in rows]
         length = max(len(x) + len(z) for x, z in rows)
         ids = torch.zeros(len(rows), length, dtype=torch.long)
         mask = torch.zeros(len(rows), length, dtype=torch.long)
@@ -1502,8 +1507,39 @@ class RealmForMaskedLM(_QueryEmbedderMixin, RealmPreTrainedModel):
             ids[i, : len(x) + len(z)] = torch.as_tensor(x + z)
             mask[i, : len(x) + len(z)] = 1
             types[i, len(x) : len(x) + len(z)] = 1
-        device = input_ids.device
         return ids.to(device), mask.to(device), types.to(device)
+
+    def reader_mlm_loss(self, input_ids, attention_mask, labels, block_ids) -> torch.Tensor:
+        """The knowledge-augmented encoder's MLM loss with ONE given block per query (no retrieval, no null document):
+        mean cross-entropy over the masked positions of `[CLS] x [SEP] z [SEP]`. Used to warm-start the reader
+        ([`~hf_realm.pretraining.train_reader_warm_start`]).
+
+        Args:
+            input_ids, attention_mask, labels (`torch.LongTensor` of shape `(batch_size, query_length)`): The masked
+                queries and their MLM labels (-100 where not masked).
+            block_ids (`torch.LongTensor` of shape `(batch_size,)`): The block each query reads (from `self.index`).
+        """
+        if self.index is None:
+            raise ValueError("reader_mlm_loss reads blocks from the model's index: set `model.index` first")
+        block_ids = torch.as_tensor(block_ids).reshape(-1)
+        if block_ids.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"block_ids must hold one block per query ({input_ids.shape[0]}), got {block_ids.shape[0]}"
+            )
+        blocks = self.index.block_inputs(block_ids.cpu())
+        rows = []
+        for b in range(input_ids.shape[0]):
+            z = blocks["input_ids"][b][blocks["attention_mask"][b].bool()].tolist()
+            rows.append((input_ids[b][attention_mask[b].bool()].tolist(), z[1:]))
+        joint_ids, joint_mask, joint_types = self._pack_pairs(rows, input_ids.device)
+        hidden = self.encoder.realm(
+            input_ids=joint_ids, attention_mask=joint_mask, token_type_ids=joint_types, return_dict=True
+        ).last_hidden_state
+        positions = torch.nonzero(labels != -100)
+        if positions.shape[0] == 0:
+            raise ValueError("labels hold no masked position (all -100): nothing to predict in this batch")
+        logits = self.encoder.cls(hidden[positions[:, 0], positions[:, 1]]).float()
+        return torch.nn.functional.cross_entropy(logits, labels[positions[:, 0], positions[:, 1]])
 
     def forward(
         self,
