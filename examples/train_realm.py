@@ -460,21 +460,25 @@ def own_data(data_args: DataArguments, model_args: ModelArguments, args) -> Pret
 
 def freeze_unused_parameters(model) -> list[str]:
     """Freeze the weights no pretraining forward (ICT or REALM) uses: the 4.x LM head every embedder keeps
-    (`cls.predictions`) and the reader's pooler (the MLM head reads token states). They get no gradient anyway; frozen,
-    DDP can run with `find_unused_parameters=False` (no graph search each step) and leaves them out of the all-reduce.
-    Returns the names frozen."""
-    frozen = []
+    (`cls.predictions`), the reader's pooler (the MLM head reads token states) and, when the reader's decoder is untied
+    (`tie_word_embeddings=False`), the head's own `bias` (the decoder adds its own). They get no gradient anyway;
+    frozen, DDP can run with `find_unused_parameters=False` (no graph search each step) and leaves them out of the
+    all-reduce. Returns the names frozen."""
+    unused = {}
     for prefix, module in model.named_modules():
         if isinstance(module, RealmEmbedder):
-            unused, name = module.cls.predictions, "cls.predictions"
+            unused.update({f"{prefix}.cls.predictions.{n}": p for n, p in module.cls.predictions.named_parameters()})
         elif isinstance(module, RealmKnowledgeAugEncoder):
-            unused, name = module.realm.pooler, "realm.pooler"
-        else:
-            continue
-        for param_name, param in unused.named_parameters() if unused is not None else ():
-            if param.requires_grad:
-                param.requires_grad_(False)
-                frozen.append(f"{prefix}.{name}.{param_name}".lstrip("."))
+            pooler = module.realm.pooler
+            unused.update({f"{prefix}.realm.pooler.{n}": p for n, p in (pooler.named_parameters() if pooler else ())})
+            head = module.cls.predictions
+            if head.bias is not head.decoder.bias:
+                unused[f"{prefix}.cls.predictions.bias"] = head.bias
+    frozen = []
+    for name, param in unused.items():
+        if param.requires_grad:
+            param.requires_grad_(False)
+            frozen.append(name.lstrip("."))
     return frozen
 
 
@@ -496,6 +500,14 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def bf16_grads_hook(process_group, bucket):
+    """DDP's `bf16_compress_hook` (gradients cast to bf16 and averaged, then cast back), under a name of its own: DDP
+    refuses the original by name on a torch built without CUDA, though gloo all-reduces bf16 too."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    return default_hooks.bf16_compress_hook(process_group, bucket)
+
+
 class DistributedSetupCallback(TrainerCallback):
     """At the start of training, on the model `Trainer` wrapped in DDP (set `trainer`): registers bf16 gradient
     compression when asked and records DDP's own settings (from its logging data, after any hook is registered)."""
@@ -508,9 +520,7 @@ class DistributedSetupCallback(TrainerCallback):
         if not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
             return
         if self.bf16_grads:
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-            wrapped.register_comm_hook(None, default_hooks.bf16_compress_hook)
+            wrapped.register_comm_hook(None, bf16_grads_hook)
         data = wrapped._get_ddp_logging_data()  # what DDP itself runs with
         keys = ("find_unused_parameters", "broadcast_buffers", "bucket_cap_bytes", "comm_hook", "static_graph")
         self.info = {"ddp": True, **{key: data.get(key) for key in keys}}
@@ -587,6 +597,10 @@ def main(argv: list[str] | None = None) -> dict:
         # starts with token representations that already match names between query and block.
         model.encoder.realm.load_state_dict(ict.embedder.realm.state_dict())
     frozen = freeze_unused_parameters(model)
+    # The loss is already the mean over this batch's masked positions: without this, Trainer (seeing `**kwargs` in
+    # forward) passes `num_items_in_batch` and multiplies the loss by the number of processes, scaling the gradients
+    # (and what gradient clipping sees) by N.
+    model.accepts_loss_kwargs = False
     device = args.device
     model.to(device)
     if data_args.synthetic_blocks:  # in memory, the same on every process: built by all at once
@@ -651,7 +665,8 @@ def main(argv: list[str] | None = None) -> dict:
     results["monitor"] = monitor.history
     in_run = list(callback.refresh_history)
     results.update(timing_results(args, timer, callback, monitor, index.num_blocks, in_run))
-    results.update({"initial_index_build_seconds": build_seconds, "device": _device_name(device)})
+    results.update({"global_step": trainer.state.global_step, "initial_index_build_seconds": build_seconds})
+    results["device"] = _device_name(device)
     results["ddp"] = {**setup.info, "frozen_unused_parameters": frozen, "bf16_autocast": bool(args.bf16)}
     if resume_check.record is not None:
         results["resume"] = resume_check.record

@@ -1,5 +1,5 @@
-"""`IndexRefreshCallback`: keep REALM's cached doc embeddings fresh while `Trainer` moves the doc encoder; `StepTimerCallback`:
-steady-state step times and the MFU of a training step."""
+"""`IndexRefreshCallback`: keep REALM's cached doc embeddings fresh while `Trainer` moves the doc encoder.
+`StepTimerCallback`: steady-state step times and the MFU of a training step."""
 
 from __future__ import annotations
 
