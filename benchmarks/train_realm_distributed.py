@@ -100,10 +100,11 @@ def launcher() -> list[str]:
 
 def load_train_realm():
     """`examples/train_realm.py` as a module (its `tensor_sha256`, the digest the resumed run records)."""
-    spec = importlib.util.spec_from_file_location("train_realm_script", SCRIPT)
+    spec = importlib.util.spec_from_file_location("train_realm", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.modules.setdefault(spec.name, module)  # its dataclasses look their module up
+    spec.loader.exec_module(sys.modules[spec.name])
+    return sys.modules[spec.name]
 
 
 def plan(args) -> dict[str, dict]:
@@ -226,7 +227,8 @@ def scaling(runs: dict) -> dict:
 
 
 def fmt(value, spec):
-    return format(value, spec) if isinstance(value, (int, float)) else "-"
+    width = int(spec.split(".")[0])
+    return format(value, spec) if isinstance(value, (int, float)) else "-".rjust(width)
 
 
 def table(report: dict) -> str:
@@ -324,8 +326,11 @@ def main(argv=None):
                         "wall_seconds": wall + wall2})  # fmt: skip
             if code == 0:
                 resumed = _results(output_dir)
-                run["resume_check"] = check_resume(checkpoint, resumed.get("resume"), load_train_realm().tensor_sha256)
-                run["resume_check"]["final_step"] = resumed.get("global_step")
+                try:
+                    check = check_resume(checkpoint, resumed.get("resume"), load_train_realm().tensor_sha256)
+                except Exception as err:  # recorded, never fatal: the runs after this one still run
+                    check = {"passed": False, "error": repr(err)}
+                run["resume_check"] = {**check, "final_step": resumed.get("global_step")}
         results = _results(output_dir) if code == 0 else None
         run["results"] = summary(results)
         if results is not None:
