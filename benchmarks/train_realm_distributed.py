@@ -121,7 +121,8 @@ def plan(args) -> dict[str, dict]:
               "--ict_steps", str(args.ict_steps), "--ict_batch_size", str(2 * args.batch_size),
               "--ict_learning_rate", "1e-3" if args.tiny else "5e-5", "--learning_rate", args.learning_rate,
               "--retriever_learning_rate", "1e-5", "--warmup_steps", "20" if not args.tiny else "2",
-              "--refresh_steps", str(args.refresh_steps), "--monitor_steps", str(args.refresh_steps)]  # fmt: skip
+              "--refresh_steps", str(args.refresh_steps), "--monitor_steps", str(args.refresh_steps),
+              "--save_final_model", "false"]  # fmt: skip
     n, save = args.num_processes, 2 if args.tiny else 10
     resume = [*model, "--synthetic_blocks", str(args.resume_synthetic_blocks), "--ict_steps", str(min(20, args.ict_steps)),
               "--refresh_steps", str(save), "--monitor_steps", "0", "--save_strategy", "steps"]  # fmt: skip
@@ -129,7 +130,7 @@ def plan(args) -> dict[str, dict]:
                                               "--num_attention_heads", "12", "--intermediate_size", "3072"]  # fmt: skip
     base = [*base_size, "--synthetic_blocks", str(args.base_synthetic_blocks), "--ict_steps", "0",
             "--max_steps", str(args.base_max_steps), "--refresh_steps", str(args.base_max_steps // 2),
-            "--monitor_steps", "0"]  # fmt: skip
+            "--monitor_steps", "0", "--save_final_model", "false"]  # fmt: skip
     return {
         "a": {"n": n, "mode": "sync", "args": recipe, "what": "quality and timing, sharded sync refresh"},
         "b": {"n": 1, "mode": "sync", "args": recipe, "what": "1-process baseline of a"},

@@ -30,9 +30,9 @@ DDP runs with `find_unused_parameters=False` and does not broadcast BERT's const
 `--ddp_find_unused_parameters` / `--ddp_broadcast_buffers` say otherwise; `--ddp_bf16_grads` all-reduces the gradients
 in bf16 (`--ddp_bucket_cap_mb` sets the bucket size).
 
-Metrics go to `<output_dir>/all_results.json` (with the timing of the REALM phase: steady-state steps/s leaving out
-index refreshes, refresh seconds and blocks/s per process, and the MFU of the training step); the model (each sub-model loadable on its own) and its index to
-`<output_dir>`.
+Metrics go to `<output_dir>/all_results.json`, with the REALM phase's timing (steady-state steps/s leaving out index
+refreshes, refresh seconds and blocks/s per process, the MFU of the training step); the model (each sub-model
+loadable on its own) and its index to `<output_dir>`.
 """
 
 from __future__ import annotations
@@ -223,6 +223,9 @@ class RealmTrainingArguments(TrainingArguments):
     ddp_bf16_grads: bool = field(
         default=False,
         metadata={"help": "All-reduce the gradients in bf16 (DDP's bf16_compress_hook): half the traffic."},
+    )
+    save_final_model: bool = field(
+        default=True, metadata={"help": "Save the model, its index and the tokenizer to output_dir at the end."}
     )
     peak_tflops: float | None = field(
         default=None,
@@ -547,7 +550,7 @@ def _device_name(device) -> str:
 
 
 def timing_results(args, timer, refresh, monitor, num_blocks: int, in_run: list[dict]) -> dict:
-    """The REALM phase's distributed timing: steady steps/s without refreshes and checks, refreshes, MFU."""
+    """The REALM phase's timing: steady steps/s without refreshes, checks and saves, step time and MFU, refreshes."""
     world = args.world_size
     sharded = args.refresh_mode == "sync" and world > 1
     out = {"num_processes": world, "refresh_mode": args.refresh_mode, "refresh_sharded": sharded}
@@ -693,8 +696,9 @@ def main(argv: list[str] | None = None) -> dict:
         results["data"] = data.description
         results["total_seconds"] = time.time() - start
         results["process_cpu_seconds"] = time.process_time() - cpu_start
-        trainer.save_model(args.output_dir)
-        tokenizer.save_pretrained(args.output_dir)
+        if args.save_final_model:
+            trainer.save_model(args.output_dir)
+            tokenizer.save_pretrained(args.output_dir)
         with open(os.path.join(args.output_dir, "all_results.json"), "w") as f:
             json.dump(results, f, indent=2)
         logger.info("results:\n" + json.dumps(results, indent=2))
