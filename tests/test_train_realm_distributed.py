@@ -211,8 +211,11 @@ def test_driver_tiny_runs_every_run_and_writes_the_json(tmp_path, driver):
     for name, run in report["runs"].items():
         r = run["results"]
         assert run["returncode"] == 0 and r["num_processes"] == run["num_processes"], name
-        for key in ("train_steps_per_second", "steady_steps_per_second", "step_seconds", "flops_per_step_per_process",
-                    "final_refresh_blocks_per_second_per_process", "eval_recall@8", "eval_masked_span_accuracy"):  # fmt: skip
+        keys = ["train_steps_per_second", "flops_per_step_per_process", "final_refresh_blocks_per_second_per_process",
+                "eval_recall@8", "eval_masked_span_accuracy"]  # fmt: skip
+        # the resumed run's 3 steps hold a save, a refresh and the warm-up: no steady step left to time
+        keys += ["steady_steps_per_second", "step_seconds"] if name != "d" else []
+        for key in keys:
             assert isinstance(r[key], float), (name, key)
         assert r["refresh_seconds"], name
         assert "mfu" not in r  # no peak on the CPU
