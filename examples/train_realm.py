@@ -21,14 +21,23 @@ before training starts.
         --train_file cloze_train.jsonl --validation_file cloze_test.jsonl
     python examples/train_realm.py --corpus_file docs.parquet --bert_name_or_path minilm   # all-MiniLM-L6-v2 towers
     accelerate launch --num_processes 2 --cpu examples/train_realm.py --max_steps 100
+    NCCL_NVLS_ENABLE=0 accelerate launch --multi_gpu --num_processes 2 examples/train_realm.py --bf16 true \
+        --bert_name_or_path minilm --synthetic_blocks 2000000 --ddp_bf16_grads true   # 2 GPUs, sharded refresh
     python examples/train_realm.py config.json                # all arguments from a JSON / YAML file
 
-Metrics go to `<output_dir>/all_results.json`; the model (each sub-model loadable on its own) and its index to
-`<output_dir>`.
+Under several processes (DDP) the weights no pretraining forward uses are frozen (`freeze_unused_parameters`), so
+DDP runs with `find_unused_parameters=False` and does not broadcast BERT's constant buffers, unless
+`--ddp_find_unused_parameters` / `--ddp_broadcast_buffers` say otherwise; `--ddp_bf16_grads` all-reduces the gradients
+in bf16 (`--ddp_bucket_cap_mb` sets the bucket size).
+
+Metrics go to `<output_dir>/all_results.json`, with the REALM phase's timing (steady-state steps/s leaving out index
+refreshes, refresh seconds and blocks/s per process, the MFU of the training step); the model (each sub-model
+loadable on its own) and its index to `<output_dir>`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -38,7 +47,7 @@ from typing import Any, NamedTuple
 
 import torch
 import transformers
-from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from hf_realm import (
     DataCollatorForSalientSpanMasking,
@@ -46,8 +55,10 @@ from hf_realm import (
     KnowledgeWorld,
     RealmBlockIndex,
     RealmConfig,
+    RealmEmbedder,
     RealmForInverseClozeTask,
     RealmForMaskedLM,
+    RealmKnowledgeAugEncoder,
     RetrievalMonitorCallback,
     build_corpus,
     build_pretraining_examples,
@@ -59,6 +70,7 @@ from hf_realm import (
     train_reader_warm_start,
     train_wordpiece_tokenizer,
 )
+from hf_realm.callbacks import StepTimerCallback
 from hf_realm.masking import find_salient_spans
 from hf_realm.utils import MINILM, check_dependencies
 from hf_realm.utils import parse_args as parse_script_args
@@ -218,6 +230,17 @@ class RealmTrainingArguments(TrainingArguments):
     refresh_mode: str = field(default="sync", metadata={"help": "sync or async index refresh."})
     index_backend: str = field(default="auto", metadata={"help": "auto, torch, faiss or faiss-gpu."})
     embed_batch_size: int = 256
+    ddp_bf16_grads: bool = field(
+        default=False,
+        metadata={"help": "All-reduce the gradients in bf16 (DDP's bf16_compress_hook): half the traffic."},
+    )
+    save_final_model: bool = field(
+        default=True, metadata={"help": "Save the model, its index and the tokenizer to output_dir at the end."}
+    )
+    peak_tflops: float | None = field(
+        default=None,
+        metadata={"help": "The device's peak TFLOP/s for the MFU (default: bf16 dense of an H200/H100/A100 by name)."},
+    )
 
 
 def make_parser() -> HfArgumentParser:
@@ -292,8 +315,9 @@ def train_ict(model_args, args, config, corpus, tokenizer) -> RealmForInverseClo
         model = RealmForInverseClozeTask.from_bert(model_args.bert_name_or_path, **_realm_fields(config))
     else:
         model = RealmForInverseClozeTask(config)
-    if args.ict_steps == 0:
+    if args.ict_steps == 0 or args.resume_from_checkpoint:  # resuming: the checkpoint holds the trained weights
         return model
+    freeze_unused_parameters(model)
     ict_args = phase_args(
         args,
         output_dir=os.path.join(args.output_dir, "ict"),
@@ -303,6 +327,7 @@ def train_ict(model_args, args, config, corpus, tokenizer) -> RealmForInverseClo
         per_device_train_batch_size=args.ict_batch_size,
         warmup_steps=0,
         save_strategy="no",
+        **ddp_defaults(args),
     )
     result = train_inverse_cloze_task(model, corpus, tokenizer, ict_args)
     logger.info(f"ICT: {result.metrics}")
@@ -341,7 +366,12 @@ def world_data(data_args: DataArguments, model_args: ModelArguments) -> Pretrain
     world = KnowledgeWorld(
         num_entities=data_args.num_entities, seed=data_args.world_seed, templates=data_args.world_templates
     )
-    tokenizer = world.tokenizer(model_max_length=model_args.max_position_embeddings)
+    if model_args.bert_name_or_path:  # a pretrained encoder reads its own wordpieces, not the world's vocabulary
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_args.bert_name_or_path, model_max_length=model_args.max_position_embeddings
+        )
+    else:
+        tokenizer = world.tokenizer(model_max_length=model_args.max_position_embeddings)
     corpus = build_corpus(world.corpus(), tokenizer, block_seq_len=data_args.block_seq_len)
     pretraining = world.pretraining()
     chance = sum(world.chance_accuracy(r) for r in world.config.relations) / len(world.config.relations)
@@ -438,6 +468,111 @@ def own_data(data_args: DataArguments, model_args: ModelArguments, args) -> Pret
     )
 
 
+# -- multi-process training: DDP settings, step FLOPs and MFU, resume checks -----------------------------------------
+
+
+def freeze_unused_parameters(model) -> list[str]:
+    """Freeze the weights no pretraining forward (ICT or REALM) uses: the 4.x LM head every embedder keeps
+    (`cls.predictions`), the reader's pooler (the MLM head reads token states) and, when the reader's decoder is untied
+    (`tie_word_embeddings=False`), the head's own `bias` (the decoder adds its own). They get no gradient anyway;
+    frozen, DDP can run with `find_unused_parameters=False` (no graph search each step) and leaves them out of the
+    all-reduce. Returns the names frozen."""
+    unused = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, RealmEmbedder):
+            unused.update({f"{prefix}.cls.predictions.{n}": p for n, p in module.cls.predictions.named_parameters()})
+        elif isinstance(module, RealmKnowledgeAugEncoder):
+            pooler = module.realm.pooler
+            unused.update({f"{prefix}.realm.pooler.{n}": p for n, p in (pooler.named_parameters() if pooler else ())})
+            head = module.cls.predictions
+            if head.bias is not head.decoder.bias:
+                unused[f"{prefix}.cls.predictions.bias"] = head.bias
+    frozen = []
+    for name, param in unused.items():
+        if param.requires_grad:
+            param.requires_grad_(False)
+            frozen.append(name.lstrip("."))
+    return frozen
+
+
+def ddp_defaults(args) -> dict:
+    """`TrainingArguments` overrides for DDP over frozen unused weights: no unused-parameter search and no broadcast of
+    BERT's buffers (constant position / token type ids) before every forward, unless the user set them."""
+    overrides = {}
+    if args.ddp_find_unused_parameters is None:
+        overrides["ddp_find_unused_parameters"] = False
+    if args.ddp_broadcast_buffers is None:
+        overrides["ddp_broadcast_buffers"] = False
+    return overrides
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    t = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def bf16_grads_hook(process_group, bucket):
+    """DDP's `bf16_compress_hook` (gradients cast to bf16 and averaged, then cast back), under a name of its own: DDP
+    refuses the original by name on a torch built without CUDA, though gloo all-reduces bf16 too."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    return default_hooks.bf16_compress_hook(process_group, bucket)
+
+
+class DistributedSetupCallback(TrainerCallback):
+    """At the start of training, on the model `Trainer` wrapped in DDP (set `trainer`): registers bf16 gradient
+    compression when asked and records DDP's own settings (from its logging data, after any hook is registered)."""
+
+    def __init__(self, bf16_grads: bool):
+        self.bf16_grads, self.trainer, self.info = bf16_grads, None, {"ddp": False}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        wrapped = self.trainer.model_wrapped
+        if not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            return
+        if self.bf16_grads:
+            wrapped.register_comm_hook(None, bf16_grads_hook)
+        data = wrapped._get_ddp_logging_data()  # what DDP itself runs with
+        keys = ("find_unused_parameters", "broadcast_buffers", "bucket_cap_bytes", "comm_hook", "static_graph")
+        self.info = {"ddp": True, **{key: data.get(key) for key in keys}}
+
+
+class ResumeCheckCallback(TrainerCallback):
+    """When training resumes (after `Trainer` loaded the checkpoint's weights and [`IndexRefreshCallback`] its index):
+    SHA-256 of every weight and of the serving index embeddings, to check against the checkpoint's files."""
+
+    def __init__(self, index: RealmBlockIndex):
+        self.index, self.record = index, None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step > 0:
+            self.record = {
+                "step": state.global_step,
+                "index_embeddings_sha256": tensor_sha256(self.index.embeddings),
+                "weights_sha256": {name: tensor_sha256(t) for name, t in model.state_dict().items()},
+            }
+
+
+def _device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def timing_results(args, timer, refresh, monitor, num_blocks: int, in_run: list[dict]) -> dict:
+    """The REALM phase's timing: steady steps/s without refreshes, checks and saves, step time and MFU, refreshes."""
+    world = args.world_size
+    sharded = args.refresh_mode == "sync" and world > 1
+    out = {"num_processes": world, "refresh_mode": args.refresh_mode, "refresh_sharded": sharded}
+    out.update(timer.summary(refresh.refresh_windows, exclude_steps=[h["step"] for h in monitor.history]))
+    out["refresh_steps_done"] = [r["step"] for r in in_run]
+    out["refresh_seconds"] = [r["seconds"] for r in in_run]
+    if in_run:  # sync: sharded over the processes; async: every process embeds every block
+        mean = sum(out["refresh_seconds"]) / len(in_run)
+        out["refresh_blocks_per_second_per_process"] = num_blocks / mean / (world if sharded else 1)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     data_args, model_args, args = parse_args(argv)
     check_dependencies("examples/train_realm.py", [MINILM if model_args.bert_name_or_path == "minilm" else None])
@@ -474,20 +609,21 @@ def main(argv: list[str] | None = None) -> dict:
         # REALM starts both from BERT; from scratch, the ICT-trained BERT is the closest thing we have: the reader
         # starts with token representations that already match names between query and block.
         model.encoder.realm.load_state_dict(ict.embedder.realm.state_dict())
+    frozen = freeze_unused_parameters(model)
     device = args.device
     model.to(device)
     text_corpus = corpus  # the blocks of real text (synthetic fillers, if any, are appended after them)
-    if data_args.synthetic_blocks:
-        with args.main_process_first(desc="synthetic blocks"):
-            corpus = add_synthetic_blocks(
-                corpus,
-                data_args.synthetic_blocks,
-                min(data_args.block_seq_len, model_args.max_position_embeddings),
-                len(tokenizer),
-                tokenizer,
-                args.seed,
-            )
+    if data_args.synthetic_blocks:  # in memory, the same on every process: built by all at once
+        corpus = add_synthetic_blocks(
+            corpus,
+            data_args.synthetic_blocks,
+            min(data_args.block_seq_len, model_args.max_position_embeddings),
+            len(tokenizer),
+            tokenizer,
+            args.seed,
+        )
         logger.info(f"corpus: {len(corpus):,} blocks with {data_args.synthetic_blocks:,} synthetic ones")
+    build_start = time.time()
     index = RealmBlockIndex.build(
         corpus,
         model.embedder,
@@ -495,10 +631,11 @@ def main(argv: list[str] | None = None) -> dict:
         backend=args.index_backend,
         embed_kwargs={"show_progress": False},
     )
+    build_seconds = time.time() - build_start
     embed_kwargs = {"batch_size": args.embed_batch_size, "show_progress": False}
     model.index = index
     warmup_seconds = 0.0
-    if args.reader_warmup_steps:
+    if args.reader_warmup_steps and not args.resume_from_checkpoint:  # resuming: the checkpoint's reader is trained
         warmup_start = time.time()
         warm = train_reader_warm_start(
             model,
@@ -510,6 +647,7 @@ def main(argv: list[str] | None = None) -> dict:
                 max_steps=args.reader_warmup_steps,
                 lr_scheduler_type="constant_with_warmup",
                 save_strategy="no",
+                **ddp_defaults(args),
             ),
             max_length=model_args.max_position_embeddings // 2,
         )
@@ -532,15 +670,19 @@ def main(argv: list[str] | None = None) -> dict:
     scheduler = (
         realm_lr_scheduler(optimizer, args.warmup_steps, args.retriever_delay_steps) if args.realm_schedule else None
     )
-    realm_args = phase_args(args, output_dir=args.output_dir)
+    realm_args = phase_args(args, output_dir=args.output_dir, **ddp_defaults(args))
+    # the timer first: the refresh and the check other callbacks run at a step's end fall outside the step it times
+    timer = StepTimerCallback(model=model, peak_tflops=args.peak_tflops)
+    setup, resume_check = DistributedSetupCallback(args.ddp_bf16_grads), ResumeCheckCallback(index)
     trainer = Trainer(
         model=model,
         args=realm_args,
         train_dataset=data.train,
         data_collator=collator,
-        callbacks=[callback, monitor],
+        callbacks=[timer, callback, monitor, setup, resume_check],
         optimizers=(optimizer, scheduler),
     )
+    setup.trainer = trainer
     realm_start = time.time()
     train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     realm_seconds = time.time() - realm_start
@@ -555,6 +697,13 @@ def main(argv: list[str] | None = None) -> dict:
     results["index_refreshes"] = callback.num_refreshes
     results["index_staleness_at_end"] = trainer.state.global_step - callback.built_at_step
     results["monitor"] = monitor.history
+    in_run = list(callback.refresh_history)
+    results.update(timing_results(args, timer, callback, monitor, index.num_blocks, in_run))
+    results.update({"global_step": trainer.state.global_step, "initial_index_build_seconds": build_seconds})
+    results["device"] = _device_name(device)
+    results["ddp"] = {**setup.info, "frozen_unused_parameters": frozen, "bf16_autocast": bool(args.bf16)}
+    if resume_check.record is not None:
+        results["resume"] = resume_check.record
     heldout = data.test
     if data_args.max_eval_examples:
         heldout = heldout.select(range(min(data_args.max_eval_examples, len(heldout))))
@@ -563,7 +712,10 @@ def main(argv: list[str] | None = None) -> dict:
         results.update({f"eval_{k}": v for k, v in metrics.items()})
     # The same model with an index re-embedded by its final doc encoder: what refreshing buys at the end. Every
     # process takes part (the refresh is sharded across them).
-    callback.refresh(model.embedder, trainer.state.global_step)
+    if callback.refresh(model.embedder, trainer.state.global_step):
+        seconds = callback.refresh_history[-1]["seconds"]
+        results["final_refresh_seconds"] = seconds
+        results["final_refresh_blocks_per_second_per_process"] = index.num_blocks / seconds / args.world_size
     if args.process_index == 0:
         fresh = evaluate_masked_lm(model, heldout, eval_collator, batch_size=64)
         kept = ("recall", "log_prob", "masked_span_accuracy")
@@ -575,8 +727,9 @@ def main(argv: list[str] | None = None) -> dict:
         results["data"] = data.description
         results["total_seconds"] = time.time() - start
         results["process_cpu_seconds"] = time.process_time() - cpu_start
-        trainer.save_model(args.output_dir)
-        tokenizer.save_pretrained(args.output_dir)
+        if args.save_final_model:
+            trainer.save_model(args.output_dir)
+            tokenizer.save_pretrained(args.output_dir)
         with open(os.path.join(args.output_dir, "all_results.json"), "w") as f:
             json.dump(results, f, indent=2)
         logger.info("results:\n" + json.dumps(results, indent=2))

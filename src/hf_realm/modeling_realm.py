@@ -1416,6 +1416,10 @@ class RealmForMaskedLM(_QueryEmbedderMixin, RealmPreTrainedModel):
     ```
     """
 
+    # the loss is a mean over masked positions already: Trainer must not rescale it by `num_items_in_batch` (which it
+    # would, times the number of processes under DDP, for a forward that takes **kwargs)
+    accepts_loss_kwargs = False
+
     _tied_weights_keys = {
         "embedder.cls.predictions.decoder.bias": "embedder.cls.predictions.bias",
         "encoder.cls.predictions.decoder.weight": "encoder.realm.embeddings.word_embeddings.weight",

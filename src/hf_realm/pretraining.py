@@ -136,14 +136,18 @@ def train_inverse_cloze_task(model, corpus, tokenizer, training_args, *, query_m
 class _OwnBlockReader(torch.nn.Module):
     """Trainer-facing wrapper: the reader's MLM loss with each sentence's own block as its only document."""
 
+    accepts_loss_kwargs = False  # a mean already: no rescaling by `num_items_in_batch`
+
     def __init__(self, model):
         super().__init__()
-        self.model = model
+        # only the reader is a submodule: what Trainer optimises and DDP synchronises (the embedders get no gradient)
+        self.encoder = model.encoder
+        self._model = (model,)
 
     def forward(self, input_ids, attention_mask, labels, source_block_id, **unused):
         from transformers.utils import ModelOutput
 
-        return ModelOutput(loss=self.model.reader_mlm_loss(input_ids, attention_mask, labels, source_block_id))
+        return ModelOutput(loss=self._model[0].reader_mlm_loss(input_ids, attention_mask, labels, source_block_id))
 
 
 def train_reader_warm_start(model, corpus, tokenizer, training_args, *, max_length: int = 64, callbacks=None):
@@ -214,7 +218,6 @@ def train_reader_warm_start(model, corpus, tokenizer, training_args, *, max_leng
         train_dataset=examples,
         data_collator=collator,
         callbacks=callbacks,
-        optimizers=(torch.optim.AdamW(model.encoder.parameters(), lr=training_args.learning_rate), None),
     )
     return trainer.train()
 
