@@ -182,7 +182,7 @@ class ModelArguments:
 @dataclass
 class RealmTrainingArguments(TrainingArguments):
     output_dir: str = field(default="outputs/train_realm")
-    max_steps: int = field(default=1200, metadata={"help": "REALM steps (after ICT)."})
+    max_steps: int = field(default=800, metadata={"help": "REALM steps (after ICT and the reader warm start)."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Knowledge-augmented encoder learning rate."})
     retriever_learning_rate: float = field(
         default=1e-5,
@@ -198,7 +198,7 @@ class RealmTrainingArguments(TrainingArguments):
     report_to: list[str] | str | None = field(default_factory=list)
     remove_unused_columns: bool = False
     dataloader_drop_last: bool = True
-    ict_steps: int = field(default=800, metadata={"help": "Inverse Cloze Task steps warm-starting the retriever."})
+    ict_steps: int = field(default=400, metadata={"help": "Inverse Cloze Task steps warm-starting the retriever."})
     ict_learning_rate: float = 1e-3
     reader_warmup_steps: int = field(
         default=600,
@@ -208,7 +208,14 @@ class RealmTrainingArguments(TrainingArguments):
             "waiting a seed-dependent 250-700+ steps for it (0: no warm start)."
         },
     )
-    ict_batch_size: int = 32
+    ict_batch_size: int = field(
+        default=128,
+        metadata={
+            "help": "ICT batch size: the in-batch negatives. On the built-in world 128 (400 steps) starts REALM at "
+            "held-out recall@8 0.87-0.95 where 32 (800 steps) gives 0.77-0.83, matching on template words instead "
+            "of names."
+        },
+    )
     retriever_delay_steps: int = field(
         default=0,
         metadata={
