@@ -66,7 +66,7 @@ def parse_args(argv=None):
     sizes = {"synthetic_blocks": 2_000_000, "num_entities": 1000, "max_steps": 300, "ict_steps": 100,
              "refresh_steps": 150, "batch_size": 32, "block_seq_len": 128, "embed_batch_size": 1024,
              "max_eval_examples": 1000, "resume_synthetic_blocks": 20_000, "base_synthetic_blocks": 200_000,
-             "base_max_steps": 60}  # fmt: skip
+             "base_max_steps": 60, "reader_warmup_steps": 600}  # fmt: skip
     for name, default in sizes.items():
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--bert", default="minilm", help="--bert_name_or_path of runs a-e ('' for the script's default)")
@@ -83,6 +83,7 @@ def parse_args(argv=None):
         )
         args.batch_size, args.block_seq_len, args.embed_batch_size, args.max_eval_examples = 8, 32, 256, 16
         args.resume_synthetic_blocks, args.base_synthetic_blocks, args.base_max_steps = 200, 500, 6
+        args.reader_warmup_steps = 4
         args.bert, args.learning_rate = "", "1e-3"
     return args
 
@@ -121,7 +122,7 @@ def plan(args) -> dict[str, dict]:
     common = [*device, "--num_entities", str(args.num_entities), "--block_seq_len", str(args.block_seq_len),
               "--per_device_train_batch_size", str(args.batch_size), "--embed_batch_size", str(args.embed_batch_size),
               "--max_eval_examples", str(args.max_eval_examples), "--logging_steps", "50", "--disable_tqdm", "true",
-              "--save_strategy", "no", "--seed", "0"]  # fmt: skip
+              "--save_strategy", "no", "--seed", "0", "--reader_warmup_steps", str(args.reader_warmup_steps)]  # fmt: skip
     recipe = [*model, "--synthetic_blocks", str(args.synthetic_blocks), "--max_steps", str(args.max_steps),
               "--ict_steps", str(args.ict_steps), "--ict_batch_size", str(2 * args.batch_size),
               "--ict_learning_rate", "1e-3" if args.tiny else "5e-5", "--learning_rate", args.learning_rate,

@@ -224,7 +224,7 @@ def test_directories_written_by_the_examples(tmp_path):
     train = str(tmp_path / "train_realm")
     subprocess.run(
         [sys.executable, os.path.join(ROOT, "examples", "train_realm.py"), *tiny, "--hidden_size", "32",
-         "--intermediate_size", "37", "--retriever_proj_size", "16", "--num_candidates", "3", "--ict_steps", "2",
+         "--intermediate_size", "37", "--retriever_proj_size", "16", "--num_candidates", "3", "--ict_steps", "2", "--reader_warmup_steps", "2",
          "--ict_batch_size", "8", "--max_eval_examples", "8", "--share_embedders", "false", "--output_dir", train],
         check=True, env=env, capture_output=True, timeout=600,
     )  # fmt: skip

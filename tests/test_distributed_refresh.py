@@ -75,7 +75,7 @@ def test_train_realm_two_processes(tmp_path):
     cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--main_process_port", str(free_port()), "--mixed_precision",
            "no", "--dynamo_backend", "no", os.path.join(root, "examples", "train_realm.py"), "--use_cpu", "true",
-           "--num_entities", "100", "--max_steps", "10", "--ict_steps", "10", "--refresh_steps", "5",
+           "--num_entities", "100", "--max_steps", "10", "--ict_steps", "10", "--reader_warmup_steps", "4", "--refresh_steps", "5",
            "--max_eval_examples", "20", "--output_dir", str(tmp_path)]  # fmt: skip
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

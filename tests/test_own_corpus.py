@@ -45,7 +45,7 @@ TRAIN = [
 ]
 TINY_SCRIPT = [
     "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "4", "--intermediate_size", "37",
-    "--retriever_proj_size", "16", "--num_candidates", "3", "--max_position_embeddings", "64", "--ict_steps", "2",
+    "--retriever_proj_size", "16", "--num_candidates", "3", "--max_position_embeddings", "64", "--ict_steps", "2", "--reader_warmup_steps", "2",
     "--ict_batch_size", "2", "--max_steps", "3", "--per_device_train_batch_size", "2", "--refresh_steps", "2",
     "--monitor_steps", "2", "--vocab_size", "300", "--disable_tqdm", "true", "--seed", "0",
 ]  # fmt: skip
