@@ -367,3 +367,17 @@ def test_empty_answers_are_refused_with_a_clear_error():
         collator([{"question": "who wrote hamlet ?", "answers": []}])
     with pytest.raises(ValueError, match=r"example 0: no answer of \[''\] has any token"):
         collator([{"question": "who wrote hamlet ?", "answers": [""]}])
+
+
+def test_fingerprint_of_a_marian_size_embedding():
+    """58,101 x 512 weights (an opus-mt Marian embedding): float32 sample positions past 2**24 round the last one to n,
+    one past the end (an IndexError; a device-side assert on CUDA). Every sampled value is the tensor's value at
+    round(i (n - 1) / 15) in exact arithmetic, within the float32 spacing there, and the last is the last weight."""
+    n = 58101 * 512
+    weight = torch.arange(n, dtype=torch.float32) / n  # distinct values: a position error shows as a value error
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(weight)
+    values = np.asarray(model_fingerprint(module)["values"])
+    exact = np.round(np.arange(16, dtype=np.float64) * (n - 1) / 15)
+    assert values[-1] == weight[-1].item()
+    assert np.all(np.abs(values * n - exact) <= 2.0)  # float32 positions are 2 apart at 2**24..2**25

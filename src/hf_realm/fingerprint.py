@@ -119,7 +119,10 @@ def _sampled_fingerprint(model: nn.Module, samples_per_tensor: int) -> tuple[str
         n = flat.numel()
         if n == 0:
             continue
+        # float32 positions as the scheme was defined; past 2**24 elements the last one can round to n (out of range:
+        # an IndexError, a device-side assert on CUDA), so clamp: every position that was in range stays the same
         positions = torch.linspace(0, n - 1, steps=min(n, samples_per_tensor), device=flat.device).round().long()
+        positions = positions.clamp_(max=n - 1)
         names.append(f"{name}:{tuple(tensor.shape)}")
         values.append(flat[positions].float().cpu())
     sample = torch.cat(values).numpy().astype(np.float32) if values else np.zeros(0, np.float32)

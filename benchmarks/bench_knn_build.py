@@ -1,0 +1,138 @@
+"""kNN-MT datastore build throughput: `KNNDatastore.build` (teacher-forced forward, decoder states captured, streamed
+to disk) against a forward-only pass of the same model over the same batches, same run.
+
+Marian-size model (6+6 layers, d_model 512, 8 heads, FFN 2048, vocabulary 58,101; random weights), a pre-tokenised
+dataset of random source / target ids (``--num_examples`` pairs of ``--length`` tokens each), ``--batch_size`` pairs a
+batch. The forward-only pass does what the build does up to the forward (the same batch tensors, the same decoder
+inputs), and nothing after it; both end with a device synchronisation.
+
+    python benchmarks/bench_knn_build.py                                          # GPU
+    python benchmarks/bench_knn_build.py --num_examples 64 --batch_size 16 --device cpu --dtype float32   # smoke run
+
+Prints a table and writes ``--output`` (JSON). Target (kNN-MT at scale): build tokens/s >= 0.8 x forward tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
+
+import torch  # noqa: E402
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num_examples", type=int, default=8192)
+    p.add_argument("--length", type=int, default=32)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--d_model", type=int, default=512)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--vocab_size", type=int, default=58101)
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--output", default="outputs/bench_knn_build.json")
+    return p
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv=None) -> dict:
+    import datasets
+    from transformers import MarianConfig, MarianMTModel
+
+    from hf_realm import KNNDatastore
+    from hf_realm.knn_build import _batch_tensors, _decoder_inputs
+
+    args = make_parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    config = MarianConfig(
+        vocab_size=args.vocab_size, d_model=args.d_model, encoder_layers=args.layers, decoder_layers=args.layers,
+        encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=4 * args.d_model,
+        decoder_ffn_dim=4 * args.d_model, max_position_embeddings=512, pad_token_id=args.vocab_size - 1,
+        decoder_start_token_id=args.vocab_size - 1, eos_token_id=0, forced_eos_token_id=None,
+    )  # fmt: skip
+    model = MarianMTModel(config).to(device, dtype).eval()
+    ids = torch.randint(
+        1, args.vocab_size - 1, (args.num_examples, 2, args.length), generator=torch.Generator().manual_seed(0)
+    )
+    data = datasets.Dataset.from_dict(
+        {
+            "input_ids": ids[:, 0].tolist(),
+            "attention_mask": [[1] * args.length] * args.num_examples,
+            "labels": ids[:, 1].tolist(),
+        }  # fmt: skip
+    )
+    tokens = args.num_examples * args.length  # target tokens = datastore entries
+
+    @torch.no_grad()
+    def forward_only() -> float:
+        sync(device)
+        start = time.perf_counter()
+        for lo in range(0, args.num_examples, args.batch_size):
+            batch = data[lo : lo + args.batch_size]
+            inputs, targets = _batch_tensors(batch, None, True, True, None, None, None, None, config.pad_token_id)
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            model(**inputs, decoder_input_ids=_decoder_inputs(model, targets.to(device)), use_cache=False)
+        sync(device)
+        return time.perf_counter() - start
+
+    def build() -> tuple[float, int]:
+        with tempfile.TemporaryDirectory() as tmp:
+            sync(device)
+            start = time.perf_counter()
+            store = KNNDatastore.build(model, data, os.path.join(tmp, "store"), batch_size=args.batch_size,
+                                       progress=False)  # fmt: skip
+            sync(device)
+            seconds = time.perf_counter() - start
+            return seconds, len(store)
+
+    forward_only()  # warm-up (kernels, allocator)
+    rows = []
+    for r in range(args.repeats):
+        f = forward_only()
+        b, n = build()
+        if n != tokens:
+            raise RuntimeError(f"the build stored {n} entries, expected {tokens}")
+        rows.append({"repeat": r, "forward_seconds": f, "build_seconds": b, "forward_tokens_per_s": tokens / f,
+                     "build_tokens_per_s": tokens / b, "ratio": f / b})  # fmt: skip
+    best = {"forward_tokens_per_s": max(x["forward_tokens_per_s"] for x in rows),
+            "build_tokens_per_s": max(x["build_tokens_per_s"] for x in rows)}  # fmt: skip
+    best["ratio"] = best["build_tokens_per_s"] / best["forward_tokens_per_s"]
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__, "dtype": args.dtype,
+        "settings": vars(args), "entries": tokens, "rows": rows, "best": best,
+    }  # fmt: skip
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(report, f, indent=2)
+    print(
+        f"{report['device']}, {args.dtype}, {args.num_examples} pairs x {args.length} tokens, batch {args.batch_size}"
+    )
+    print("repeat  forward tok/s  build tok/s  build/forward")
+    for x in rows:
+        print(
+            f"{x['repeat']:>6}  {x['forward_tokens_per_s']:>13,.0f}  {x['build_tokens_per_s']:>11,.0f}  {x['ratio']:>13.2f}"
+        )
+    print(
+        f"  best  {best['forward_tokens_per_s']:>13,.0f}  {best['build_tokens_per_s']:>11,.0f}  {best['ratio']:>13.2f}"
+    )
+    return report
+
+
+if __name__ == "__main__":
+    main()
