@@ -23,7 +23,8 @@ import tempfile
 import time
 
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.join(os.path.dirname(_HERE), "src")]  # bench_knn's model, and this checkout's hf_realm
 
 import torch  # noqa: E402
 
@@ -50,7 +51,7 @@ def sync(device):
 
 def main(argv=None) -> dict:
     import datasets
-    from transformers import MarianConfig, MarianMTModel
+    from bench_knn import marian
 
     from hf_realm import KNNDatastore
     from hf_realm.knn_build import _batch_tensors, _decoder_inputs
@@ -58,14 +59,8 @@ def main(argv=None) -> dict:
     args = make_parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    config = MarianConfig(
-        vocab_size=args.vocab_size, d_model=args.d_model, encoder_layers=args.layers, decoder_layers=args.layers,
-        encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=4 * args.d_model,
-        decoder_ffn_dim=4 * args.d_model, max_position_embeddings=512, pad_token_id=args.vocab_size - 1,
-        decoder_start_token_id=args.vocab_size - 1, eos_token_id=0, forced_eos_token_id=None,
-    )  # fmt: skip
-    model = MarianMTModel(config).to(device, dtype).eval()
+    model = marian(args, device, dtype)  # the decoding benchmark's model
+    config = model.config
     ids = torch.randint(
         1, args.vocab_size - 1, (args.num_examples, 2, args.length), generator=torch.Generator().manual_seed(0)
     )

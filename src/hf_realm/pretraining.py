@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import re
@@ -208,6 +209,11 @@ def train_reader_warm_start(model, corpus, tokenizer, training_args, *, max_leng
             f"the corpus has {len(corpus)} blocks, more than the model's index ({model.index.num_blocks})"
         )
     check_tokenizer_fits(tokenizer, model)
+    if training_args.save_strategy != "no":
+        # the wrapper Trainer sees is no PreTrainedModel (its tied weights would stop a plain safetensors save): the
+        # trained reader is `model.encoder`, saved with the model
+        logger.warning("train_reader_warm_start keeps no checkpoints: training with save_strategy='no'")
+        training_args = dataclasses.replace(training_args, save_strategy="no")
     examples = build_pretraining_examples(corpus, None, tokenizer=tokenizer, max_length=max_length)
     collator = DataCollatorForSalientSpanMasking(
         tokenizer, strategy="salient", max_length=max_length, seed=training_args.seed
