@@ -41,7 +41,7 @@ from hf_realm import (
     build_corpus,
 )
 from hf_realm.loading import ADAPTER_MARKER_NAME
-from hf_realm.openqa import DataCollatorForOpenQA, evaluate_open_qa
+from hf_realm.openqa import DataCollatorForOpenQA, OpenQAEvalCallback, evaluate_open_qa
 from hf_realm.pretraining import optimizer_grouped_parameters, train_inverse_cloze_task
 from hf_realm.utils import FAISS, MINILM, check_dependencies
 from hf_realm.utils import parse_args as parse_script_args
@@ -55,6 +55,12 @@ class DataArguments:
     corpus_file: str | None = field(default=None, metadata={"help": "Corpus (json/jsonl/csv/parquet: text, title)."})
     train_file: str | None = field(default=None, metadata={"help": "Training questions (question, answers)."})
     eval_file: str | None = field(default=None, metadata={"help": "Evaluation questions (question, answers)."})
+    dev_file: str | None = field(
+        default=None,
+        metadata={"help": "Held-out questions evaluated every --dev_eval_steps while training (to see convergence)."},
+    )
+    dev_eval_steps: int = field(default=0, metadata={"help": "Steps between dev evaluations (0: only at the end)."})
+    max_dev_examples: int | None = None
     dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` QA dataset instead of files."})
     dataset_config_name: str | None = None
     train_split: str = "train"
@@ -226,6 +232,9 @@ def main(argv=None) -> dict:
         train = train.select(range(min(data_args.max_train_examples, len(train))))
     if data_args.max_eval_examples:
         test = test.select(range(min(data_args.max_eval_examples, len(test))))
+    dev = load_qa_split(data_args.dev_file, "validation", data_args) if data_args.dev_file else None
+    if dev is not None and data_args.max_dev_examples:
+        dev = dev.select(range(min(data_args.max_dev_examples, len(dev))))
     logger.info(f"{len(corpus)} blocks, {len(train)} training and {len(test)} evaluation questions")
 
     # 1. The retriever: a REALM checkpoint's embedder, or a BERT / fresh model warm-started with ICT.
@@ -307,21 +316,37 @@ def main(argv=None) -> dict:
     optimizer = torch.optim.AdamW(
         optimizer_grouped_parameters(model, args.learning_rate, args.retriever_learning_rate, args.weight_decay)
     )
+    match = "regex" if data_args.answers_are_regex else "string"
+    callbacks = []
+    if dev is not None:
+        callbacks.append(
+            OpenQAEvalCallback(
+                dev,
+                tokenizer,
+                data_args.dev_eval_steps,
+                batch_size=args.eval_batch_size,
+                match=match,
+                recall_ks=(5,),
+                max_question_length=data_args.max_question_length,
+            )
+        )
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train.select_columns(["question", "answers"]),
         data_collator=collator,
         optimizers=(optimizer, None),
+        callbacks=callbacks,
     )
     train_start = time.time()
     train_result = trainer.train()
     results = {"ict_seconds": ict_seconds, "finetune_seconds": time.time() - train_start, **train_result.metrics}
+    if callbacks:
+        results["dev_history"] = callbacks[0].history
 
     # 4. Evaluate: EM with retrieval, the same reader closed book, retrieval recall.
     if args.process_index == 0:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        match = "regex" if data_args.answers_are_regex else "string"
         metrics, predictions = evaluate_open_qa(
             base,
             test,

@@ -39,7 +39,7 @@ from .knn_pruning import (
 from .masking import NoSalientSpanWarning, SalientSpanMasker, find_salient_spans
 from .modeling_realm import *  # noqa: F403  (every name of modeling_realm.__all__)
 from .modeling_realm import RealmEmbedder, RealmForMaskedLM, RealmForOpenQA, RealmKnowledgeAugEncoder
-from .openqa import DataCollatorForOpenQA, evaluate_open_qa
+from .openqa import DataCollatorForOpenQA, OpenQAEvalCallback, evaluate_open_qa
 from .pretraining import (
     DataCollatorForInverseClozeTask,
     RetrievalMonitorCallback,
@@ -100,6 +100,7 @@ __all__ = [
     "embedder_fingerprint",
     "evaluate_masked_lm",
     "evaluate_open_qa",
+    "OpenQAEvalCallback",
     "exact_topk",
     "optimizer_grouped_parameters",
     "realm_lr_scheduler",

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from transformers import TrainerCallback
+from transformers.utils import logging
 
 from .checks import check_tokenizer_fits
 from .metrics import answer_hits, answer_metrics, gold_block_hits, recall_at_k
+
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -177,4 +183,55 @@ def evaluate_open_qa(
     return metrics, records
 
 
-__all__ = ["DataCollatorForOpenQA", "evaluate_open_qa"]
+class OpenQAEvalCallback(TrainerCallback):
+    r"""
+    Evaluates open-QA exact match and recall on held-out questions every `eval_steps` optimizer steps (and at the end
+    of training), on the main process, so a run shows whether it has converged. Each result is logged (`dev_*`
+    keys) and kept in `history`.
+
+    Args:
+        dataset: Rows with `question` and `answers` (and optionally `gold_block_id`), as [`evaluate_open_qa`] reads.
+        tokenizer: The model's tokenizer.
+        eval_steps (`int`): Evaluate every this many steps (0: only at the end).
+        kwargs: Passed to [`evaluate_open_qa`] (`batch_size`, `match`, `recall_ks`, `max_question_length`).
+
+    Example:
+
+    ```python
+    >>> import datasets
+    >>> from hf_realm.openqa import OpenQAEvalCallback
+    >>> dev = datasets.Dataset.from_list([{"question": "who wrote hamlet ?", "answers": ["shakespeare"]}])
+    >>> callback = OpenQAEvalCallback(dev, tokenizer=None, eval_steps=100, batch_size=32)
+    >>> callback.eval_steps, callback.history
+    (100, [])
+    ```
+    """
+
+    def __init__(self, dataset, tokenizer, eval_steps: int, **kwargs):
+        if eval_steps < 0:
+            raise ValueError(f"eval_steps must be >= 0, got {eval_steps}")
+        self.dataset, self.tokenizer, self.eval_steps, self.kwargs = dataset, tokenizer, eval_steps, kwargs
+        self.history: list[dict] = []
+
+    def _evaluate(self, args, state, model):
+        if not state.is_world_process_zero or (self.history and self.history[-1]["step"] == state.global_step):
+            return
+        from transformers.modeling_utils import unwrap_model
+        from transformers.trainer_utils import unwrap_peft_model
+
+        base = unwrap_peft_model(unwrap_model(model))
+        metrics, _ = evaluate_open_qa(base, self.dataset, self.tokenizer, **self.kwargs)
+        record = {"step": state.global_step, "epoch": state.epoch, **metrics}
+        self.history.append(record)
+        logger.info(f"held-out open QA at step {state.global_step}: " + json.dumps(record))
+        state.log_history.append({f"dev_{k}": v for k, v in record.items() if k not in ("step", "epoch")})
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.eval_steps and state.global_step % self.eval_steps == 0:
+            self._evaluate(args, state, model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._evaluate(args, state, model)
+
+
+__all__ = ["DataCollatorForOpenQA", "OpenQAEvalCallback", "evaluate_open_qa"]

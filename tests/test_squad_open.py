@@ -1,0 +1,156 @@
+"""SQuAD-open preparation (distractors, a dev split by article), the held-out evaluation callback of fine-tuning, and
+the paired bootstrap of `benchmarks/squad_open.py`."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from transformers import Trainer
+
+from hf_realm import OpenQAEvalCallback
+from hf_realm.openqa import DataCollatorForOpenQA, evaluate_open_qa
+
+from .conftest import tiny_training_args
+from .test_openqa import QUESTIONS, models
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(path, name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+prepare = load("examples/prepare_squad_open.py", "prepare_squad_open")
+squad_open = load("benchmarks/squad_open.py", "squad_open_benchmark")
+
+WIKITEXT = "\n".join(  # wikitext-2's layout: a space at both ends of every line
+    f" {line} "
+    for line in [
+        "",
+        "= Homarus gammarus =",
+        "",
+        "Homarus gammarus is a species of <unk> lobster . It may grow to 0 @.@ 6 m and 6 @,@ 000 g . It is blue @-@ black .",
+        "",
+        "= = Description = =",
+        "",
+        "One sentence without an end",
+        "= Valley =",
+        "",
+        "A b c . D e f g h i j . K .",
+    ]
+)
+
+
+def squad_file(tmp_path, num_articles=10):
+    data = []
+    for a in range(num_articles):
+        paragraphs = [
+            {
+                "context": f"article {a} paragraph {p} says the answer is x{a}y{p} .",
+                "qas": [
+                    {"question": f"what is {a} {p} {q} ?", "answers": [{"text": f"x{a}y{p}"}] * 2} for q in (0, 1)
+                ],
+            }
+            for p in range(2)
+        ]
+        data.append({"title": f"Article_{a}", "paragraphs": paragraphs})
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps({"data": data}))
+    return path
+
+
+def read(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_wikitext_paragraphs(tmp_path):
+    path = tmp_path / "wiki.txt"
+    path.write_text(WIKITEXT)
+    got = list(prepare.wikitext_paragraphs(str(path), max_words=6))
+    assert got == [
+        (
+            "Homarus gammarus",
+            "Homarus gammarus is a species of lobster .",
+        ),  # <unk> dropped; a sentence longer than 6 words stays whole
+        ("Homarus gammarus", "It may grow to 0.6 m and 6,000 g ."),
+        ("Homarus gammarus", "It is blue-black ."),
+        ("Homarus gammarus", "One sentence without an end"),  # a section heading does not change the title
+        ("Valley", "A b c ."),
+        ("Valley", "D e f g h i j ."),
+        ("Valley", "K ."),
+    ]
+    assert [len(t.split()) for _, t in prepare.wikitext_paragraphs(str(path), max_words=100)] == [22, 5, 14]
+    with pytest.raises(FileNotFoundError, match="no file"):
+        list(prepare.wikitext_paragraphs(str(tmp_path / "missing.txt"), 10))
+
+
+def test_prepare_with_distractors_and_dev(tmp_path):
+    squad = squad_file(tmp_path)
+    wiki = tmp_path / "wiki.txt"
+    wiki.write_text(WIKITEXT)
+    plain = prepare.main(["--squad_path", str(squad), "--output_dir", str(tmp_path / "plain")])
+    full = prepare.main(
+        ["--squad_path", str(squad), "--output_dir", str(tmp_path / "full"), "--dev_fraction", "0.25",
+         "--distractors", f"{wiki},{wiki}", "--max_distractor_words", "100"]
+    )  # fmt: skip
+    assert plain["blocks"] == 20 and full["blocks"] == 20 + 6 and full["distractor_blocks"] == 6
+    # the test split does not move when a dev split and distractors are added
+    assert read(tmp_path / "plain" / "test.jsonl") == read(tmp_path / "full" / "test.jsonl")
+    assert (full["test_articles"], full["dev_articles"], full["dev_questions"]) == (2, 2, 8)
+    corpus = read(tmp_path / "full" / "corpus.jsonl")
+    assert [c["block_id"] for c in corpus] == list(range(26))
+    assert [c["doc_id"] for c in corpus[20:]] == [10, 10, 11, 10, 10, 11]  # one document per article (of a file)
+    articles = {}
+    for split in ("train", "dev", "test"):
+        for q in read(tmp_path / "full" / f"{split}.jsonl"):
+            block = corpus[q["gold_block_id"]]
+            assert q["answers"] == [q["answers"][0]] and q["answers"][0] in block["text"]
+            articles.setdefault(block["doc_id"], set()).add(split)
+    assert all(len(splits) == 1 for splits in articles.values())
+    assert not (tmp_path / "plain" / "dev.jsonl").exists()
+
+
+def test_paired_bootstrap():
+    rng = np.random.default_rng(0)
+    first = (rng.random(2000) < 0.4).astype(float)
+    second = np.where(rng.random(2000) < 0.8, first, (rng.random(2000) < 0.6).astype(float))
+    got = squad_open.paired_bootstrap(first, second, samples=4000)
+    diff = (second - first) * 100
+    assert got["difference"] == pytest.approx(diff.mean(), abs=1e-12)
+    se = diff.std(ddof=1) / np.sqrt(len(diff))  # the normal approximation the percentile interval must be close to
+    assert got["ci95"][0] == pytest.approx(diff.mean() - 1.96 * se, abs=0.15 * se * 1.96)
+    assert got["ci95"][1] == pytest.approx(diff.mean() + 1.96 * se, abs=0.15 * se * 1.96)
+    with pytest.raises(ValueError, match="same questions"):
+        squad_open.paired_bootstrap(first, second[:-1], samples=10)
+
+
+def test_eval_callback_records_what_evaluate_open_qa_gives(tokenizer, tmp_path):
+    _, model = models(tokenizer)
+    model.train()
+    dev = datasets.Dataset.from_list(QUESTIONS)
+    callback = OpenQAEvalCallback(dev, tokenizer, eval_steps=2, batch_size=3)
+    trainer = Trainer(
+        model=model,
+        args=tiny_training_args(tmp_path / "run", max_steps=3, disable_tqdm=True),
+        train_dataset=dev,
+        data_collator=DataCollatorForOpenQA(tokenizer),
+        callbacks=[callback],
+    )
+    trainer.train()
+    assert [h["step"] for h in callback.history] == [2, 3]  # every 2 steps, and at the end
+    with torch.no_grad():
+        want, _ = evaluate_open_qa(model, dev, tokenizer, batch_size=3)
+    assert {k: callback.history[-1][k] for k in want} == want
+    assert any("dev_exact_match" in entry for entry in trainer.state.log_history)
+    with pytest.raises(ValueError, match="eval_steps"):
+        OpenQAEvalCallback(dev, tokenizer, eval_steps=-1)
