@@ -23,6 +23,7 @@ from hf_realm import (
     SalientSpanMasker,
     build_corpus,
     build_pretraining_examples,
+    corpus_sentences,
     evaluate_masked_lm,
     load_text_dataset,
     train_wordpiece_tokenizer,
@@ -90,6 +91,14 @@ def test_build_pretraining_examples_spans_sources_and_gold(tokenizer):
     assert "source_block_id" in batch and "gold_block_id" in batch
 
 
+def test_corpus_sentences_without_words_are_left_out(tokenizer):
+    corpus = build_corpus([{"text": "Ada wrote the notes in 1843. , , ) . - - - - . It ran."}], tokenizer)
+    assert corpus_sentences(corpus)["text"] == ["Ada wrote the notes in 1843."]
+    collator = DataCollatorForSalientSpanMasking(tokenizer, max_length=32, seed=0)
+    with pytest.raises(ValueError, match="nothing to mask"):  # what training met before they were left out
+        collator([{"text": ", , ) ."}])
+
+
 def test_no_salient_span_warns_once_with_a_count(tokenizer):
     corpus = build_corpus(DOCS, tokenizer, block_seq_len=32)
     rows = [{"text": "was born in the city"}, {"text": "Ada wrote notes"}, {"text": "she wrote the notes"}]
@@ -116,6 +125,7 @@ def test_no_salient_span_warns_once_with_a_count(tokenizer):
         ("blank_corpus", ValueError, r"corpus '.*blank\.jsonl' gives no block"),
         ("span_not_found", ValueError, r"train '.*train\.jsonl', row 1: span 'Paris' is not in its text"),
         ("no_maskable_span", ValueError, r"validation file '.*validation\.jsonl', row 0: nothing to mask"),
+        ("no_word", ValueError, r"train '.*train\.jsonl', row 1: nothing to mask in ', , \) \.': no word"),
         ("unknown_type", ValueError, r"corpus file '.*corpus\.xml': unknown type '\.xml'"),
     ],
 )
@@ -136,6 +146,8 @@ def test_bad_data_fails_before_training(tmp_path, train_realm, monkeypatch, case
         args["--corpus_file"] = write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}, {"text": "  "}])
     elif case == "span_not_found":
         write_jsonl(tmp_path / "train.jsonl", [TRAIN[0], {"text": "Alan Turing was born in London.", "span": "Paris"}])
+    elif case == "no_word":  # wikitext after dropping its <unk> tokens: the collator would fail mid-training
+        write_jsonl(tmp_path / "train.jsonl", [TRAIN[0], {"text": ", , ) ."}])
     elif case == "no_maskable_span":
         write_jsonl(tmp_path / "validation.jsonl", [{"text": "she was born in the city"}])
     elif case == "unknown_type":

@@ -10,7 +10,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .masking import NoSalientSpanWarning, find_salient_spans
+from .masking import NoSalientSpanWarning, find_salient_spans, find_word_spans
 from .pretraining import split_sentences
 
 
@@ -130,7 +130,8 @@ def corpus_sentences(corpus, min_words: int = 4):
 
     Args:
         corpus (`datasets.Dataset`): Blocks with `block_id` and `text` (as [`build_corpus`] returns).
-        min_words (`int`, *optional*, defaults to 4): Shorter sentences (headings, fragments) are skipped.
+        min_words (`int`, *optional*, defaults to 4): Sentences with fewer words (headings, fragments, runs of
+            punctuation) are skipped; a word holds a letter or digit.
 
     Returns:
         `datasets.Dataset` with columns `text` and `source_block_id`.
@@ -140,7 +141,7 @@ def corpus_sentences(corpus, min_words: int = 4):
     texts, sources = [], []
     for block_id, text in zip(corpus["block_id"], corpus["text"], strict=True):
         for sentence in split_sentences(text or ""):
-            if len(sentence.split()) >= min_words:
+            if len(find_word_spans(sentence)) >= min_words:
                 texts.append(sentence)
                 sources.append(int(block_id))
     return datasets.Dataset.from_dict(
@@ -288,6 +289,12 @@ def build_pretraining_examples(
             raise ValueError(
                 f"{name}, row {i}: the span to mask {text[start:end]!r} ends at character {end}, after the last one "
                 f"kept by truncation to max_length={max_length} tokens ({limit}); shorten the text"
+            )
+        if start < 0 and not any(w.end <= limit for w in find_word_spans(text)):
+            # the collator could not even fall back to a random span: it would fail in the middle of training
+            raise ValueError(
+                f"{name}, row {i}: nothing to mask in {text!r}: no word (letters or digits) within the first "
+                f"{max_length or 'all'} tokens"
             )
         if start < 0 and not any(s.end <= limit for s in find_salient_spans(text)):
             if require_span:
