@@ -613,6 +613,30 @@ def test_nan_states_raise():
         KNNDatastore.build(model, random_texts(2), _tmp_dir(), progress=False)
 
 
+def test_nan_in_a_later_batch_leaves_the_previous_store(tmp_path):
+    """Rows are written on a background thread while the next batch runs: a bad batch after good ones still fails
+    the build, names its examples, and leaves the datastore already at the path as it was."""
+    model = tiny_gpt2()
+    target = tmp_path / "store"
+    KNNDatastore.build(model, random_texts(3, seed=1), target, progress=False)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    calls = []
+
+    def third_batch_nan(module, args, output):
+        calls.append(1)
+        return output.masked_fill(torch.ones_like(output, dtype=torch.bool), float("nan")) if len(calls) == 3 else None
+
+    handle = model.transformer.ln_f.register_forward_hook(third_batch_nan)
+    try:
+        with pytest.raises(ValueError, match=r"non-finite hidden states .* examples 4\.\.5"):
+            KNNDatastore.build(model, random_texts(9), target, batch_size=2, progress=False)
+    finally:
+        handle.remove()
+    assert len(calls) >= 3
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(os.listdir(tmp_path)) == ["store"]  # no staging directory left behind
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Adaptive retrieval and kNN-LM perplexity
 # ----------------------------------------------------------------------------------------------------------------------

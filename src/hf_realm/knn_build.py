@@ -299,6 +299,7 @@ def _build_shard(
     if pad_id is None:
         pad_id = model.config.pad_token_id if getattr(model.config, "pad_token_id", None) is not None else 0
     bar = tqdm(total=end - start, desc="kNN datastore", unit="ex", disable=not progress)
+    rows_out = _OrderedRowWriter(writer)
     try:
         with KNNQueryHook(model, capture="all") as hook:
             for lo in range(start, end, batch_size):
@@ -307,27 +308,76 @@ def _build_shard(
                 inputs, targets = _batch_tensors(
                     batch, tokenizer, is_enc_dec, pretokenized, src_col, tgt_col, text_col, max_length, pad_id
                 )
-                inputs = {k: v.to(device) for k, v in inputs.items()}
+                inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
                 if is_enc_dec:
-                    dec = _decoder_inputs(model, targets.to(device))
+                    dec = _decoder_inputs(model, targets.to(device, non_blocking=True))
                     model(**inputs, decoder_input_ids=dec, use_cache=False)
                 else:
                     model(**inputs, use_cache=False)
-                states = hook.state  # (b, t, d)
-                targets = targets.to(device)
+                states = hook.state  # (b, t, d), on the device
                 if states.shape[:2] != targets.shape:
                     raise RuntimeError(f"captured states {tuple(states.shape[:2])} != targets {tuple(targets.shape)}")
-                mask = targets != -100
-                rows, cols = mask.nonzero(as_tuple=True)
-                keys = states[rows, cols]
-                if not torch.isfinite(keys).all():
-                    raise ValueError(f"the model produced non-finite hidden states for examples {lo}..{hi - 1}")
-                provenance = torch.stack([rows + lo, cols], dim=1)
-                writer.add(keys.float().cpu().numpy(), targets[rows, cols].cpu().numpy(), provenance.cpu().numpy())
+                # Which positions are stored is known on the host (targets live there): no device sync. The rows are
+                # gathered and cast to the stored float16 on the device, copied back asynchronously, and written by
+                # a background thread while the device runs the next batch.
+                rows, cols = (targets != -100).nonzero(as_tuple=True)
+                index = (rows.to(device, non_blocking=True), cols.to(device, non_blocking=True))
+                keys = states[index].to(torch.float16)
+                finite = torch.isfinite(keys).all()
+                values = targets[rows, cols].numpy()
+                provenance = torch.stack([rows + lo, cols], dim=1).numpy()
+                rows_out.submit(keys, finite, values, provenance, f"examples {lo}..{hi - 1}")
                 bar.update(hi - lo)
+        rows_out.finish()
     finally:
+        rows_out.close()
         bar.close()
         model.train(was_training)
+
+
+class _OrderedRowWriter:
+    """Adds each batch's rows to a [`KNNDatastoreWriter`] on one background thread, in submission order, so the host's
+    copy-back, checks and file writes overlap the device's next forward. At most `max_in_flight` batches wait; an error
+    on the thread is raised in the caller at the next `submit` or at `finish`."""
+
+    def __init__(self, writer: KNNDatastoreWriter, max_in_flight: int = 3):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.writer, self.max_in_flight = writer, max_in_flight
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="knn-datastore-writer")
+        self._pending = deque()
+
+    def submit(self, keys: torch.Tensor, finite: torch.Tensor, values, provenance, where: str) -> None:
+        if keys.device.type == "cuda":
+            keys, finite = keys.to("cpu", non_blocking=True), finite.to("cpu", non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            keys, finite, done = keys.cpu(), finite.cpu(), None
+        while len(self._pending) >= self.max_in_flight:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._add, keys, finite, values, provenance, where, done))
+
+    def _add(self, keys, finite, values, provenance, where, done) -> None:
+        if done is not None:
+            done.synchronize()
+        if not bool(finite):
+            raise ValueError(
+                f"the model produced non-finite hidden states (NaN, or beyond float16's +-65504) for {where}"
+            )
+        self.writer.add(keys.numpy(), values, provenance)
+
+    def finish(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        """Waits for the thread (after an error: drops what has not started) and stops it."""
+        for future in self._pending:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        self._pending.clear()
 
 
 def build_datastore(cls, model: nn.Module, dataset, save_directory: str | os.PathLike, *, tokenizer=None,
