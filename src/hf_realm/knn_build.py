@@ -80,7 +80,7 @@ class _NpyAppender:
             raise ValueError(
                 f"rows of shape {array.shape[1:]} appended to {self.path.name}, expected {self.row_shape}"
             )
-        self._file.write(array.tobytes())
+        self._file.write(memoryview(array).cast("B"))  # no copy of the rows
         self.rows += array.shape[0]
 
     def close(self) -> None:
@@ -139,9 +139,11 @@ class KNNDatastoreWriter:
             raise ValueError(f"keys of shape {keys.shape}, expected (n, {self.key_dim})")
         if values.shape != (n,) or provenance.shape != (n, 2):
             raise ValueError(f"got {n} keys, values of shape {values.shape}, provenance of shape {provenance.shape}")
-        keys16 = keys.astype(np.float16)
-        if not np.isfinite(keys16).all():
-            bad = int((~np.isfinite(keys16)).any(axis=1).sum())
+        keys16 = keys.astype(np.float16, copy=False)
+        # float16 with an all-ones exponent is inf or NaN: checked on the bits (numpy's float16 math is emulated, slow)
+        non_finite = (np.ascontiguousarray(keys16).view(np.uint16) & 0x7C00) == 0x7C00
+        if non_finite.any():
+            bad = int(non_finite.any(axis=1).sum())
             raise ValueError(f"{bad} of {n} keys are not finite in float16 (NaN states, or values beyond +-65504)")
         if n and (values.min() < 0 or values.max() > np.iinfo(np.int32).max):
             raise ValueError(f"values must be token ids in [0, 2^31), got range [{values.min()}, {values.max()}]")
