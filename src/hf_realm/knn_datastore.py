@@ -50,15 +50,17 @@ from .knn_build import (
 from .search import (
     BackendConfig,
     FaissBackend,
+    PQBackend,
     PQCodes,
     PQSearchConfig,
+    TorchBackend,
     TorchSearchConfig,
     backend_config,
     pq_decode,
 )
 
 
-_INDEX_TYPES = ("auto", "torch", "faiss-flat", "faiss-ivfpq")
+_INDEX_TYPES = ("auto", "torch", "faiss-flat", "faiss-ivfpq", "torch-ivf")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -399,6 +401,8 @@ class KNNDatastore:
                 `"torch"`: exact search on ``device`` (keys in fp16 on the GPU, fp32 on the CPU; exact either way: the
                 candidates are rescored in float64 from the fp16 keys, see `hf_realm.search.rescore`).
                 `"faiss-flat"`: exact faiss search on the CPU. `"faiss-ivfpq"`: approximate, for large stores.
+                `"torch-ivf"`: approximate, inverted lists over the keys on ``device`` with exact re-ranking
+                ([`~hf_realm.search.IVFSearchConfig`]; opt-in: `"auto"` does not choose it).
                 `"auto"`: `"torch"` on a GPU when the keys fit in 80% of its free memory, or on the CPU up to 2M
                 entries; `"faiss-ivfpq"` otherwise. Product-quantised stores are searched over their codes
                 (`"torch"` / `"auto"`, [`~hf_realm.search.PQSearchConfig`]).
@@ -408,6 +412,7 @@ class KNNDatastore:
                 faiss-ivfpq: `nlist` (default `4 * sqrt(n)`), `m` (sub-quantisers, default `key_dim / 8`), `nbits`
                 (8), `nprobe` (32), `rerank` (re-score `rerank * k` candidates exactly from the stored keys; 0 = off,
                 default 4), `train_size` (entries used to train, default 256 * nlist).
+                torch-ivf: the fields of [`~hf_realm.search.IVFSearchConfig`] (`nlist`, `nprobe`, `rerank`, ...).
         """
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -425,6 +430,8 @@ class KNNDatastore:
             options = dict(options)
             if name == "faiss-ivfpq":
                 options.setdefault("rerank", 4)
+            if name == "torch-ivf":
+                options.setdefault("device", device)
             config = self._config_from_name(name, options)
         if self.pq is not None and not isinstance(config, PQSearchConfig):
             raise ValueError(
@@ -555,11 +562,13 @@ class KNNDatastore:
             raise ValueError(f"query dim {q.shape[-1]} != datastore key dim {self.key_dim}")
         backend = self._search_backend(_as_device(q.device))
         sqdist, ids = backend.search(q, int(k))
-        if isinstance(backend, FaissBackend) and bool((ids < 0).any()):
-            nprobe = (getattr(backend.config, "search_params", None) or {}).get("nprobe")
+        if not isinstance(backend, (TorchBackend, PQBackend)) and bool((ids < 0).any()):  # approximate backends
+            nprobe = getattr(backend, "nprobe", None)
+            if nprobe is None:
+                nprobe = (getattr(backend.config, "search_params", None) or {}).get("nprobe")
             raise RuntimeError(
-                f"the faiss index returned fewer than {k} neighbours for some queries; raise nprobe (now {nprobe}) "
-                "or lower k"
+                f"the {type(backend).__name__} index returned fewer than {k} neighbours for some queries; raise nprobe "
+                f"(now {nprobe}) or lower k"
             )
         return sqdist.to(q.device), ids.to(q.device)
 

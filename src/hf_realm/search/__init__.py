@@ -4,7 +4,8 @@
   ``add`` / ``replace`` keys, ``save`` its own state, ``nbytes``. Metrics `"inner_product"` and `"l2"`.
 - backends, each built from a small config dataclass: [`TorchSearchConfig`] (exact, keys resident on a device, the
   fused Triton kernel on GPU, float64 rescoring so that fp16 storage stays exact), [`FaissSearchConfig`] (flat, any
-  index-factory string, GPU), [`PQSearchConfig`] (product-quantised keys). [`backend_config`] maps the package's
+  index-factory string, GPU), [`PQSearchConfig`] (product-quantised keys), [`IVFSearchConfig`] (`"torch-ivf"`:
+  approximate, inverted lists over keys on one device, exact re-ranking; [`ivf_recall`] measures it). [`backend_config`] maps the package's
   backend names onto them; [`register_backend`] adds a new one.
 - [`exact_topk`]: exact dense top-k (maximum inner product, or L2 through ``key_bias``) in torch, with a fused Triton
   kernel on GPU.
@@ -16,6 +17,8 @@ from .base import BACKENDS, METRICS, BackendConfig, SearchBackend, register_back
 from .exact import TRITON_MAX_K, exact_topk, triton_available, tuning_log
 from .faiss_backend import FaissBackend, FaissSearchConfig
 from .faiss_utils import faiss_available, faiss_gpu_available, import_faiss
+from .ivf import IVFBackend, IVFSearchConfig, ivf_recall
+from .kmeans import kmeans
 from .pq import PQBackend, PQCodes, PQSearchConfig, pq_decode
 from .sharded import shard_range, sharded_search
 from .torch_backend import TorchBackend, TorchSearchConfig
@@ -28,6 +31,8 @@ __all__ = [
     "BackendConfig",
     "FaissBackend",
     "FaissSearchConfig",
+    "IVFBackend",
+    "IVFSearchConfig",
     "PQBackend",
     "PQCodes",
     "PQSearchConfig",
@@ -40,6 +45,8 @@ __all__ = [
     "faiss_available",
     "faiss_gpu_available",
     "import_faiss",
+    "ivf_recall",
+    "kmeans",
     "pq_decode",
     "register_backend",
     "shard_range",

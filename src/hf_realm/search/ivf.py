@@ -1,0 +1,270 @@
+"""IVF: an approximate search over keys resident on one device, for stores past what an exact scan serves fast.
+
+The keys are clustered by a seeded k-means (`hf_realm.search.kmeans`) into ``nlist`` lists and stored list by list
+(fp16 on CUDA). A query scores the list centroids, reads the keys of its ``nprobe`` best lists, ranks them in fp32,
+and re-ranks its best ``rerank * k`` in float64 from the source keys: the scores returned are exact, and so is the
+order of what was found; what is approximate is which lists are read. [`ivf_recall`] measures that against an exact
+backend. With ``nprobe = nlist`` every key is read and the answer equals an exact search's (up to fp32 near-ties
+outside the re-ranked candidates).
+
+A query whose probed lists hold fewer than ``k`` keys gets id ``-1`` (and ``-inf`` score / ``+inf`` distance) in the
+remaining slots, as the search contract says for approximate backends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from .base import BackendConfig, as_tensor, check_metric, check_search_args, register_backend
+from .kmeans import kmeans
+from .rescore import exact_scores, sort_best_first
+from .torch_backend import _lossless
+
+
+@register_backend
+@dataclasses.dataclass
+class IVFSearchConfig(BackendConfig):
+    r"""An inverted-file search over keys on one device ([`IVFBackend`]).
+
+    Args:
+        nlist (`int`, *optional*): Lists (k-means clusters); default ``round(4 * sqrt(num_keys))``, at most the keys.
+        nprobe (`int`, *optional*, defaults to 32): Lists read per query (capped at ``nlist``).
+        device (`str`, `int` or `torch.device`, *optional*): Where the keys live (default: CUDA when available).
+        dtype (`torch.dtype`, *optional*): Storage dtype of the keys (default fp16 on CUDA, fp32 on the CPU).
+        train_size (`int`, *optional*): Keys the k-means trains on (default ``64 * nlist``, at most all of them).
+        iters (`int`, *optional*, defaults to 10): k-means iterations.
+        seed (`int`, *optional*, defaults to 0): Seed of the training sample and of the k-means.
+        rerank (`int`, *optional*, defaults to 4): ``rerank * k`` candidates (at least ``k + 16``) are re-scored in
+            float64 from the source keys.
+        max_gather_bytes (`int`, *optional*, defaults to 256 MiB): Bound on the keys gathered at once (queries are
+            processed in chunks under it).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_realm.search import IVFSearchConfig
+    >>> keys = torch.randn(1000, 16, generator=torch.Generator().manual_seed(0))
+    >>> backend = IVFSearchConfig(nlist=10, nprobe=10, device="cpu").build(keys, metric="l2")
+    >>> sqdist, ids = backend.search(keys[:2] + 0.01, k=3)
+    >>> ids[:, 0].tolist()
+    [0, 1]
+    ```
+    """
+
+    name: ClassVar[str] = "torch-ivf"
+    nlist: int | None = None
+    nprobe: int = 32
+    device: str | int | torch.device | None = None
+    dtype: torch.dtype | None = None
+    train_size: int | None = None
+    iters: int = 10
+    seed: int = 0
+    rerank: int = 4
+    max_gather_bytes: int = 1 << 28
+
+    def build(self, keys, *, metric: str = "inner_product", state: Any = None) -> IVFBackend:
+        return IVFBackend(keys, metric=metric, config=self)
+
+
+class IVFBackend:
+    """Inverted lists over keys on one device (see [`IVFSearchConfig`])."""
+
+    def __init__(self, keys, *, metric: str = "inner_product", config: IVFSearchConfig | None = None):
+        self.metric = check_metric(metric)
+        self.config = config or IVFSearchConfig()
+        device = self.config.device
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.dtype = self.config.dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        if not self.dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating point dtype, got {self.dtype}")
+        if self.config.nprobe < 1 or self.config.rerank < 0 or self.config.iters < 0:
+            raise ValueError(
+                f"nprobe must be >= 1, rerank and iters >= 0; got nprobe={self.config.nprobe}, "
+                f"rerank={self.config.rerank}, iters={self.config.iters}"
+            )
+        self._set_keys(as_tensor(keys))
+
+    # -- building --------------------------------------------------------------------------------------------------
+
+    def _set_keys(self, source: torch.Tensor) -> None:
+        if source.dim() != 2 or not source.is_floating_point():
+            raise ValueError(f"keys must be a 2-d floating point array, got {source.dtype} {tuple(source.shape)}")
+        n, d = source.shape
+        if n == 0:
+            raise ValueError("no keys to search")
+        nlist = self.config.nlist or max(1, min(n, round(4 * math.sqrt(n))))
+        if not 1 <= nlist <= n:
+            raise ValueError(f"nlist must be in [1, {n}] (the number of keys), got {nlist}")
+        train = min(n, self.config.train_size or 64 * nlist)
+        if train < nlist:
+            raise ValueError(f"train_size {train} is smaller than nlist {nlist}")
+        rng = np.random.default_rng(self.config.seed)
+        rows = np.sort(rng.choice(n, size=train, replace=False)) if train < n else np.arange(n)
+        sample = source[torch.from_numpy(rows)].to(self.device, torch.float32)
+        if not bool(torch.isfinite(sample).all()):
+            raise ValueError("keys contain NaN or inf")
+        init = "k-means++" if nlist <= 256 else "random"  # k-means++ seeding is sequential over the clusters
+        centroids, _ = kmeans(sample, nlist, iters=self.config.iters, seed=self.config.seed, init=init)
+        self.centroids = centroids.float()
+        self.centroid_bias = -0.5 * self.centroids.pow(2).sum(-1) if self.metric == "l2" else None
+
+        assign = torch.empty(n, dtype=torch.long, device=self.device)
+        step = max(1, (1 << 24) // max(d, nlist))
+        for start in range(0, n, step):
+            chunk = source[start : start + step].to(self.device, torch.float32)
+            if not bool(torch.isfinite(chunk).all()):
+                raise ValueError(f"keys contain NaN or inf (rows {start}..{start + len(chunk) - 1})")
+            # nearest centroid in L2: argmax of c . x - ||c||^2 / 2
+            scores = torch.addmm(-0.5 * self.centroids.pow(2).sum(-1), chunk, self.centroids.T)
+            assign[start : start + len(chunk)] = scores.argmax(1)
+        order = torch.argsort(assign, stable=True)
+        sizes = torch.bincount(assign, minlength=nlist)
+        self.list_sizes = sizes
+        self.list_offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+        self.ids = order  # the key id at each stored position
+        self.keys = torch.empty(n, d, dtype=self.dtype, device=self.device)
+        self.key_bias = torch.empty(n, dtype=torch.float32, device=self.device) if self.metric == "l2" else None
+        for start in range(0, n, step):
+            part = order[start : start + step]
+            chunk = source[part.to(source.device)].to(self.device)
+            stored = chunk.to(self.dtype)
+            if not bool(torch.isfinite(stored).all()):
+                raise ValueError(f"keys exceed the range of {self.dtype}; use dtype=torch.float32")
+            self.keys[start : start + len(part)] = stored
+            if self.key_bias is not None:
+                self.key_bias[start : start + len(part)] = -0.5 * chunk.float().pow(2).sum(-1)
+        # re-ranking reads the source keys: from the device copy when storing them lost nothing, else from the source
+        self._source = None if _lossless(source.dtype, self.dtype) else source
+        self._position = torch.empty_like(order)
+        self._position[order] = torch.arange(n, device=self.device)
+        self._source_for_add = source
+
+    # -- the protocol ----------------------------------------------------------------------------------------------
+
+    @property
+    def num_keys(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def nlist(self) -> int:
+        return self.centroids.shape[0]
+
+    @property
+    def nprobe(self) -> int:
+        return min(self.config.nprobe, self.nlist)
+
+    @property
+    def nbytes(self) -> int:
+        extra = self.key_bias.nbytes if self.key_bias is not None else 0
+        return self.keys.nbytes + extra + self.ids.nbytes + self._position.nbytes + self.centroids.nbytes
+
+    def source_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The source keys of ``ids`` (exact values)."""
+        if self._source is None:
+            return self.keys[self._position[ids.to(self.device)]]
+        return self._source[ids.to(self._source.device)]
+
+    def probe(self, queries: torch.Tensor) -> torch.Tensor:
+        """The ``nprobe`` lists each query reads, best first: `(num_queries, nprobe)` list numbers."""
+        q = queries.to(self.device, torch.float32)
+        scores = q @ self.centroids.T
+        if self.centroid_bias is not None:
+            scores = scores + self.centroid_bias
+        return scores.topk(self.nprobe, dim=1).indices
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        check_search_args(queries, k, self.num_keys, self.dim)
+        q = queries.to(self.device, torch.float32)
+        lists = self.probe(q)
+        starts, lengths = self.list_offsets[lists], self.list_sizes[lists]  # (b, nprobe)
+        totals = lengths.sum(1)
+        rerank = k if self.config.rerank == 0 else max(self.config.rerank * k, k + 16)
+        worst = float("-inf") if self.metric == "inner_product" else float("inf")
+        out_scores = torch.full((q.shape[0], k), worst, dtype=torch.float32, device=self.device)
+        out_ids = torch.full((q.shape[0], k), -1, dtype=torch.int64, device=self.device)
+        widest = max(1, int(totals.max()))
+        per_chunk = max(1, self.config.max_gather_bytes // (widest * self.dim * self.keys.element_size()))
+        for lo in range(0, q.shape[0], per_chunk):
+            hi = min(lo + per_chunk, q.shape[0])
+            scores, ids = self._search_rows(q[lo:hi], starts[lo:hi], lengths[lo:hi], totals[lo:hi], k, rerank)
+            out_scores[lo:hi, : scores.shape[1]] = scores
+            out_ids[lo:hi, : ids.shape[1]] = ids
+        return out_scores, out_ids
+
+    def _search_rows(self, q, starts, lengths, totals, k, rerank):
+        width = max(1, int(totals.max()))
+        position = torch.arange(width, device=self.device).expand(q.shape[0], width)
+        ends = lengths.cumsum(1)  # where each probed list ends in a query's concatenated candidates
+        which = torch.searchsorted(ends, position.contiguous(), right=True).clamp_max(lengths.shape[1] - 1)
+        valid = position < totals[:, None]
+        stored = starts.gather(1, which) + position - (ends - lengths).gather(1, which)
+        stored = torch.where(valid, stored, torch.zeros_like(stored))
+        fast = torch.einsum("bcd,bd->bc", self.keys[stored].float(), q)  # fp32 accumulation
+        if self.key_bias is not None:
+            fast = fast + self.key_bias[stored]
+        fast = fast.masked_fill(~valid, float("-inf"))
+        take = min(rerank, width)
+        best, where = fast.topk(take, dim=1)
+        found = best > float("-inf")
+        ids = self.ids[stored.gather(1, where)]
+        exact = exact_scores(q, ids, self.source_rows, self.metric)
+        worst = float("-inf") if self.metric == "inner_product" else float("inf")
+        exact = exact.masked_fill(~found, worst)
+        ids = ids.masked_fill(~found, -1)
+        # sort best first (ties by id), then put the padding (id -1) last
+        exact, ids = sort_best_first(exact, torch.where(found, ids, torch.full_like(ids, self.num_keys)), self.metric)
+        ids = ids.masked_fill(ids == self.num_keys, -1)
+        return exact[:, :k].float(), ids[:, :k]
+
+    def add(self, keys) -> None:
+        """Appends keys; the lists are trained again on all of them (seeded: the same keys give the same lists)."""
+        current = self._source_for_add
+        new = as_tensor(keys).to(current.device, current.dtype)
+        self._set_keys(torch.cat([current, new]))
+
+    def replace(self, keys) -> None:
+        self._set_keys(as_tensor(keys))
+
+    def save(self, path: str) -> bool:
+        return False  # rebuilt from the keys and the config (seeded)
+
+    def __repr__(self) -> str:
+        return (
+            f"IVFBackend(num_keys={self.num_keys}, dim={self.dim}, metric={self.metric!r}, nlist={self.nlist}, "
+            f"nprobe={self.nprobe}, device={self.device}, dtype={self.dtype})"
+        )
+
+
+def ivf_recall(backend, exact_backend, queries: torch.Tensor, k: int) -> float:
+    """Recall@k of ``backend`` against ``exact_backend`` on ``queries``: the share of each query's exact top ``k`` ids
+    that ``backend`` returns, averaged over the queries.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_realm.search import IVFSearchConfig, TorchSearchConfig, ivf_recall
+    >>> keys = torch.randn(2000, 8, generator=torch.Generator().manual_seed(0))
+    >>> queries = torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
+    >>> exact = TorchSearchConfig(device="cpu").build(keys, metric="l2")
+    >>> ivf_recall(IVFSearchConfig(nlist=20, nprobe=20, device="cpu").build(keys, metric="l2"), exact, queries, 10)
+    1.0
+    ```
+    """
+    _, got = backend.search(queries, k)
+    _, want = exact_backend.search(queries, k)
+    got, want = got.cpu(), want.cpu()
+    hits = [len(set(g.tolist()) & set(w.tolist())) for g, w in zip(got, want, strict=True)]
+    return float(sum(hits) / (k * len(hits)))

@@ -1,0 +1,111 @@
+"""The IVF backend (`"torch-ivf"`) against float64 brute force: all lists read = exact search; fewer lists = the exact
+top k of the keys in the probed lists (lists and probes recomputed here in float64 from the trained centroids)."""
+
+import numpy as np
+import pytest
+import torch
+
+from hf_realm import KNNDatastore
+from hf_realm.search import BACKENDS, IVFSearchConfig, TorchSearchConfig, backend_config, ivf_recall
+
+
+def data(n=3000, d=24, q=40, seed=0, spread=3.0):
+    """Keys and queries around 30 centres (``spread=0``: one Gaussian, where probing few lists misses neighbours)."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(30, d, generator=g) * spread
+    keys = centers[torch.randint(0, 30, (n,), generator=g)] + torch.randn(n, d, generator=g)
+    queries = centers[torch.randint(0, 30, (q,), generator=g)] + torch.randn(q, d, generator=g)
+    return keys, queries
+
+
+def brute_force(keys, queries, k, metric, allowed=None):
+    """float64 top k (ties by id) over the keys, or per query over the keys ``allowed[row]`` (a bool mask)."""
+    kd, qd = keys.double(), queries.double()
+    if metric == "inner_product":
+        score = qd @ kd.T
+    else:
+        score = -((qd[:, None, :] - kd[None]) ** 2).sum(-1)
+    if allowed is not None:
+        score = score.masked_fill(~allowed, float("-inf"))
+    ids = np.stack([np.lexsort((np.arange(len(keys)), -row)) for row in score.numpy()])[:, :k]
+    best = np.take_along_axis(score.numpy(), ids, 1)
+    return (best if metric == "inner_product" else -best), ids
+
+
+@pytest.mark.parametrize("metric", ["l2", "inner_product"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_all_lists_read_is_an_exact_search(metric, dtype):
+    keys, queries = data()
+    keys = keys.to(dtype)
+    backend = IVFSearchConfig(nlist=25, nprobe=25, device="cpu", dtype=dtype).build(keys, metric=metric)
+    scores, ids = backend.search(queries, 10)
+    want_scores, want_ids = brute_force(keys.float(), queries, 10, metric)
+    np.testing.assert_array_equal(ids.numpy(), want_ids)
+    np.testing.assert_allclose(scores.numpy(), want_scores, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["l2", "inner_product"])
+def test_few_lists_give_the_exact_top_k_of_the_probed_lists(metric):
+    keys, queries = data(seed=1, spread=0.0)
+    backend = IVFSearchConfig(nlist=40, nprobe=3, device="cpu").build(keys, metric=metric)
+    c = backend.centroids.double()
+    # every key sits in the list of its nearest centroid (L2), and a query reads its best 3 lists by the metric
+    lists = (-((keys.double()[:, None] - c[None]) ** 2).sum(-1)).argmax(1)
+    coarse = queries.double() @ c.T
+    if metric == "l2":
+        coarse = coarse - 0.5 * (c**2).sum(-1)
+    probed = coarse.topk(3, dim=1).indices
+    assert torch.equal(backend.probe(queries), probed)
+    allowed = (lists[None, :, None] == probed[:, None, :]).any(-1)
+    scores, ids = backend.search(queries, 10)
+    want_scores, want_ids = brute_force(keys, queries, 10, metric, allowed)
+    np.testing.assert_array_equal(ids.numpy(), want_ids)
+    np.testing.assert_allclose(scores.numpy(), want_scores, rtol=1e-6, atol=1e-5)
+    exact = TorchSearchConfig(device="cpu").build(keys, metric=metric)
+    recall = ivf_recall(backend, exact, queries, 10)
+    _, exact_ids = brute_force(keys, queries, 10, metric)
+    assert recall == pytest.approx(
+        np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.numpy(), exact_ids, strict=True)])
+    )
+    assert 0.3 < recall < 1.0  # a real approximation, measured
+
+
+def test_fewer_keys_than_k_in_the_probed_lists_are_padded():
+    keys, queries = data(n=400, seed=2)
+    backend = IVFSearchConfig(nlist=100, nprobe=1, device="cpu").build(keys, metric="l2")
+    k = int(backend.list_sizes.max()) + 3  # more than any single list holds
+    scores, ids = backend.search(queries, k)
+    found = (ids >= 0).sum(1)
+    assert torch.equal(found, backend.list_sizes[backend.probe(queries)[:, 0]])
+    for row in range(len(queries)):
+        n = int(found[row])
+        assert (ids[row, n:] == -1).all() and torch.isinf(scores[row, n:]).all()
+        assert (scores[row, 1:n] >= scores[row, : n - 1]).all()  # ascending distances
+
+
+def test_seeded_and_registered():
+    keys, queries = data(n=1000, seed=3)
+    a = IVFSearchConfig(nlist=16, nprobe=2, device="cpu", seed=5).build(keys, metric="l2")
+    b = backend_config("torch-ivf", nlist=16, nprobe=2, device="cpu", seed=5).build(keys, metric="l2")
+    assert BACKENDS["torch-ivf"] is IVFSearchConfig
+    assert torch.equal(a.centroids, b.centroids) and torch.equal(a.search(queries, 5)[1], b.search(queries, 5)[1])
+    c = IVFSearchConfig(nlist=16, nprobe=2, device="cpu", seed=6).build(keys, metric="l2")
+    assert not torch.equal(a.centroids, c.centroids)
+    with pytest.raises(ValueError, match="nlist must be in"):
+        IVFSearchConfig(nlist=2000, device="cpu").build(keys)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        IVFSearchConfig(nlist=4, device="cpu").build(torch.full((10, 3), float("nan")))
+
+
+def test_a_datastore_searched_through_ivf():
+    keys, queries = data(n=2000, d=16, seed=4)
+    values = np.arange(2000) % 50
+    store = KNNDatastore(keys=keys.numpy().astype(np.float16), values=values, provenance=np.zeros((2000, 2), int))
+    store.build_index("torch-ivf", device="cpu", nlist=20, nprobe=20)
+    sqdist, ids = store.search(queries, 8)
+    want, want_ids = brute_force(torch.from_numpy(store.keys.astype(np.float32)), queries, 8, "l2")
+    np.testing.assert_array_equal(ids.numpy(), want_ids)
+    np.testing.assert_allclose(sqdist.numpy(), want, rtol=1e-5, atol=1e-4)
+    store.build_index("torch-ivf", device="cpu", nlist=200, nprobe=1)
+    with pytest.raises(RuntimeError, match="IVFBackend index returned fewer than 40 neighbours.*nprobe \\(now 1\\)"):
+        store.search(queries, 40)  # a wrong id (-1) would read the last entry's value: refused
