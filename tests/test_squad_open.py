@@ -154,3 +154,25 @@ def test_eval_callback_records_what_evaluate_open_qa_gives(tokenizer, tmp_path):
     assert any("dev_exact_match" in entry for entry in trainer.state.log_history)
     with pytest.raises(ValueError, match="eval_steps"):
         OpenQAEvalCallback(dev, tokenizer, eval_steps=-1)
+
+
+def test_stage_commands_give_orqa_and_realm_the_same_warm_start_and_fine_tuning(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("{}\n" * 320)
+    args = squad_open.parse_args(["--out", str(tmp_path), "--epochs", "2", "--batch_size", "16", "--bf16"])
+    commands = squad_open.stage_commands(args, str(data), str(tmp_path / "work"))
+
+    def options(command):
+        flags = [i for i, x in enumerate(command) if x.startswith("--")]
+        return {command[i]: command[i + 1] for i in flags if i + 1 < len(command)}
+
+    a, pretrain, b, c = (options(commands[n]) for n in ("a", "b_pretrain", "b", "c"))
+    for flag in ("--ict_steps", "--ict_batch_size", "--ict_learning_rate", "--seed", "--bert_name_or_path"):
+        assert a[flag] == pretrain[flag], flag
+    assert a["--max_steps"] == b["--max_steps"] == c["--max_steps"] == "40"  # 2 epochs of 320 questions, 16 a step
+    fine_tuning = ("--searcher_beam_size", "--reader_beam_size", "--reader_seq_len", "--learning_rate", "--bf16")
+    assert all(a[f] == b[f] for f in fine_tuning)
+    assert b["--realm_checkpoint"] == c["--realm_checkpoint"] == pretrain["--output_dir"]
+    assert "--bert_name_or_path" not in b and "--bert_name_or_path" not in c  # else the checkpoint would be ignored
+    assert c["--lora_r"] == "16" and "--lora_r" not in b
