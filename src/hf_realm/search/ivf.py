@@ -23,7 +23,7 @@ import torch
 from .base import BackendConfig, as_tensor, check_metric, check_search_args, register_backend
 from .kmeans import kmeans
 from .rescore import exact_scores, sort_best_first
-from .torch_backend import _lossless
+from .torch_backend import _lossless, check_key_matrix, device_and_dtype
 
 
 @register_backend
@@ -78,13 +78,7 @@ class IVFBackend:
     def __init__(self, keys, *, metric: str = "inner_product", config: IVFSearchConfig | None = None):
         self.metric = check_metric(metric)
         self.config = config or IVFSearchConfig()
-        device = self.config.device
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        self.dtype = self.config.dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
-        if not self.dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating point dtype, got {self.dtype}")
+        self.device, self.dtype = device_and_dtype(self.config.device, self.config.dtype)
         if self.config.nprobe < 1 or self.config.rerank < 0 or self.config.iters < 0:
             raise ValueError(
                 f"nprobe must be >= 1, rerank and iters >= 0; got nprobe={self.config.nprobe}, "
@@ -95,11 +89,7 @@ class IVFBackend:
     # -- building --------------------------------------------------------------------------------------------------
 
     def _set_keys(self, source: torch.Tensor) -> None:
-        if source.dim() != 2 or not source.is_floating_point():
-            raise ValueError(f"keys must be a 2-d floating point array, got {source.dtype} {tuple(source.shape)}")
-        n, d = source.shape
-        if n == 0:
-            raise ValueError("no keys to search")
+        n, d = check_key_matrix(source)
         nlist = self.config.nlist or max(1, min(n, round(4 * math.sqrt(n))))
         if not 1 <= nlist <= n:
             raise ValueError(f"nlist must be in [1, {n}] (the number of keys), got {nlist}")

@@ -49,6 +49,29 @@ class TorchSearchConfig(BackendConfig):
         )
 
 
+def device_and_dtype(device, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """A backend's device (default CUDA when available, with its index) and storage dtype (default fp16 on CUDA, fp32
+    elsewhere)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating point dtype, got {dtype}")
+    return device, dtype
+
+
+def check_key_matrix(source: torch.Tensor) -> tuple[int, int]:
+    """``(num_keys, dim)`` of a non-empty 2-d floating point key matrix; a clear error otherwise."""
+    if source.dim() != 2 or not source.is_floating_point():
+        raise ValueError(f"keys must be a 2-d floating point array, got {source.dtype} {tuple(source.shape)}")
+    if source.shape[0] == 0:
+        raise ValueError("no keys to search")
+    return int(source.shape[0]), int(source.shape[1])
+
+
 def _lossless(source: torch.dtype, storage: torch.dtype) -> bool:
     """Whether every ``source`` value is exactly representable in ``storage``."""
     if source == storage or storage == torch.float64:
@@ -76,24 +99,13 @@ class TorchBackend:
         chunk_size: int = 1 << 20,
     ):
         self.metric = check_metric(metric)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
-        if not self.dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating point dtype, got {self.dtype}")
+        self.device, self.dtype = device_and_dtype(device, dtype)
         self.rescore = rescore
         self.chunk_size = chunk_size
         self._set_keys(as_tensor(keys))
 
     def _set_keys(self, source: torch.Tensor) -> None:
-        if source.dim() != 2 or not source.is_floating_point():
-            raise ValueError(f"keys must be a 2-d floating point array, got {source.dtype} {tuple(source.shape)}")
-        n, d = source.shape
-        if n == 0:
-            raise ValueError("no keys to search")
+        n, d = check_key_matrix(source)
         lossless = _lossless(source.dtype, self.dtype)
         keys = torch.empty(n, d, dtype=self.dtype, device=self.device)
         bias = torch.empty(n, dtype=torch.float32, device=self.device) if self.metric == "l2" else None
