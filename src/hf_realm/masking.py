@@ -40,6 +40,7 @@ __all__ = [
     "find_salient_spans",
     "find_word_spans",
     "spans_from_ner",
+    "split_sentences",
 ]
 
 MASKING_STRATEGIES = ("salient", "random_span", "random_token")
@@ -89,6 +90,7 @@ _DATE_PATTERNS = [
     r"\b(?:AD|CE) \d{1,4}\b",  # AD 79
     r"(?<![\w.,])(?:1\d|20)\d{2}s?(?![\w%]|[.,]\d)",  # 1879, 1870s (years 1000-2099)
 ]
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _DATE_RES = [re.compile(p) for p in _DATE_PATTERNS]
 _NUMBER_RE = re.compile(r"(?<![\w.,])[-+]?\d+(?:,\d{3})*(?:\.\d+)?(?:(?:st|nd|rd|th)\b|%)?(?![\w%]|[.,]\d)")
 
@@ -302,6 +304,11 @@ def find_salient_spans(
     if "entity" in include:
         spans.extend(spans_from_ner(text, ner) if ner is not None else find_capitalized_spans(text))
     return _resolve_overlaps(spans)
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split a block's text into sentences at `.`, `!` or `?` followed by whitespace."""
+    return [s for s in (part.strip() for part in _SENTENCE_END.split(text)) if s]
 
 
 def find_word_spans(text: str) -> list[Span]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,17 +14,11 @@ import torch
 from transformers import TrainerCallback
 
 from .checks import check_tokenizer_fits
+from .masking import split_sentences
 from .metrics import gold_block_hits, masked_span_accuracy, recall_at_k
 
 
 logger = logging.getLogger(__name__)
-
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
-def split_sentences(text: str) -> list[str]:
-    """Split a block's text into sentences at `.`, `!` or `?` followed by whitespace."""
-    return [s for s in (part.strip() for part in _SENTENCE_END.split(text)) if s]
 
 
 @dataclass

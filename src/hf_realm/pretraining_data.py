@@ -10,8 +10,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .masking import NoSalientSpanWarning, find_salient_spans, find_word_spans
-from .pretraining import split_sentences
+from .masking import NoSalientSpanWarning, find_salient_spans, find_word_spans, split_sentences
 
 
 logger = logging.getLogger(__name__)
