@@ -146,8 +146,11 @@ def test_eval_callback_records_what_evaluate_open_qa_gives(tokenizer, tmp_path):
         data_collator=DataCollatorForOpenQA(tokenizer),
         callbacks=[callback],
     )
+    with torch.no_grad():
+        start, _ = evaluate_open_qa(model, dev, tokenizer, batch_size=3)
     trainer.train()
-    assert [h["step"] for h in callback.history] == [2, 3]  # every 2 steps, and at the end
+    assert [h["step"] for h in callback.history] == [0, 2, 3]  # before training, every 2 steps, and at the end
+    assert {k: callback.history[0][k] for k in start} == start
     with torch.no_grad():
         want, _ = evaluate_open_qa(model, dev, tokenizer, batch_size=3)
     assert {k: callback.history[-1][k] for k in want} == want

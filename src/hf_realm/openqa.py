@@ -185,14 +185,16 @@ def evaluate_open_qa(
 
 class OpenQAEvalCallback(TrainerCallback):
     r"""
-    Evaluates open-QA exact match and recall on held-out questions every `eval_steps` optimizer steps (and at the end
-    of training), on the main process, so a run shows whether it has converged. Each result is logged (`dev_*`
-    keys) and kept in `history`.
+    Evaluates open-QA exact match and recall on held-out questions before training (step 0: the retriever as it starts
+    fine-tuning), every `eval_steps` optimizer steps and at the end of training, on the main process, so a run shows
+    where its retriever started and whether it has converged. Each result is logged (`dev_*` keys) and kept in
+    `history`.
 
     Args:
         dataset: Rows with `question` and `answers` (and optionally `gold_block_id`), as [`evaluate_open_qa`] reads.
         tokenizer: The model's tokenizer.
-        eval_steps (`int`): Evaluate every this many steps (0: only at the end).
+        eval_steps (`int`): Evaluate every this many steps (0: only at the start and the end).
+        at_start (`bool`, *optional*, defaults to `True`): Evaluate before the first step.
         kwargs: Passed to [`evaluate_open_qa`] (`batch_size`, `match`, `recall_ks`, `max_question_length`).
 
     Example:
@@ -207,10 +209,11 @@ class OpenQAEvalCallback(TrainerCallback):
     ```
     """
 
-    def __init__(self, dataset, tokenizer, eval_steps: int, **kwargs):
+    def __init__(self, dataset, tokenizer, eval_steps: int, at_start: bool = True, **kwargs):
         if eval_steps < 0:
             raise ValueError(f"eval_steps must be >= 0, got {eval_steps}")
         self.dataset, self.tokenizer, self.eval_steps, self.kwargs = dataset, tokenizer, eval_steps, kwargs
+        self.at_start = at_start
         self.history: list[dict] = []
 
     def _evaluate(self, args, state, model):
@@ -225,6 +228,10 @@ class OpenQAEvalCallback(TrainerCallback):
         self.history.append(record)
         logger.info(f"held-out open QA at step {state.global_step}: " + json.dumps(record))
         state.log_history.append({f"dev_{k}": v for k, v in record.items() if k not in ("step", "epoch")})
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.at_start:
+            self._evaluate(args, state, model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.eval_steps and state.global_step % self.eval_steps == 0:
