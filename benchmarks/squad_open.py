@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -58,6 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--realm_retriever_learning_rate", type=float, default=1e-5)
     p.add_argument("--reader_warmup_steps", type=int, default=300)
     p.add_argument("--refresh_steps", type=int, default=200)
+    p.add_argument(
+        "--pretrain_args", default="",
+        help="More train_realm.py arguments for REALM pretraining, e.g. '--share_embedders false'.",
+    )  # fmt: skip
+    p.add_argument("--finetune_args", default="", help="More finetune_openqa.py arguments for every fine-tuning run.")
     p.add_argument("--dev_evals", type=int, default=4, help="Dev evaluations over fine-tuning (convergence).")
     p.add_argument("--max_eval_examples", type=int, default=None, help="Cap on test questions (default: all).")
     p.add_argument("--bootstrap_samples", type=int, default=10000)
@@ -97,6 +103,7 @@ def stage_commands(args, data: str, work: str) -> dict[str, list[str]]:
         common_ft += ["--max_dev_examples", "8", "--eval_batch_size", "4"]
     if args.bf16:
         common_ft += ["--bf16", "true"]
+    common_ft += shlex.split(args.finetune_args)
     ict = ["--ict_steps", str(args.ict_steps), "--ict_batch_size", str(args.ict_batch_size)]
     ict += ["--ict_learning_rate", str(args.ict_learning_rate)]
     finetune = [py, os.path.join(ROOT, "examples", "finetune_openqa.py")]
@@ -118,7 +125,7 @@ def stage_commands(args, data: str, work: str) -> dict[str, list[str]]:
             "--refresh_steps", str(args.refresh_steps), "--monitor_steps", str(args.refresh_steps),
             "--max_eval_examples", "8" if args.smoke else "2000",
             "--disable_tqdm", "true", "--logging_steps", "50",
-        ] + ict + (["--bf16", "true"] if args.bf16 else []),
+        ] + ict + (["--bf16", "true"] if args.bf16 else []) + shlex.split(args.pretrain_args),
         "b": finetune + common_ft + [
             "--realm_checkpoint", pretrain, "--output_dir", f"{work}/b",
             "--learning_rate", str(args.learning_rate), "--retriever_learning_rate", str(args.retriever_learning_rate),

@@ -163,7 +163,10 @@ def test_stage_commands_give_orqa_and_realm_the_same_warm_start_and_fine_tuning(
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.jsonl").write_text("{}\n" * 320)
-    args = squad_open.parse_args(["--out", str(tmp_path), "--epochs", "2", "--batch_size", "16", "--bf16"])
+    args = squad_open.parse_args(
+        ["--out", str(tmp_path), "--epochs", "2", "--batch_size", "16", "--bf16",
+         "--pretrain_args", "--share_embedders false", "--finetune_args", "--max_span_width 12"]
+    )  # fmt: skip
     commands = squad_open.stage_commands(args, str(data), str(tmp_path / "work"))
 
     def options(command):
@@ -179,3 +182,5 @@ def test_stage_commands_give_orqa_and_realm_the_same_warm_start_and_fine_tuning(
     assert b["--realm_checkpoint"] == c["--realm_checkpoint"] == pretrain["--output_dir"]
     assert "--bert_name_or_path" not in b and "--bert_name_or_path" not in c  # else the checkpoint would be ignored
     assert c["--lora_r"] == "16" and "--lora_r" not in b
+    assert pretrain["--share_embedders"] == "false" and "--share_embedders" not in a
+    assert a["--max_span_width"] == b["--max_span_width"] == c["--max_span_width"] == "12"
