@@ -9,7 +9,9 @@
   backend names onto them; [`register_backend`] adds a new one.
 - [`exact_topk`]: exact dense top-k (maximum inner product, or L2 through ``key_bias``) in torch, with a fused Triton
   kernel on GPU.
-- [`sharded_search`]: exact top-k over keys split across processes, merged with one all-gather.
+- [`sharded_search`]: exact top-k over keys split across processes, merged with one all-gather;
+  [`ShardedSearchConfig`] (`"sharded"`): the same as a backend, each process holding its shard in an inner backend
+  (e.g. a kNN datastore split across the GPUs of a host).
 """
 
 from .backends import backend_config, backend_names
@@ -20,7 +22,7 @@ from .faiss_utils import faiss_available, faiss_gpu_available, import_faiss
 from .ivf import IVFBackend, IVFSearchConfig, ivf_recall
 from .kmeans import kmeans
 from .pq import PQBackend, PQCodes, PQSearchConfig, pq_decode
-from .sharded import shard_range, sharded_search
+from .sharded import ShardedBackend, ShardedSearchConfig, shard_range, sharded_search
 from .torch_backend import TorchBackend, TorchSearchConfig
 
 
@@ -37,6 +39,8 @@ __all__ = [
     "PQCodes",
     "PQSearchConfig",
     "SearchBackend",
+    "ShardedBackend",
+    "ShardedSearchConfig",
     "TorchBackend",
     "TorchSearchConfig",
     "backend_config",
