@@ -41,6 +41,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab_size", type=int, default=58101)
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--compare_torch_search", type=int, default=1, help="also time exact_topk's torch path (GPU)")
+    p.add_argument(
+        "--index", default="torch", choices=["torch", "torch-ivf", "sharded"],
+        help="torch: exact; torch-ivf: inverted lists (--nlist, --nprobe), recall against exact reported; sharded: "
+        "the keys split over the processes of `accelerate launch` (exact inner search, one all-gather a search)",
+    )  # fmt: skip
+    p.add_argument("--nlist", type=int, default=None, help="torch-ivf lists (default 4 sqrt(n))")
+    p.add_argument("--nprobe", type=int, default=32, help="torch-ivf lists read per query")
     p.add_argument("--device", default=None)
     p.add_argument("--output", default="outputs/bench_knn.json")
     return p
@@ -105,8 +112,27 @@ def hbm_bandwidth(device) -> float | None:
     return 2 * x.numel() * 10 / (time.perf_counter() - t0)  # read + write
 
 
+def index_config(args, device):
+    """The search backend config of ``--index``."""
+    from hf_realm.search import IVFSearchConfig, ShardedSearchConfig, TorchSearchConfig
+
+    if args.index == "torch-ivf":
+        return IVFSearchConfig(nlist=args.nlist, nprobe=args.nprobe, device=device)
+    if args.index == "sharded":
+        return ShardedSearchConfig(inner=TorchSearchConfig(device=device))
+    return TorchSearchConfig(device=device)
+
+
 def main(argv=None) -> dict:
     args = make_parser().parse_args(argv)
+    rank = 0
+    if args.index == "sharded":
+        from accelerate import PartialState
+
+        state = PartialState(cpu=args.device == "cpu")
+        rank = state.process_index
+        if args.device is None and torch.cuda.is_available():
+            args.device = f"cuda:{state.local_process_index}"
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
     model = marian(args, device, dtype)
@@ -125,7 +151,7 @@ def main(argv=None) -> dict:
     for n in [int(x) for x in args.sizes.split(",")]:
         t0 = time.perf_counter()
         store = random_store(n, args.d_model, args.vocab_size, device)
-        store.build_index("torch", device=device)
+        store.build_index(index_config(args, device), device=device)
         print(f"store {n:,}: built and moved in {time.perf_counter() - t0:.1f}s", flush=True)
         processor = KNNLogitsProcessor(store, k=args.k, temperature=10.0, lmbda=0.5)
         base_s = time_generate(model, inputs, args, device)  # again, next to the kNN run (same clocks, same heat)
@@ -142,6 +168,13 @@ def main(argv=None) -> dict:
             finally:
                 os.environ.pop("HF_REALM_DISABLE_TRITON", None)
         queries = torch.randn(args.batch_size * args.num_beams, args.d_model, device=device, dtype=dtype)
+        recall = None
+        if args.index == "torch-ivf":  # against an exact search of the same keys, same queries
+            from hf_realm.search import TorchSearchConfig, ivf_recall
+
+            exact = TorchSearchConfig(device=device).build(store.keys, metric="l2")
+            recall = ivf_recall(store._search_backend(device), exact, queries.float(), args.k)
+            del exact
         store.search(queries, args.k)
         sync(device)
         t0 = time.perf_counter()
@@ -162,10 +195,13 @@ def main(argv=None) -> dict:
             "knn_ms_per_step": knn_s / args.new_tokens * 1000,
             "search_ms": search_ms,
             "search_roofline_ms": roofline_ms,
+            "index": args.index,
+            "recall_vs_exact": recall,
         }
         rows.append(row)
+        recall_text = f"; recall@{args.k} vs exact {recall:.3f}" if recall is not None else ""
         print(f"  kNN generate: {knn_s * 1000:.1f} ms -> {row['knn_tokens_per_second']:.0f} tokens/s "
-              f"({row['ratio']:.2f}x); one search {search_ms:.2f} ms", flush=True)  # fmt: skip
+              f"({row['ratio']:.2f}x); one search {search_ms:.2f} ms{recall_text}", flush=True)  # fmt: skip
         del processor, store
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -180,21 +216,26 @@ def main(argv=None) -> dict:
         "k": args.k,
         "hbm_bytes_per_second": bandwidth,
         "rows": rows,
+        "index": index_config(args, device).to_dict(),
+        "num_processes": int(os.environ.get("WORLD_SIZE", "1")),
     }
+    if rank != 0:  # every process of a sharded run times the same generate; the first one reports
+        return result
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2))
     print()
     print(f"kNN-MT decoding speed on {device_name} (batch {args.batch_size}, beam {args.num_beams}, "
-          f"{args.new_tokens} new tokens, k={args.k}, exact {device.type} search)")  # fmt: skip
+          f"{args.new_tokens} new tokens, k={args.k}, {args.index} search on {device.type})")  # fmt: skip
     print("| entries | base tok/s | kNN tok/s | kNN / base | kNN / base (torch search) | ms/step base | ms/step kNN "
-          "| search ms | roofline ms |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| search ms | roofline ms | recall vs exact |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         roof = f"{r['search_roofline_ms']:.2f}" if r["search_roofline_ms"] else "-"
         tr = f"{r['ratio_torch_search']:.2f}x" if r["ratio_torch_search"] else "-"
+        rec = "-" if r["recall_vs_exact"] is None else f"{r['recall_vs_exact']:.3f}"
         print(f"| {r['entries']:,} | {r['base_tokens_per_second']:.0f} | {r['knn_tokens_per_second']:.0f} | "
               f"{r['ratio']:.2f}x | {tr} | {r['base_ms_per_step']:.2f} | {r['knn_ms_per_step']:.2f} | "
-              f"{r['search_ms']:.2f} | {roof} |")  # fmt: skip
+              f"{r['search_ms']:.2f} | {roof} | {rec} |")  # fmt: skip
     print(f"JSON: {args.output}")
     return result
 
