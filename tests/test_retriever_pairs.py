@@ -71,12 +71,15 @@ def test_changed_records_are_tokenized_again():
 
 
 def test_other_templates_take_the_tokenizer_path():
-    """A tokenizer that pads on the left is not `[CLS] A [SEP] B [SEP]` padded right: the tokenizer builds the pairs."""
+    """A tokenizer that pads on the left is not `[CLS] A [SEP] B [SEP]` padded right: the tokenizer builds the pairs,
+    also when it is switched to the left after the retriever was used."""
     tokenizer = toy_tokenizer()
-    tokenizer.padding_side = "left"
     retriever = RealmRetriever(np.array([b"shakespeare wrote hamlet", b"rome"], dtype=object), tokenizer)
     question = tokenizer(["who wrote hamlet ?"], return_tensors="pt").input_ids
     answer = [tokenizer("hamlet", add_special_tokens=False).input_ids]
+    retriever([0, 1], question, answer)
+    assert retriever._template_is_bert
+    tokenizer.padding_side = "left"
     got = retriever([0, 1], question, answer)
     assert not retriever._template_is_bert
     assert got[3]["attention_mask"][1, 0] == 0  # left padding, as the tokenizer does it

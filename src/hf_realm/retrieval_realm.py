@@ -146,14 +146,12 @@ class RealmRetriever:
         """Whether this tokenizer writes a pair as `[CLS] A [SEP] B [SEP]` (types 0...0 1...1), pads and truncates on
         the right: then `_assemble_pairs` equals tokenizing the pairs. Checked once per tokenizer on a probe pair."""
         tok = self.tokenizer
-        if getattr(self, "_template_for", None) is tok:
+        sides = (getattr(tok, "padding_side", "right"), getattr(tok, "truncation_side", "right"))
+        if getattr(self, "_template_for", None) is tok and self._template_sides == sides:
             return self._template_is_bert
         ok = False
         try:
-            if (
-                getattr(tok, "padding_side", "right") == "right"
-                and getattr(tok, "truncation_side", "right") == "right"
-            ):
+            if sides == ("right", "right"):
                 a, b = "a", "b b"
                 ia = tok(a, add_special_tokens=False)["input_ids"]
                 ib = tok(b, add_special_tokens=False)["input_ids"]
@@ -168,7 +166,8 @@ class RealmRetriever:
                 )
         except Exception:  # any tokenizer that cannot answer the probe takes the tokenizer path
             ok = False
-        self._template_for, self._template_is_bert, self._block_cache = tok, ok, {}
+        self._template_for, self._template_sides, self._template_is_bert = tok, sides, ok
+        self._block_cache = {}
         return ok
 
     def _block_token_ids(self, ids: np.ndarray) -> list[list[int]]:
