@@ -5,6 +5,8 @@ processes a test launches. Test modules import the builders (``from .conftest im
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -110,6 +112,11 @@ def subprocess_env(**overrides: str) -> dict[str, str]:
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(hf_realm.__file__)))
     paths = [package_parent, ROOT, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)), **overrides}
+
+
+ACCELERATE_LAUNCHER = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
+needs_accelerate = pytest.mark.skipif(not os.path.exists(ACCELERATE_LAUNCHER), reason="accelerate CLI not installed")
+"""Marks a test that runs `accelerate launch` (the CLI of the Python running the tests, or the one on PATH)."""
 
 
 def free_port() -> int:

@@ -2,29 +2,22 @@
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 
-import pytest
 import torch
 
 from hf_realm import embed_corpus
 
-from .conftest import free_port, subprocess_env
+from .conftest import ACCELERATE_LAUNCHER, free_port, needs_accelerate, subprocess_env
 from .scripts.distributed_refresh_worker import build
 
 
 WORKER = os.path.join(os.path.dirname(__file__), "scripts", "distributed_refresh_worker.py")
 
 
-@pytest.mark.skipif(
-    shutil.which("accelerate") is None
-    and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "accelerate")),
-    reason="accelerate CLI not installed",
-)
+@needs_accelerate
 def test_two_process_refresh_equals_one_process(tmp_path):
-    launcher = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
+    launcher = ACCELERATE_LAUNCHER
     env = subprocess_env(OMP_NUM_THREADS="1")
     # `--multi_gpu` only picks accelerate's torchrun launcher; the worker asks for the CPU (gloo) itself, as
     # `TrainingArguments(use_cpu=True)` does. (`--cpu` alone needs mpirun for more than one process.)
@@ -61,15 +54,11 @@ def test_two_process_refresh_equals_one_process(tmp_path):
     assert counts == [25, 25]  # each rank embedded its own half, then all gathered the whole
 
 
-@pytest.mark.skipif(
-    shutil.which("accelerate") is None
-    and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "accelerate")),
-    reason="accelerate CLI not installed",
-)
+@needs_accelerate
 def test_train_realm_two_processes(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2 examples/train_realm.py --use_cpu true`: every refresh,
     the final one included (all ranks take part), succeeds."""
-    launcher = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
+    launcher = ACCELERATE_LAUNCHER
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = subprocess_env(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

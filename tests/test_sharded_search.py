@@ -4,9 +4,7 @@ them, in a direct search and inside `generate()`."""
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ import torch
 from hf_realm.search import BACKENDS, ShardedSearchConfig, TorchSearchConfig, backend_config
 from hf_realm.search.sharded import merge_best
 
-from .conftest import free_port, subprocess_env
+from .conftest import ACCELERATE_LAUNCHER, free_port, needs_accelerate, subprocess_env
 from .scripts.sharded_knn_worker import run
 from .test_knn_generation import random_store
 
@@ -51,13 +49,9 @@ def test_simulated_shards_merge_to_the_exact_search():
         ShardedSearchConfig(inner="torch", process_index=3, num_processes=4).build(keys[:3], metric="l2")
 
 
-@pytest.mark.skipif(
-    shutil.which("accelerate") is None
-    and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "accelerate")),
-    reason="accelerate CLI not installed",
-)
+@needs_accelerate
 def test_two_processes_equal_one_exact_search(tmp_path):
-    launcher = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
+    launcher = ACCELERATE_LAUNCHER
     cmd = [
         launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -17,12 +16,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from hf_realm import RealmBlockIndex, RealmForInverseClozeTask, RealmForMaskedLM
 from hf_realm.callbacks import StepTimerCallback, _RealmFlopsCounter, realm_step_flops
 
-from .conftest import ROOT, free_port, subprocess_env, tiny_realm_config
+from .conftest import ACCELERATE_LAUNCHER, ROOT, free_port, needs_accelerate, subprocess_env, tiny_realm_config
 from .test_knn_generation import _load_script
 
 
-LAUNCHER = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
-needs_accelerate = pytest.mark.skipif(not os.path.exists(LAUNCHER), reason="accelerate CLI not installed")
+LAUNCHER = ACCELERATE_LAUNCHER
 TINY = ["--use_cpu", "true", "--num_entities", "60", "--hidden_size", "32", "--num_hidden_layers", "2",
         "--num_attention_heads", "4", "--intermediate_size", "37", "--retriever_proj_size", "16", "--ict_steps", "4", "--reader_warmup_steps", "2",
         "--per_device_train_batch_size", "4", "--max_eval_examples", "8", "--synthetic_blocks", "40", "--monitor_steps", "0", "--disable_tqdm", "true", "--seed", "0"]  # fmt: skip
