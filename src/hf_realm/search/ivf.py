@@ -132,10 +132,9 @@ class IVFBackend:
             if self.key_bias is not None:
                 self.key_bias[start : start + len(part)] = -0.5 * chunk.float().pow(2).sum(-1)
         # re-ranking reads the source keys: from the device copy when storing them lost nothing, else from the source
-        self._source = None if _lossless(source.dtype, self.dtype) else source
+        self._source, self._stored_exactly = source, _lossless(source.dtype, self.dtype)
         self._position = torch.empty_like(order)
         self._position[order] = torch.arange(n, device=self.device)
-        self._source_for_add = source
 
     # -- the protocol ----------------------------------------------------------------------------------------------
 
@@ -162,7 +161,7 @@ class IVFBackend:
 
     def source_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The source keys of ``ids`` (exact values)."""
-        if self._source is None:
+        if self._stored_exactly:
             return self.keys[self._position[ids.to(self.device)]]
         return self._source[ids.to(self._source.device)]
 
@@ -220,7 +219,7 @@ class IVFBackend:
 
     def add(self, keys) -> None:
         """Appends keys; the lists are trained again on all of them (seeded: the same keys give the same lists)."""
-        current = self._source_for_add
+        current = self._source
         new = as_tensor(keys).to(current.device, current.dtype)
         self._set_keys(torch.cat([current, new]))
 
