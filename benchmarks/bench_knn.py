@@ -3,9 +3,21 @@
 Marian-size model (6+6 layers, d_model 512, 8 heads, FFN 2048, vocabulary 58,101; random weights), batch 32, beam 4,
 exactly 64 new tokens (min = max), datastores of random float16 keys (1M and 10M x 512 by default) searched exactly on
 the GPU (`KNNDatastore` torch index -> `hf_realm.search.exact_topk`). Also times one search of `batch x beam` queries
-alone and gives its memory roofline (reading the keys once at the measured HBM bandwidth).
+alone and gives its memory roofline (reading the keys once at the measured HBM bandwidth) and the fraction of it the
+search reaches.
+
+Several search configs are timed on the same store, each against a base run timed next to it (`--configs`, separated
+by `;`, each `name[:field=value,...]` of a search backend config): e.g. `torch` (exact, the default),
+`torch:rescore=0` (the fast pass's top k without the exactness proof, so without a host synchronisation per step),
+`torch-ivf:nprobe=8` (inverted lists; its recall against exact search is measured on the same queries).
+
+`--key_dim 128` gives the store the layout of a PCA-compressed one (`hf_realm.knn_compression.pca_compress`): keys of
+128 dimensions and a 512 x 128 projection applied to every query. The keys are random, so such a row measures speed
+only; what the compression keeps of the BLEU gain is measured on real data by `knn_mt_experiment.py`.
 
     python benchmarks/bench_knn.py                       # 1M and 10M entries (10M needs ~11 GB of GPU memory)
+    python benchmarks/bench_knn.py --sizes 10000000 --configs "torch;torch:rescore=0;torch-ivf:nprobe=8"
+    python benchmarks/bench_knn.py --sizes 10000000,100000000 --key_dim 128 --configs "torch:rescore=0"
     python benchmarks/bench_knn.py --sizes 100000 --batch_size 4 --new_tokens 8 --device cpu   # a CPU smoke run
 
 Prints a table last and writes `--output` (JSON). Targets (issue 6): >= 0.8x of base speed at 1M, >= 0.5x at 10M.
@@ -17,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +61,14 @@ def make_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--nlist", type=int, default=None, help="torch-ivf lists (default 4 sqrt(n))")
     p.add_argument("--nprobe", type=int, default=32, help="torch-ivf lists read per query")
+    p.add_argument(
+        "--configs", default=None,
+        help="search configs timed on the same store, `;`-separated `name[:field=value,...]` (overrides --index)",
+    )  # fmt: skip
+    p.add_argument(
+        "--key_dim", type=int, default=None, help="PCA layout: keys of this dim + a d_model x key_dim projection"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the keys, values and projection")
     p.add_argument("--device", default=None)
     p.add_argument("--output", default="outputs/bench_knn.json")
     return p
@@ -64,17 +85,27 @@ def marian(args, device, dtype) -> MarianMTModel:
     return MarianMTModel(config).to(device, dtype).eval()
 
 
-def random_store(n: int, dim: int, vocab: int, device: torch.device) -> KNNDatastore:
-    """Random N(0, 1) float16 keys generated on the device in chunks (fast), values uniform over the vocabulary."""
-    keys = np.empty((n, dim), dtype=np.float16)
-    gen = torch.Generator(device=device).manual_seed(0)
+def random_store(
+    n: int, dim: int, vocab: int, device: torch.device, key_dim: int | None = None, seed: int = 0
+) -> KNNDatastore:
+    """Random N(0, 1) float16 keys generated on the device in chunks (fast), values uniform over the vocabulary.
+
+    With ``key_dim`` the store has a PCA-compressed store's layout: ``key_dim``-dimensional keys and a ``dim x
+    key_dim`` projection with orthonormal columns (no bias), applied to the queries."""
+    width = key_dim or dim
+    keys = np.empty((n, width), dtype=np.float16)
+    gen = torch.Generator(device=device).manual_seed(seed)
     for start in range(0, n, 1 << 20):
         m = min(1 << 20, n - start)
         keys[start : start + m] = (
-            torch.randn((m, dim), generator=gen, device=device, dtype=torch.float16).cpu().numpy()
+            torch.randn((m, width), generator=gen, device=device, dtype=torch.float16).cpu().numpy()
         )
-    values = np.random.default_rng(0).integers(0, vocab - 1, n).astype(np.int32)
-    return KNNDatastore(keys=keys, values=values)
+    values = np.random.default_rng(seed).integers(0, vocab - 1, n).astype(np.int32)
+    projection = None
+    if key_dim is not None:
+        q, _ = torch.linalg.qr(torch.randn(dim, key_dim, generator=torch.Generator().manual_seed(seed)))
+        projection = {"matrix": q.float().numpy(), "bias": np.zeros(key_dim, dtype=np.float32)}
+    return KNNDatastore(keys=keys, values=values, projection=projection)
 
 
 def sync(device):
@@ -123,6 +154,59 @@ def index_config(args, device):
     return TorchSearchConfig(device=device)
 
 
+def _value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def parse_configs(text: str, device) -> list:
+    """``"torch;torch:rescore=0;torch-ivf:nprobe=8,nlist=4096"`` -> search backend configs on ``device``."""
+    import dataclasses
+
+    from hf_realm.search import BACKENDS
+
+    configs = []
+    for spec in (part.strip() for part in text.split(";")):
+        if not spec:
+            continue
+        name, _, fields = spec.partition(":")
+        if name not in BACKENDS:
+            raise ValueError(f"unknown search backend {name!r} in --configs; expected one of {sorted(BACKENDS)}")
+        cls = BACKENDS[name]
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        options = {}
+        for item in (x for x in fields.split(",") if x):
+            key, eq, value = item.partition("=")
+            if not eq or key not in known:
+                raise ValueError(
+                    f"{item!r} in --configs: expected field=value with a field of {cls.__name__} {sorted(known)}"
+                )
+            value = _value(value)
+            options[key] = bool(value) if isinstance(known[key].default, bool) else value
+        if "device" in known:
+            options.setdefault("device", device)
+        configs.append(cls(**options))
+    if not configs:
+        raise ValueError("--configs names no search config")
+    return configs
+
+
+def config_label(config) -> str:
+    """A short name of a config for the table: its name and the fields set away from their defaults."""
+    import dataclasses
+
+    changed = [
+        f"{f.name}={getattr(config, f.name)}"
+        for f in dataclasses.fields(config)
+        if f.name != "device" and getattr(config, f.name) != f.default
+    ]
+    return config.name + (f":{','.join(changed)}" if changed else "")
+
+
 def main(argv=None) -> dict:
     args = make_parser().parse_args(argv)
     rank = 0
@@ -135,6 +219,7 @@ def main(argv=None) -> dict:
             args.device = f"cuda:{state.local_process_index}"
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
+    configs = parse_configs(args.configs, device) if args.configs else [index_config(args, device)]
     model = marian(args, device, dtype)
     gen = torch.Generator().manual_seed(1)
     input_ids = torch.randint(1, args.vocab_size - 1, (args.batch_size, args.source_length), generator=gen)
@@ -147,62 +232,81 @@ def main(argv=None) -> dict:
     base_tps = new_tokens / base_s
     print(f"base generate: {base_s * 1000:.1f} ms -> {base_tps:.0f} tokens/s", flush=True)
     bandwidth = hbm_bandwidth(device)
+    key_dim = args.key_dim or args.d_model
     rows = []
     for n in [int(x) for x in args.sizes.split(",")]:
         t0 = time.perf_counter()
-        store = random_store(n, args.d_model, args.vocab_size, device)
-        store.build_index(index_config(args, device), device=device)
-        print(f"store {n:,}: built and moved in {time.perf_counter() - t0:.1f}s", flush=True)
-        processor = KNNLogitsProcessor(store, k=args.k, temperature=10.0, lmbda=0.5)
-        base_s = time_generate(model, inputs, args, device)  # again, next to the kNN run (same clocks, same heat)
-        base_tps = new_tokens / base_s
-        with processor.attach(model, check_weights=False):
-            knn_s = time_generate(model, inputs, args, device, processor)
-        torch_s = None
-        if args.compare_torch_search and device.type == "cuda":
-            # the same run with exact_topk's chunked torch path (no fused Triton kernel)
-            os.environ["HF_REALM_DISABLE_TRITON"] = "1"
-            try:
-                with processor.attach(model, check_weights=False):
-                    torch_s = time_generate(model, inputs, args, device, processor)
-            finally:
-                os.environ.pop("HF_REALM_DISABLE_TRITON", None)
+        store = random_store(n, args.d_model, args.vocab_size, device, args.key_dim, args.seed)
+        print(f"store {n:,} x {key_dim}: made in {time.perf_counter() - t0:.1f}s", flush=True)
         queries = torch.randn(args.batch_size * args.num_beams, args.d_model, device=device, dtype=dtype)
-        recall = None
-        if args.index == "torch-ivf":  # against an exact search of the same keys, same queries
-            from hf_realm.search import TorchSearchConfig, ivf_recall
+        exact_ids = None
+        for config in configs:
+            label = config_label(config)
+            t0 = time.perf_counter()
+            store.build_index(config, device=device)
+            build_s = time.perf_counter() - t0
+            processor = KNNLogitsProcessor(store, k=args.k, temperature=10.0, lmbda=0.5)
+            base_s = time_generate(model, inputs, args, device)  # again, next to the kNN run (same clocks, same heat)
+            with processor.attach(model, check_weights=False):
+                knn_s = time_generate(model, inputs, args, device, processor)
+            torch_s = None
+            if args.compare_torch_search and device.type == "cuda" and config.name == "torch":
+                # the same run with exact_topk's chunked torch path (no fused Triton kernel)
+                os.environ["HF_REALM_DISABLE_TRITON"] = "1"
+                try:
+                    with processor.attach(model, check_weights=False):
+                        torch_s = time_generate(model, inputs, args, device, processor)
+                finally:
+                    os.environ.pop("HF_REALM_DISABLE_TRITON", None)
+            _, ids = store.search(queries, args.k)
+            if exact_ids is None and config.name == "torch" and config.rescore:
+                exact_ids = ids
+            recall = None
+            if config.name == "torch-ivf":  # against an exact search of the same keys, same queries
+                from hf_realm.search import TorchSearchConfig, ivf_recall
 
-            exact = TorchSearchConfig(device=device).build(store.keys, metric="l2")
-            recall = ivf_recall(store._search_backend(device), exact, queries.float(), args.k)
-            del exact
-        store.search(queries, args.k)
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(20):
-            store.search(queries, args.k)
-        sync(device)
-        search_ms = (time.perf_counter() - t0) / 20 * 1000
-        roofline_ms = n * args.d_model * 2 / bandwidth * 1000 if bandwidth else None
-        row = {
-            "entries": n,
-            "key_bytes": n * args.d_model * 2,
-            "base_tokens_per_second": base_tps,
-            "knn_tokens_per_second": new_tokens / knn_s,
-            "ratio": base_s / knn_s,
-            "knn_torch_search_tokens_per_second": new_tokens / torch_s if torch_s else None,
-            "ratio_torch_search": base_s / torch_s if torch_s else None,
-            "base_ms_per_step": base_s / args.new_tokens * 1000,
-            "knn_ms_per_step": knn_s / args.new_tokens * 1000,
-            "search_ms": search_ms,
-            "search_roofline_ms": roofline_ms,
-            "index": args.index,
-            "recall_vs_exact": recall,
-        }
-        rows.append(row)
-        recall_text = f"; recall@{args.k} vs exact {recall:.3f}" if recall is not None else ""
-        print(f"  kNN generate: {knn_s * 1000:.1f} ms -> {row['knn_tokens_per_second']:.0f} tokens/s "
-              f"({row['ratio']:.2f}x); one search {search_ms:.2f} ms{recall_text}", flush=True)  # fmt: skip
-        del processor, store
+                exact = TorchSearchConfig(device=device).build(store.keys, metric="l2")
+                recall = ivf_recall(store._search_backend(device), exact, store.project(queries), args.k)
+                del exact
+            elif exact_ids is not None:
+                hits = [
+                    len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids.cpu(), exact_ids.cpu(), strict=True)
+                ]
+                recall = sum(hits) / ids.numel()
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(20):
+                store.search(queries, args.k)
+            sync(device)
+            search_ms = (time.perf_counter() - t0) / 20 * 1000
+            key_bytes = n * key_dim * 2
+            roofline_ms = key_bytes / bandwidth * 1000 if bandwidth else None
+            row = {
+                "entries": n,
+                "key_dim": key_dim,
+                "key_bytes": key_bytes,
+                "config": label,
+                "index_config": config.to_dict(),
+                "build_index_seconds": build_s,
+                "base_tokens_per_second": new_tokens / base_s,
+                "knn_tokens_per_second": new_tokens / knn_s,
+                "ratio": base_s / knn_s,
+                "knn_torch_search_tokens_per_second": new_tokens / torch_s if torch_s else None,
+                "ratio_torch_search": base_s / torch_s if torch_s else None,
+                "base_ms_per_step": base_s / args.new_tokens * 1000,
+                "knn_ms_per_step": knn_s / args.new_tokens * 1000,
+                "search_ms": search_ms,
+                "search_roofline_ms": roofline_ms,
+                "hbm_fraction": roofline_ms / search_ms if roofline_ms else None,
+                "index": config.name,
+                "recall_vs_exact": recall,
+            }
+            rows.append(row)
+            recall_text = f"; recall@{args.k} vs exact {recall:.3f}" if recall is not None else ""
+            print(f"  {label}: kNN generate {knn_s * 1000:.1f} ms vs base {base_s * 1000:.1f} ms "
+                  f"({row['ratio']:.2f}x); one search {search_ms:.2f} ms{recall_text}", flush=True)  # fmt: skip
+            del processor
+        del store, exact_ids
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -214,10 +318,14 @@ def main(argv=None) -> dict:
         "num_beams": args.num_beams,
         "new_tokens": args.new_tokens,
         "k": args.k,
+        "key_dim": key_dim,
+        "keys": "random N(0, 1) float16"
+        + (f", PCA layout (projection {args.d_model} x {key_dim})" if args.key_dim else ""),
         "hbm_bytes_per_second": bandwidth,
         "rows": rows,
-        "index": index_config(args, device).to_dict(),
+        "index": configs[0].to_dict(),
         "num_processes": int(os.environ.get("WORLD_SIZE", "1")),
+        "command": "python benchmarks/bench_knn.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     if rank != 0:  # every process of a sharded run times the same generate; the first one reports
         return result
@@ -225,17 +333,18 @@ def main(argv=None) -> dict:
     Path(args.output).write_text(json.dumps(result, indent=2))
     print()
     print(f"kNN-MT decoding speed on {device_name} (batch {args.batch_size}, beam {args.num_beams}, "
-          f"{args.new_tokens} new tokens, k={args.k}, {args.index} search on {device.type})")  # fmt: skip
-    print("| entries | base tok/s | kNN tok/s | kNN / base | kNN / base (torch search) | ms/step base | ms/step kNN "
-          "| search ms | roofline ms | recall vs exact |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"{args.new_tokens} new tokens, k={args.k}, keys {key_dim}-d fp16, search on {device.type})")  # fmt: skip
+    print("| entries | search config | base tok/s | kNN tok/s | kNN / base | kNN / base (torch search) | ms/step base "
+          "| ms/step kNN | search ms | roofline ms | HBM fraction | recall vs exact |")  # fmt: skip
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         roof = f"{r['search_roofline_ms']:.2f}" if r["search_roofline_ms"] else "-"
+        frac = f"{r['hbm_fraction']:.2f}" if r["hbm_fraction"] else "-"
         tr = f"{r['ratio_torch_search']:.2f}x" if r["ratio_torch_search"] else "-"
         rec = "-" if r["recall_vs_exact"] is None else f"{r['recall_vs_exact']:.3f}"
-        print(f"| {r['entries']:,} | {r['base_tokens_per_second']:.0f} | {r['knn_tokens_per_second']:.0f} | "
+        print(f"| {r['entries']:,} | {r['config']} | {r['base_tokens_per_second']:.0f} | {r['knn_tokens_per_second']:.0f} | "
               f"{r['ratio']:.2f}x | {tr} | {r['base_ms_per_step']:.2f} | {r['knn_ms_per_step']:.2f} | "
-              f"{r['search_ms']:.2f} | {roof} | {rec} |")  # fmt: skip
+              f"{r['search_ms']:.2f} | {roof} | {frac} | {rec} |")  # fmt: skip
     print(f"JSON: {args.output}")
     return result
 

@@ -86,7 +86,7 @@ def rescored_topk(
     *,
     candidates: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
     source_rows: Callable[[torch.Tensor], torch.Tensor],
-    slack: torch.Tensor,
+    slack: torch.Tensor | None,
     metric: str,
     oversample: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,26 +100,32 @@ def rescored_topk(
             score in maximum-inner-product form (``q . k`` or ``q . k - ||k||^2 / 2`` for L2), descending.
         source_rows (`Callable`): ``source_rows(ids) -> keys`` `(*ids.shape, dim)`: the source keys of ``ids`` (any
             device and float dtype; rescoring runs on that device).
-        slack (`torch.Tensor` of shape `(num_queries,)`): [`score_slack`] of the queries.
+        slack (`torch.Tensor` of shape `(num_queries,)`): [`score_slack`] of the queries (unused without
+            ``oversample``).
         metric (`str`): `"inner_product"` (returns scores, descending) or `"l2"` (squared distances, ascending).
         oversample (`bool`, *optional*, defaults to `True`): `False` takes exactly ``k`` candidates and skips the bound
-            check: the fast pass's top ``k``, with exact scores, re-sorted.
+            check: the fast pass's top ``k``, with exact scores, re-sorted, and no host synchronisation (the GPU
+            search overlaps whatever the host queues next, e.g. the rest of a decoding step).
 
     Returns:
         `(scores, ids)`: float32 and int64, `(num_queries, k)`, on the queries' device.
     """
+    if not oversample:  # the fast pass's top k with exact scores, re-sorted: no bound check, no host synchronisation
+        _, ids = candidates(queries, k)
+        exact, ids = _exact_sorted(queries, ids, source_rows, metric)
+        return exact.float(), ids
     device = queries.device
     num_queries = queries.shape[0]
     out_scores = torch.empty(num_queries, k, dtype=torch.float32, device=device)
     out_ids = torch.empty(num_queries, k, dtype=torch.int64, device=device)
     pending = None  # None: every row
-    kk = first_candidates(k, num_keys) if oversample else k
+    kk = first_candidates(k, num_keys)
     while True:
         q = queries if pending is None else queries[pending]
         fast, ids = candidates(q, kk)
         exact, ids = _exact_sorted(q, ids, source_rows, metric)  # best first, ties by id
         top, top_ids = exact[:, :k], ids[:, :k]
-        if kk >= num_keys or not oversample:
+        if kk >= num_keys:
             done = torch.ones(q.shape[0], dtype=torch.bool, device=device)
         else:
             kth = top[:, -1] if metric == "inner_product" else (q.double().pow(2).sum(-1) - top[:, -1]) / 2
