@@ -536,20 +536,24 @@ def cmd_evaluate(args) -> dict:
         res.set(domain, "sweep", "full", {"bleu": c["knn"]["test_bleu_greedy"], "entries": len(store),
                                           "bytes": store.nbytes, "tokens_per_second": c["knn"]["tokens_per_second_greedy"],
                                           "gain_kept": 1.0, "method": "full", "fraction": 1.0})  # fmt: skip
-        log(
-            f"  {domain}: greedy-merge neighbours ({args.merge_neighbors}, {args.merge_passes} passes), entry log-probs"
-        )
-        t0 = time.time()
-        neighbours = datastore_neighbours(store, args.merge_neighbors, device=device)
-        c["merges"] = greedy_merge_sequence(
-            store, args.merge_neighbors, neighbours=neighbours, max_passes=args.merge_passes, device=device
-        )
-        del neighbours
-        c["log_probs"] = entry_model_log_probs(store, model)
-        reach = 1 - len(c["merges"]) / len(store)
-        res.set(domain, "greedy_merge_min_fraction", reach)
-        res.set(domain, "greedy_merge_settings", {"neighbors": args.merge_neighbors, "max_passes": args.merge_passes})
-        log(f"  ({time.time() - t0:.1f}s; merging can reach {reach:.1%} of the entries)")
+        c["merges"] = c["log_probs"] = None
+        specs = [m for m in args.methods.split(",") if m] + [x for x in args.compression.split(",") if x]
+        if any(spec.startswith("greedy_merge") for spec in specs):  # only what a named method needs
+            log(f"  {domain}: greedy-merge neighbours ({args.merge_neighbors}, {args.merge_passes} passes)")
+            t0 = time.time()
+            neighbours = datastore_neighbours(store, args.merge_neighbors, device=device)
+            c["merges"] = greedy_merge_sequence(
+                store, args.merge_neighbors, neighbours=neighbours, max_passes=args.merge_passes, device=device
+            )
+            del neighbours
+            reach = 1 - len(c["merges"]) / len(store)
+            res.set(domain, "greedy_merge_min_fraction", reach)
+            res.set(
+                domain, "greedy_merge_settings", {"neighbors": args.merge_neighbors, "max_passes": args.merge_passes}
+            )
+            log(f"  ({time.time() - t0:.1f}s; merging can reach {reach:.1%} of the entries)")
+        if any(spec.startswith("confidence") for spec in specs):
+            c["log_probs"] = entry_model_log_probs(store, model)
     retune = {x for x in args.retune.split(",") if x}
     methods = [m for m in args.methods.split(",") if m]
     first, *rest = fractions
