@@ -24,6 +24,7 @@ from hf_realm.search import (
     pq_decode,
     register_backend,
 )
+from hf_realm.search.rescore import score_slack
 
 
 try:
@@ -77,6 +78,47 @@ def test_low_precision_storage_with_rescoring_equals_float64_brute_force(metric,
         TorchSearchConfig(device="cpu", dtype=dtype, rescore=False).build(keys, metric=metric).search(queries, 10)
     )
     assert not np.array_equal(fast_ids.numpy(), ref_ids)
+
+
+@pytest.mark.parametrize("metric", ["inner_product", "l2"])
+def test_without_rescoring_no_host_synchronisation_and_within_the_rounding_bound(metric, monkeypatch):
+    """`rescore=False` on fp16 keys stored in fp16: not one tensor read by the host during the search (on a GPU each
+    read is a synchronisation that stalls the decoding step), while the exact mode reads its bound check's verdict.
+    With queries that fp16 represents (an fp16 model's states) the answer is the float64 one; with fp32 queries
+    (rounded to fp16 by the fast pass) each returned score is within the rounding bound of the exact score at its
+    rank, and the scores returned are exact for the ids returned."""
+    g = torch.Generator().manual_seed(3)
+    keys, queries = torch.randn(3000, 32, generator=g).half(), torch.randn(64, 32, generator=g)
+    reads = []
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _f=original, _n=name: reads.append(_n) or _f(self, *a)
+        )
+    fast = TorchSearchConfig(device="cpu", dtype=torch.float16, rescore=False).build(keys, metric=metric)
+    exact = TorchSearchConfig(device="cpu", dtype=torch.float16).build(keys, metric=metric)
+    reads.clear()
+    scores16, ids16 = fast.search(queries.half().float(), 16)
+    scores, ids = fast.search(queries, 16)
+    assert reads == []
+    exact.search(queries, 16)
+    assert reads  # the bound check reads its verdict
+    monkeypatch.undo()
+
+    ref16_scores, ref16_ids = brute_force(queries.half().float(), keys.float(), 16, metric)
+    np.testing.assert_array_equal(ids16.numpy(), ref16_ids)
+    np.testing.assert_allclose(scores16.numpy(), ref16_scores, rtol=1e-6)
+
+    ref_scores, ref_ids = brute_force(queries, keys.float(), 16, metric)
+    own = brute_force(queries, keys.float(), 3000, metric)  # every key's exact score, to look up the ids returned
+    by_id = np.empty((64, 3000))
+    np.put_along_axis(by_id, own[1], own[0], axis=1)
+    np.testing.assert_allclose(scores.numpy(), np.take_along_axis(by_id, ids.numpy(), axis=1), rtol=1e-6)
+    bias = 0.0 if metric == "inner_product" else float((0.5 * keys.double().pow(2).sum(-1)).max())
+    slack = score_slack(queries, torch.float16, keys.float().abs().amax(0), None, bias).numpy()
+    gap = np.abs(scores.numpy() - ref_scores)  # inner products, or squared distances (= -2 x the fast score + const)
+    assert (gap <= (1 if metric == "inner_product" else 2) * slack[:, None] + 1e-6).all()
+    assert (ids.numpy() != ref_ids).any(axis=1).mean() < 0.1  # on this data few rows differ at all
 
 
 def test_rescoring_searches_again_when_the_bound_does_not_prove_the_top_k():

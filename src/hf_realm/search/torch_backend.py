@@ -24,8 +24,11 @@ class TorchSearchConfig(BackendConfig):
             of the fast pass are rescored in float64 from the source keys (see `hf_realm.search.rescore`); proving it
             costs one host synchronisation per search. `False` returns the fast pass's top ``k`` as they rank in the
             storage dtype (scores still rescored, results re-sorted) without synchronising: for kNN-MT decoding on a
-            GPU, where the search then overlaps the rest of the step. With keys stored losslessly (fp16 keys in fp16)
-            the two differ only where scores differ by less than the fp32 accumulation error.
+            GPU, where the search then overlaps the rest of the step. The fast pass rounds the queries (and lossy keys)
+            to the storage dtype: the ids returned can differ from the exact ones only where scores differ by less
+            than that rounding (`hf_realm.search.rescore.score_slack`); the scores returned are exact for the ids
+            returned. Queries that the storage dtype represents (an fp16 model's states searched in fp16 keys)
+            lose nothing but fp32 accumulation order.
         chunk_size (`int`, *optional*, defaults to 1M): Keys scored at once by the chunked torch path.
 
     Example:
