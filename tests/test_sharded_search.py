@@ -38,7 +38,8 @@ def test_simulated_shards_merge_to_the_exact_search():
     with pytest.raises(RuntimeError, match="no torch.distributed process group"):
         backend.search(queries, 7)  # shard 2 of 3 alone would be a wrong answer
     dist, ids = merge_best(torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1), 7, "l2")
-    np.testing.assert_array_equal(ids.cpu().numpy(), brute_force_l2(keys.numpy(), queries.numpy(), 7))  # shards on CUDA when there is one
+    # the shards live on CUDA when there is one
+    np.testing.assert_array_equal(ids.cpu().numpy(), brute_force_l2(keys.numpy(), queries.numpy(), 7))
     small = ShardedSearchConfig(inner="torch", process_index=1, num_processes=2).build(keys[:9], metric="l2")
     d, i = small.search_local(queries, 7)  # 4 keys in this shard: padded
     assert (i[:, 4:] == -1).all() and torch.isinf(d[:, 4:]).all() and (i[:, :4] >= 5).all()
