@@ -1,6 +1,6 @@
 """A key set split across processes (`"sharded"`): one process equals the inner backend; two processes under
 `accelerate launch` (gloo, CPU) hold half the keys each and return, on both, the ids of one exact search over all of
-them, in a direct search and inside `generate()`."""
+them, in a direct search and inside `generate()`; a datastore built by two processes equals the 1-process build."""
 
 import json
 import os
@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from hf_realm import KNNDatastore
 from hf_realm.search import BACKENDS, ShardedSearchConfig, TorchSearchConfig, backend_config
 from hf_realm.search.sharded import merge_best
 
-from .conftest import ACCELERATE_LAUNCHER, free_port, needs_accelerate, subprocess_env
+from .conftest import ACCELERATE_LAUNCHER, free_port, needs_accelerate, subprocess_env, tiny_marian
 from .scripts.sharded_knn_worker import run
-from .test_knn_generation import random_store
+from .test_knn_generation import random_pairs, random_store
 
 
 WORKER = os.path.join(os.path.dirname(__file__), "scripts", "sharded_knn_worker.py")
@@ -74,3 +75,24 @@ def test_two_processes_equal_one_exact_search(tmp_path):
         assert rank["ids"] == want["ids"]
         np.testing.assert_allclose(rank["sqdist"], want["sqdist"], rtol=1e-6)
         assert rank["generated"] == want["generated"]
+    # The datastore both processes built (each its contiguous shard of the pairs) is the 1-process one, on both ranks
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers (OMP_NUM_THREADS=1): the same reduction order, so the same fp32 sums
+    try:
+        single = KNNDatastore.build(tiny_marian(), random_pairs(9, seed=11), tmp_path / "single", batch_size=4,
+                                    progress=False)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    for rank in ranks:
+        np.testing.assert_array_equal(
+            np.array(rank["built"]["keys"], dtype=np.float32), single.keys.astype(np.float32)
+        )
+        assert rank["built"]["values"] == single.values.tolist()
+        assert rank["built"]["provenance"] == single.provenance.tolist()
+    assert len(single) > 40 and len({tuple(p) for p in single.provenance.tolist()}) == len(single)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "built",
+        "rank0.json",
+        "rank1.json",
+        "single",
+    ]  # no shards left

@@ -1,5 +1,6 @@
 """Worker for tests/test_sharded_search.py: a kNN datastore split over the processes of `accelerate launch` (gloo),
-searched directly and inside `generate()`; each rank writes what it got."""
+searched directly and inside `generate()`, and a datastore built by both processes (each its shard of the data,
+merged by the main one); each rank writes what it got."""
 
 import json
 import sys
@@ -8,9 +9,10 @@ import torch
 from accelerate import PartialState
 from transformers import LogitsProcessorList
 
-from hf_realm import KNNLogitsProcessor
+from hf_realm import KNNDatastore, KNNLogitsProcessor
 from hf_realm.search import ShardedSearchConfig, TorchSearchConfig
-from tests.test_knn_generation import EOS, PAD, random_store, tiny_gpt2  # the repository root is on PYTHONPATH
+from tests.conftest import tiny_marian  # the repository root is on PYTHONPATH
+from tests.test_knn_generation import EOS, PAD, random_pairs, random_store, tiny_gpt2
 
 
 def run(store, out: dict, prefix: str) -> None:
@@ -36,6 +38,10 @@ def main(out_dir: str) -> None:
     out["shard"] = [backend.shard_start, backend.shard_end]
     out["inner_keys"] = backend.inner.num_keys
     run(store, out, "")
+    built = KNNDatastore.build(tiny_marian(), random_pairs(9, seed=11), f"{out_dir}/built", batch_size=4,
+                               accelerator=state, progress=False)  # fmt: skip
+    out["built"] = {"keys": built.keys.astype("float32").tolist(), "values": built.values.tolist(),
+                    "provenance": built.provenance.tolist()}  # fmt: skip
     with open(f"{out_dir}/rank{state.process_index}.json", "w") as f:
         json.dump(out, f)
 
