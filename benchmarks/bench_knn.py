@@ -16,7 +16,7 @@ by `;`, each `name[:field=value,...]` of a search backend config): e.g. `torch` 
 only; what the compression keeps of the BLEU gain is measured on real data by `knn_mt_experiment.py`.
 
     python benchmarks/bench_knn.py                       # 1M and 10M entries (10M needs ~11 GB of GPU memory)
-    python benchmarks/bench_knn.py --sizes 10000000 --configs "torch;torch:rescore=0;torch-ivf:nprobe=8"
+    python benchmarks/bench_knn.py --sizes 10000000 --configs "torch;torch:rescore=0;torch-ivf:nprobe=8,scan=union"
     python benchmarks/bench_knn.py --sizes 10000000,100000000 --key_dim 128 --configs "torch:rescore=0"
     python benchmarks/bench_knn.py --sizes 100000 --batch_size 4 --new_tokens 8 --device cpu   # a CPU smoke run
 

@@ -25,6 +25,7 @@ still leaves what it measured), `knn_mt_table.md` and `knn_mt_pruning.png`.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -340,14 +341,14 @@ def add_bootstrap(res, domain: str, refs: list[str], samples: int) -> None:
                                                                           samples))  # fmt: skip
 
 
-def median_neighbour_distance(store, model, tokenizer, sources, targets, k, device) -> float:
-    """Median squared L2 distance of the k-th neighbour of teacher-forced dev states (to scale the T grid)."""
+def teacher_forced_states(model, tokenizer, sources, targets, device, n: int = 64) -> torch.Tensor:
+    """The kNN query states of the first ``n`` pairs, teacher-forced: one row per target token."""
     import datasets
 
     from hf_realm.knn_build import _batch_tensors, _decoder_inputs
     from hf_realm.knn_hook import KNNQueryHook
 
-    ds = datasets.Dataset.from_dict({"s": sources[:64], "t": targets[:64]})
+    ds = datasets.Dataset.from_dict({"s": sources[:n], "t": targets[:n]})
     max_len = min(256, model.config.max_position_embeddings)
     inputs, labels = _batch_tensors(ds[:], tokenizer, True, False, "s", "t", None, max_len, 0)
     with torch.no_grad(), KNNQueryHook(model, capture="all") as hook:
@@ -355,8 +356,12 @@ def median_neighbour_distance(store, model, tokenizer, sources, targets, k, devi
             **{k_: v.to(device) for k_, v in inputs.items()},
             decoder_input_ids=_decoder_inputs(model, labels.to(device)),
         )
-    states = hook.state[labels.to(device) != -100]
-    sqdist, _ = store.search(states, k)
+    return hook.state[labels.to(device) != -100]
+
+
+def median_neighbour_distance(store, model, tokenizer, sources, targets, k, device) -> float:
+    """Median squared L2 distance of the k-th neighbour of teacher-forced dev states (to scale the T grid)."""
+    sqdist, _ = store.search(teacher_forced_states(model, tokenizer, sources, targets, device), k)
     return float(sqdist[:, -1].median())
 
 
@@ -561,6 +566,8 @@ def cmd_evaluate(args) -> dict:
     jobs += [(spec, "compression", None) for spec in args.compression.split(",") if spec]
     jobs += [(f"{m}@{f:g}", m, f) for f in rest for m in methods]
     jobs += [(f"adaptive@{t:g}", "adaptive", t) for t in (float(x) for x in args.skip_thresholds.split(",") if x)]
+    jobs += [(f"ivf-{spec.partition(':')[2] or 'query'}-nprobe{spec.partition(':')[0]}", "ivf", spec)
+             for spec in args.ivf.split(",") if spec]  # fmt: skip
     for name, method, param in jobs:
         for domain, c in ctx.items() if args.sweep else ():
             store, ev = c["store"], c["ev"]
@@ -585,8 +592,26 @@ def cmd_evaluate(args) -> dict:
                 log(f"  {domain} {name:28s} BLEU {bleu:6.2f}  searches saved {saved:.1%}  "
                     f"{speed['tokens_per_second']:7.0f} tok/s")  # fmt: skip
                 continue
-            small = shrink_datastore(store, name, merges=c["merges"], log_probs=c["log_probs"],
-                                     num_neighbors=args.merge_neighbors, device=device)  # fmt: skip
+            extra = {}
+            if method == "ivf":  # the same entries, searched approximately (inverted lists over the keys)
+                from hf_realm.search import ivf_recall
+
+                nprobe, _, scan = param.partition(":")
+                small = copy.copy(store)
+                small.build_index("torch-ivf", device=device, nprobe=int(nprobe), scan=scan or "query")
+                # recall against the exact search on teacher-forced dev states (one batch of up to 128 rows at a time)
+                states = teacher_forced_states(model, tokenizer, c["dev_src"], c["dev_ref"], device)
+                exact, approx, k = store._search_backend(device), small._search_backend(device), c["setting"]["k"]
+                parts = [ivf_recall(approx, exact, states[i : i + 128], k) * len(states[i : i + 128])
+                         for i in range(0, len(states), 128)]  # fmt: skip
+                extra = {"recall_vs_exact": sum(parts) / len(states), "recall_queries": len(states),
+                         "nlist": approx.nlist, "nprobe": approx.nprobe, "scan": scan or "query"}  # fmt: skip
+                log(
+                    f"  {domain} {name}: recall@{k} vs exact {extra['recall_vs_exact']:.3f} on {len(states)} dev states"
+                )
+            else:
+                small = shrink_datastore(store, name, merges=c["merges"], log_probs=c["log_probs"],
+                                         num_neighbors=args.merge_neighbors, device=device)  # fmt: skip
             if method in ("greedy_merge", "greedy_merge_mean"):
                 same = next((n for n, r in (res.get(domain, "sweep") or {}).items()
                              if r.get("method") == method and r["entries"] == len(small)), None)  # fmt: skip
@@ -595,7 +620,7 @@ def cmd_evaluate(args) -> dict:
                     log(f"  {domain} {name}: merging saturated, same store as {same}")
                     continue
             if name not in done:
-                evaluate_store(name, small, method=method, **ev)
+                evaluate_store(name, small, method=method, **ev, **extra)
             if name in retune and time_left() > args.reserve_seconds + 60:
                 # The smaller store's own k / T / λ, chosen on dev (never on test): its distances and densities differ.
                 setting, grid = retune_setting(small, c, model, tokenizer, kw, lmbdas,
@@ -775,6 +800,10 @@ def make_parser() -> argparse.ArgumentParser:
         "(extra rows; the per-budget picks choose among them on dev)",
     )
     e.add_argument("--skip_thresholds", default="0.9,0.5")
+    e.add_argument(
+        "--ivf", default="",
+        help="rows of the full store searched by torch-ivf: `nprobe[:scan]`, e.g. `8:union,32:query` (lists: 4 sqrt(n))",
+    )  # fmt: skip
     e.add_argument(
         "--bootstrap", type=int, default=1000, help="paired bootstrap resamples of the gain kept (0 = none)"
     )

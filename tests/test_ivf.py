@@ -109,3 +109,48 @@ def test_a_datastore_searched_through_ivf():
     store.build_index("torch-ivf", device="cpu", nlist=200, nprobe=1)
     with pytest.raises(RuntimeError, match="IVFBackend index returned fewer than 40 neighbours.*nprobe \\(now 1\\)"):
         store.search(queries, 40)  # a wrong id (-1) would read the last entry's value: refused
+
+
+@pytest.mark.parametrize("metric", ["l2", "inner_product"])
+def test_union_scan_is_the_exact_top_k_of_the_batch_lists(metric):
+    """`scan="union"`: every query searched over the keys of all lists the batch probes (float64 brute force over
+    those keys); a superset of its own lists, so its recall is at least the per-query scan's; all lists = exact."""
+    keys, queries = data(seed=4, spread=0.0)
+    union = IVFSearchConfig(nlist=40, nprobe=2, device="cpu", scan="union").build(keys, metric=metric)
+    per_query = IVFSearchConfig(nlist=40, nprobe=2, device="cpu").build(keys, metric=metric)
+    assert torch.equal(union.centroids, per_query.centroids)  # same seeded lists
+    batch = queries[:6]
+    probed = union.probe(batch)
+    c = union.centroids.double()
+    lists_of_key = (-((keys.double()[:, None] - c[None]) ** 2).sum(-1)).argmax(1)  # each key's list (nearest, L2)
+    allowed = torch.isin(lists_of_key, probed.flatten()).expand(len(batch), -1)
+    assert 0 < int(allowed[0].sum()) < len(keys)
+    scores, ids = union.search(batch, 10)
+    want_scores, want_ids = brute_force(keys, batch, 10, metric, allowed)
+    np.testing.assert_array_equal(ids.numpy(), want_ids)
+    np.testing.assert_allclose(scores.numpy(), want_scores, rtol=1e-6, atol=1e-5)
+    exact = TorchSearchConfig(device="cpu").build(keys, metric=metric)
+    assert ivf_recall(union, exact, batch, 10) >= ivf_recall(per_query, exact, batch, 10)
+    # one query alone reads just its own lists: the per-query answer; so does a batch split down to single queries
+    for row in range(3):
+        np.testing.assert_array_equal(
+            union.search(batch[row : row + 1], 10)[1], per_query.search(batch[row : row + 1], 10)[1]
+        )
+    tiny = IVFSearchConfig(nlist=40, nprobe=2, device="cpu", scan="union", max_gather_bytes=1).build(
+        keys, metric=metric
+    )
+    np.testing.assert_array_equal(tiny.search(batch, 10)[1], per_query.search(batch, 10)[1])
+    everything = IVFSearchConfig(nlist=40, nprobe=40, device="cpu", scan="union").build(keys, metric=metric)
+    np.testing.assert_array_equal(everything.search(batch, 10)[1].numpy(), brute_force(keys, batch, 10, metric)[1])
+
+
+def test_union_scan_pads_and_refuses_unknown_scans():
+    keys, queries = data(n=400, seed=2)
+    backend = IVFSearchConfig(nlist=100, nprobe=1, device="cpu", scan="union").build(keys, metric="l2")
+    one = queries[:1]
+    k = int(backend.list_sizes[backend.probe(one)[0, 0]]) + 2  # more than its one list holds
+    scores, ids = backend.search(one, k)
+    assert (ids[0, -2:] == -1).all() and torch.isinf(scores[0, -2:]).all() and (ids[0, :-2] >= 0).all()
+    with pytest.raises(ValueError, match="scan must be 'query' or 'union', got 'all'"):
+        IVFSearchConfig(nlist=4, device="cpu", scan="all").build(keys, metric="l2")
+    assert backend_config(IVFSearchConfig(scan="union").to_dict()).scan == "union"

@@ -7,6 +7,16 @@ order of what was found; what is approximate is which lists are read. [`ivf_reca
 backend. With ``nprobe = nlist`` every key is read and the answer equals an exact search's (up to fp32 near-ties
 outside the re-ranked candidates).
 
+Two ways to read the lists (``scan``):
+
+- ``"query"`` (default): each query ranks the keys of its own ``nprobe`` lists, gathered per query. The answer for a
+  query does not depend on the other queries of the batch.
+- ``"union"``: the keys of every list that some query of the batch probes are gathered once, contiguously, and the
+  whole batch is searched over them with the exact search of [`exact_topk`] (the fused Triton kernel on a GPU). Each
+  query reads a superset of its own lists, so its recall is at least that of ``"query"``, and a batch of queries
+  that probe the same lists (the beams of one sentence, the sentences of one domain) reads each key once. A query's
+  answer can depend on the batch it comes in (more lists read, never fewer).
+
 A query whose probed lists hold fewer than ``k`` keys gets id ``-1`` (and ``-inf`` score / ``+inf`` distance) in the
 remaining slots, as the search contract says for approximate backends.
 """
@@ -21,6 +31,7 @@ import numpy as np
 import torch
 
 from .base import BackendConfig, as_tensor, check_metric, check_search_args, register_backend
+from .exact import exact_topk
 from .kmeans import kmeans
 from .rescore import exact_scores, sort_best_first
 from .torch_backend import _lossless, check_key_matrix, device_and_dtype
@@ -42,7 +53,9 @@ class IVFSearchConfig(BackendConfig):
         rerank (`int`, *optional*, defaults to 4): ``rerank * k`` candidates (at least ``k + 16``) are re-scored in
             float64 from the source keys.
         max_gather_bytes (`int`, *optional*, defaults to 256 MiB): Bound on the keys gathered at once (queries are
-            processed in chunks under it).
+            processed in chunks under it; for ``scan="union"`` the batch is split until its lists fit).
+        scan (`str`, *optional*, defaults to `"query"`): `"query"` reads each query's own lists; `"union"` searches
+            the batch over the union of its probed lists with the exact fused search (see the module docstring).
 
     Example:
 
@@ -67,6 +80,7 @@ class IVFSearchConfig(BackendConfig):
     seed: int = 0
     rerank: int = 4
     max_gather_bytes: int = 1 << 28
+    scan: str = "query"
 
     def build(self, keys, *, metric: str = "inner_product", state: Any = None) -> IVFBackend:
         return IVFBackend(keys, metric=metric, config=self)
@@ -84,6 +98,8 @@ class IVFBackend:
                 f"nprobe must be >= 1, rerank and iters >= 0; got nprobe={self.config.nprobe}, "
                 f"rerank={self.config.rerank}, iters={self.config.iters}"
             )
+        if self.config.scan not in ("query", "union"):
+            raise ValueError(f"scan must be 'query' or 'union', got {self.config.scan!r}")
         self._set_keys(as_tensor(keys))
 
     # -- building --------------------------------------------------------------------------------------------------
@@ -173,13 +189,18 @@ class IVFBackend:
             scores = scores + self.centroid_bias
         return scores.topk(self.nprobe, dim=1).indices
 
+    def _rerank_count(self, k: int) -> int:
+        return k if self.config.rerank == 0 else max(self.config.rerank * k, k + 16)
+
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         check_search_args(queries, k, self.num_keys, self.dim)
         q = queries.to(self.device, torch.float32)
+        if self.config.scan == "union":
+            return self._search_union(q, self.probe(q), k)
         lists = self.probe(q)
         starts, lengths = self.list_offsets[lists], self.list_sizes[lists]  # (b, nprobe)
         totals = lengths.sum(1)
-        rerank = k if self.config.rerank == 0 else max(self.config.rerank * k, k + 16)
+        rerank = self._rerank_count(k)
         worst = float("-inf") if self.metric == "inner_product" else float("inf")
         out_scores = torch.full((q.shape[0], k), worst, dtype=torch.float32, device=self.device)
         out_ids = torch.full((q.shape[0], k), -1, dtype=torch.int64, device=self.device)
@@ -217,6 +238,36 @@ class IVFBackend:
         ids = ids.masked_fill(ids == self.num_keys, -1)
         return exact[:, :k].float(), ids[:, :k]
 
+    def _search_union(self, q: torch.Tensor, lists: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch ``q`` over the keys of the union of its probed ``lists`` (see ``scan="union"``)."""
+        union = torch.unique(lists)  # sorted list numbers: the keys gathered are in storage order
+        sizes = self.list_sizes[union]
+        total = int(sizes.sum())
+        if total * self.dim * self.keys.element_size() > self.config.max_gather_bytes and q.shape[0] > 1:
+            half = q.shape[0] // 2
+            top = self._search_union(q[:half], lists[:half], k)
+            bottom = self._search_union(q[half:], lists[half:], k)
+            return torch.cat([top[0], bottom[0]]), torch.cat([top[1], bottom[1]])
+        worst = float("-inf") if self.metric == "inner_product" else float("inf")
+        out_scores = torch.full((q.shape[0], k), worst, dtype=torch.float32, device=self.device)
+        out_ids = torch.full((q.shape[0], k), -1, dtype=torch.int64, device=self.device)
+        if total == 0:
+            return out_scores, out_ids
+        # stored positions of the union's keys: each list's range, concatenated
+        first = torch.repeat_interleave(self.list_offsets[union], sizes, output_size=total)
+        before = torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes, output_size=total)
+        positions = first + torch.arange(total, device=self.device) - before
+        keys = self.keys[positions]
+        bias = self.key_bias[positions] if self.key_bias is not None else None
+        take = min(self._rerank_count(k), total)
+        _, local = exact_topk(q.to(keys.dtype), keys, take, key_bias=bias)
+        ids = self.ids[positions[local]]
+        exact, ids = sort_best_first(exact_scores(q, ids, self.source_rows, self.metric), ids, self.metric)
+        found = min(k, total)
+        out_scores[:, :found] = exact[:, :found].float()
+        out_ids[:, :found] = ids[:, :found]
+        return out_scores, out_ids
+
     def add(self, keys) -> None:
         """Appends keys; the lists are trained again on all of them (seeded: the same keys give the same lists)."""
         current = self._source
@@ -232,7 +283,7 @@ class IVFBackend:
     def __repr__(self) -> str:
         return (
             f"IVFBackend(num_keys={self.num_keys}, dim={self.dim}, metric={self.metric!r}, nlist={self.nlist}, "
-            f"nprobe={self.nprobe}, device={self.device}, dtype={self.dtype})"
+            f"nprobe={self.nprobe}, scan={self.config.scan!r}, device={self.device}, dtype={self.dtype})"
         )
 
 
