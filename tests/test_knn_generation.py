@@ -743,9 +743,15 @@ def test_knn_mt_experiment_pipeline_on_cpu(tmp_path):
                      "--max_datastore_pairs", "60", "--max_dev_pairs", "8", "--max_test_pairs", "8", "--k_grid", "4",
                      "--lmbda_grid", "0.5", "--temperature_factors", "1", "--beams", "2", "--fractions", "0.5",
                      "--merge_neighbors", "4", "--merge_passes", "2", "--compression", "pca16,cluster0.5+pca16+pq4",
-                     "--skip_thresholds", "0.9", "--max_new_tokens", "8", "--retune", "pca16,cluster@0.5"])  # fmt: skip
+                     "--skip_thresholds", "0.9", "--max_new_tokens", "8", "--retune", "pca16,cluster@0.5",
+                     "--ivf", "2:union,100000:query"])  # fmt: skip
     for domain in ("koran", "it"):
         sweep = data[domain]["sweep"]
+        # IVF rows: the same entries; reading every list (nprobe capped at nlist) is the exact search
+        union, every = sweep["ivf-union-nprobe2"], sweep["ivf-query-nprobe100000"]
+        assert union["nprobe"] == 2 and union["scan"] == "union" and 0 < union["recall_vs_exact"] <= 1
+        assert every["nprobe"] == every["nlist"] and every["recall_vs_exact"] == 1.0
+        assert every["bleu"] == sweep["full"]["bleu"] and every["entries"] == sweep["full"]["entries"]
         names = {"full", "random@0.5", "cluster@0.5", "greedy_merge@0.5", "greedy_merge_mean@0.5", "confidence@0.5"}
         assert names | {"pca16", "pca16 (retuned)", "cluster0.5+pca16+pq4", "adaptive@0.9"} <= set(sweep)
         # the retuned row uses the setting picked on dev, from the grid it records
