@@ -189,21 +189,25 @@ class IVFBackend:
             scores = scores + self.centroid_bias
         return scores.topk(self.nprobe, dim=1).indices
 
+    def _padding(self, num_queries: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Results with nothing found yet: the worst score (distance) and id -1 in every slot."""
+        worst = float("-inf") if self.metric == "inner_product" else float("inf")
+        scores = torch.full((num_queries, k), worst, dtype=torch.float32, device=self.device)
+        return scores, torch.full((num_queries, k), -1, dtype=torch.int64, device=self.device)
+
     def _rerank_count(self, k: int) -> int:
         return k if self.config.rerank == 0 else max(self.config.rerank * k, k + 16)
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         check_search_args(queries, k, self.num_keys, self.dim)
         q = queries.to(self.device, torch.float32)
-        if self.config.scan == "union":
-            return self._search_union(q, self.probe(q), k)
         lists = self.probe(q)
+        if self.config.scan == "union":
+            return self._search_union(q, lists, k)
         starts, lengths = self.list_offsets[lists], self.list_sizes[lists]  # (b, nprobe)
         totals = lengths.sum(1)
         rerank = self._rerank_count(k)
-        worst = float("-inf") if self.metric == "inner_product" else float("inf")
-        out_scores = torch.full((q.shape[0], k), worst, dtype=torch.float32, device=self.device)
-        out_ids = torch.full((q.shape[0], k), -1, dtype=torch.int64, device=self.device)
+        out_scores, out_ids = self._padding(q.shape[0], k)
         widest = max(1, int(totals.max()))
         per_chunk = max(1, self.config.max_gather_bytes // (widest * self.dim * self.keys.element_size()))
         for lo in range(0, q.shape[0], per_chunk):
@@ -248,9 +252,7 @@ class IVFBackend:
             top = self._search_union(q[:half], lists[:half], k)
             bottom = self._search_union(q[half:], lists[half:], k)
             return torch.cat([top[0], bottom[0]]), torch.cat([top[1], bottom[1]])
-        worst = float("-inf") if self.metric == "inner_product" else float("inf")
-        out_scores = torch.full((q.shape[0], k), worst, dtype=torch.float32, device=self.device)
-        out_ids = torch.full((q.shape[0], k), -1, dtype=torch.int64, device=self.device)
+        out_scores, out_ids = self._padding(q.shape[0], k)
         if total == 0:
             return out_scores, out_ids
         # stored positions of the union's keys: each list's range, concatenated
