@@ -38,6 +38,8 @@ def main(argv=None) -> dict:
     p.add_argument("--nprobe", default="1,4,16,64")
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--num_queries", type=int, default=1000)
+    p.add_argument("--scan", default="query", choices=["query", "union"], help="IVF scan (see IVFSearchConfig)")
+    p.add_argument("--batch_size", type=int, default=128, help="queries searched at once (the union scan's batch)")
     p.add_argument("--noise", type=float, default=0.1)
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -72,11 +74,12 @@ def main(argv=None) -> dict:
     print(f"{'nlist':>6s} {'nprobe':>6s} {'recall@k':>9s} {'IVF ms':>8s} {'exact ms':>9s}")
     for nprobe in [int(x) for x in args.nprobe.split(",")]:
         start = time.perf_counter()
-        ivf = IVFSearchConfig(nlist=args.nlist, nprobe=nprobe, device=device, seed=args.seed).build(
+        ivf = IVFSearchConfig(nlist=args.nlist, nprobe=nprobe, device=device, seed=args.seed, scan=args.scan).build(
             store.keys, metric="l2"
         )
         build_s = time.perf_counter() - start
-        row = {"nlist": ivf.nlist, "nprobe": ivf.nprobe, "recall": ivf_recall(ivf, exact, queries, args.k)}
+        recall = ivf_recall(ivf, exact, queries, args.k, batch_size=args.batch_size)
+        row = {"nlist": ivf.nlist, "nprobe": ivf.nprobe, "scan": args.scan, "recall": recall}
         row.update({"ivf_ms": timed(ivf), "exact_ms": exact_ms, "build_seconds": build_s})
         table.append(row)
         print(f"{row['nlist']:6d} {row['nprobe']:6d} {row['recall']:9.4f} {row['ivf_ms']:8.2f} {exact_ms:9.2f}")

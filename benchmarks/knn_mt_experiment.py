@@ -602,9 +602,8 @@ def cmd_evaluate(args) -> dict:
                 # recall against the exact search on teacher-forced dev states (one batch of up to 128 rows at a time)
                 states = teacher_forced_states(model, tokenizer, c["dev_src"], c["dev_ref"], device)
                 exact, approx, k = store._search_backend(device), small._search_backend(device), c["setting"]["k"]
-                parts = [ivf_recall(approx, exact, states[i : i + 128], k) * len(states[i : i + 128])
-                         for i in range(0, len(states), 128)]  # fmt: skip
-                extra = {"recall_vs_exact": sum(parts) / len(states), "recall_queries": len(states),
+                recall = ivf_recall(approx, exact, states, k, batch_size=128)
+                extra = {"recall_vs_exact": recall, "recall_queries": len(states),
                          "nlist": approx.nlist, "nprobe": approx.nprobe, "scan": scan or "query"}  # fmt: skip
                 log(
                     f"  {domain} {name}: recall@{k} vs exact {extra['recall_vs_exact']:.3f} on {len(states)} dev states"
