@@ -566,8 +566,7 @@ def cmd_evaluate(args) -> dict:
     jobs += [(spec, "compression", None) for spec in args.compression.split(",") if spec]
     jobs += [(f"{m}@{f:g}", m, f) for f in rest for m in methods]
     jobs += [(f"adaptive@{t:g}", "adaptive", t) for t in (float(x) for x in args.skip_thresholds.split(",") if x)]
-    jobs += [(f"ivf-{spec.partition(':')[2] or 'query'}-nprobe{spec.partition(':')[0]}", "ivf", spec)
-             for spec in args.ivf.split(",") if spec]  # fmt: skip
+    jobs += [(ivf_row_name(spec), "ivf", spec) for spec in args.ivf.split(",") if spec]
     for name, method, param in jobs:
         for domain, c in ctx.items() if args.sweep else ():
             store, ev = c["store"], c["ev"]
@@ -596,15 +595,28 @@ def cmd_evaluate(args) -> dict:
             if method == "ivf":  # the same entries, searched approximately (inverted lists over the keys)
                 from hf_realm.search import ivf_recall
 
-                nprobe, _, scan = param.partition(":")
-                small = copy.copy(store)
+                probing, _, compressed = param.partition("@")  # `param` stays whole for the next domain
+                nprobe, _, scan = probing.partition(":")
+                # the store the lists are built over: the full one, or a compressed one (e.g. `8:union@pca128`)
+                exact_store = store
+                if compressed:
+                    exact_store = shrink_datastore(store, compressed, num_neighbors=args.merge_neighbors,
+                                                   device=device)  # fmt: skip
+                    exact_store.build_index("torch", device=device)
+                small = copy.copy(exact_store)
                 small.build_index("torch-ivf", device=device, nprobe=int(nprobe), scan=scan or "query")
-                # recall against the exact search on teacher-forced dev states (one batch of up to 128 rows at a time)
+                # recall against the exact search of the same store on teacher-forced dev states (one batch of up to
+                # 128 rows at a time), queries projected as the store does
                 states = teacher_forced_states(model, tokenizer, c["dev_src"], c["dev_ref"], device)
-                exact, approx, k = store._search_backend(device), small._search_backend(device), c["setting"]["k"]
+                states = exact_store.project(states)
+                exact, approx, k = (
+                    exact_store._search_backend(device),
+                    small._search_backend(device),
+                    c["setting"]["k"],
+                )
                 recall = ivf_recall(approx, exact, states, k, batch_size=128)
-                extra = {"recall_vs_exact": recall, "recall_queries": len(states),
-                         "nlist": approx.nlist, "nprobe": approx.nprobe, "scan": scan or "query"}  # fmt: skip
+                extra = {"recall_vs_exact": recall, "recall_queries": len(states), "nlist": approx.nlist,
+                         "nprobe": approx.nprobe, "scan": scan or "query", "over": compressed or "full"}  # fmt: skip
                 log(
                     f"  {domain} {name}: recall@{k} vs exact {extra['recall_vs_exact']:.3f} on {len(states)} dev states"
                 )
@@ -631,6 +643,13 @@ def cmd_evaluate(args) -> dict:
     res.set("seconds", time.time() - t_start)
     print(write_report(res, list(ctx), data_dir.parent, args.bootstrap), flush=True)
     return res.data
+
+
+def ivf_row_name(spec: str) -> str:
+    """``"8:union"`` -> ``"ivf-union-nprobe8"``; ``"8:union@pca128"`` -> ``"pca128+ivf-union-nprobe8"``."""
+    spec, _, compressed = spec.partition("@")
+    nprobe, _, scan = spec.partition(":")
+    return (f"{compressed}+" if compressed else "") + f"ivf-{scan or 'query'}-nprobe{nprobe}"
 
 
 def summary_table(data: dict) -> str:
@@ -801,7 +820,8 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--skip_thresholds", default="0.9,0.5")
     e.add_argument(
         "--ivf", default="",
-        help="rows of the full store searched by torch-ivf: `nprobe[:scan]`, e.g. `8:union,32:query` (lists: 4 sqrt(n))",
+        help="rows searched by torch-ivf: `nprobe[:scan][@compression]`, e.g. `8:union,32:query,8:union@pca128` (lists "
+        "over the full store, or over the store compressed by a --compression spec; 4 sqrt(n) lists)",
     )  # fmt: skip
     e.add_argument(
         "--bootstrap", type=int, default=1000, help="paired bootstrap resamples of the gain kept (0 = none)"

@@ -48,3 +48,31 @@ def test_bad_configs_are_named():
     with pytest.raises(ValueError, match="'nprobes=4' in --configs"):
         bench.parse_configs("torch-ivf:nprobes=4", "cpu")
     assert bench.parse_configs("torch:rescore=0", "cpu")[0].rescore is False
+
+
+def test_profile_ivf_union_counts_the_keys_of_the_probed_lists(tmp_path):
+    """`benchmarks/profile_ivf_union.py`: the union it times holds exactly the keys whose nearest centroid (float64) is
+    among some query's ``nprobe`` nearest centroids (float64), and the IVF search it times returns the float64 top k
+    when every list is read."""
+    prof = _load_script("benchmarks/profile_ivf_union.py")
+    out = tmp_path / "profile.json"
+    result = prof.main(["--num_keys", "3000", "--dim", "8", "--queries", "6", "--k", "4", "--nprobe", "3",
+                        "--repeats", "1", "--variants", "nprobe=100000", "--device", "cpu", "--output", str(out)])  # fmt: skip
+    assert out.is_file() and result["nlist"] == round(4 * 3000**0.5) and result["nprobe"] == 3
+    assert [s["stage"] for s in result["stages"]][:2] == ["whole search", "probe (centroid scores, top nprobe)"]
+    # the same keys and queries as the script (seeded), and the same lists (the build is seeded)
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(3000, 8, generator=gen)
+    queries = torch.randn(6, 8, generator=gen)
+    from hf_realm.search import IVFSearchConfig
+
+    ivf = IVFSearchConfig(nprobe=3, scan="union", device="cpu").build(keys, metric="l2")
+    c = ivf.centroids.double()
+    nearest = torch.cdist(keys.double(), c).argmin(1)
+    probed = torch.cdist(queries.double(), c).topk(3, largest=False).indices.unique()
+    assert result["union_lists"] == probed.numel()
+    assert result["union_keys"] == int(torch.isin(nearest, probed).sum())
+    # every list read: the float64 brute force
+    every = IVFSearchConfig(nprobe=100000, scan="union", device="cpu").build(keys, metric="l2")
+    want = torch.cdist(queries.double(), keys.double()).topk(4, largest=False).indices
+    assert torch.equal(every.search(queries, 4)[1], want) and result["variants"][0]["change"] == "nprobe=100000"

@@ -744,7 +744,7 @@ def test_knn_mt_experiment_pipeline_on_cpu(tmp_path):
                      "--lmbda_grid", "0.5", "--temperature_factors", "1", "--beams", "2", "--fractions", "0.5",
                      "--merge_neighbors", "4", "--merge_passes", "2", "--compression", "pca16,cluster0.5+pca16+pq4",
                      "--skip_thresholds", "0.9", "--max_new_tokens", "8", "--retune", "pca16,cluster@0.5",
-                     "--ivf", "2:union,100000:query"])  # fmt: skip
+                     "--ivf", "2:union,100000:query,100000:union@pca16"])  # fmt: skip
     for domain in ("koran", "it"):
         sweep = data[domain]["sweep"]
         # IVF rows: the same entries; reading every list (nprobe capped at nlist) is the exact search
@@ -752,6 +752,10 @@ def test_knn_mt_experiment_pipeline_on_cpu(tmp_path):
         assert union["nprobe"] == 2 and union["scan"] == "union" and 0 < union["recall_vs_exact"] <= 1
         assert every["nprobe"] == every["nlist"] and every["recall_vs_exact"] == 1.0
         assert every["bleu"] == sweep["full"]["bleu"] and every["entries"] == sweep["full"]["entries"]
+        # lists over the PCA-16 store, every one read: that store's exact search, so its BLEU
+        pca_every = sweep["pca16+ivf-union-nprobe100000"]
+        assert pca_every["over"] == "pca16" and pca_every["recall_vs_exact"] == 1.0
+        assert pca_every["bleu"] == sweep["pca16"]["bleu"] and pca_every["bytes"] == sweep["pca16"]["bytes"]
         names = {"full", "random@0.5", "cluster@0.5", "greedy_merge@0.5", "greedy_merge_mean@0.5", "confidence@0.5"}
         assert names | {"pca16", "pca16 (retuned)", "cluster0.5+pca16+pq4", "adaptive@0.9"} <= set(sweep)
         # the retuned row uses the setting picked on dev, from the grid it records
@@ -775,6 +779,13 @@ def test_knn_mt_experiment_pipeline_on_cpu(tmp_path):
     (tmp_path / "out" / "knn_mt_table.md").unlink()
     exp.main(["report", "--output_dir", str(tmp_path / "out"), "--data_dir", str(SHARED_DATA)])
     assert (tmp_path / "out" / "knn_mt_table.md").read_text() == table
+
+
+def test_knn_mt_experiment_ivf_row_names():
+    exp = _load_script("benchmarks/knn_mt_experiment.py")
+    assert exp.ivf_row_name("8") == "ivf-query-nprobe8"
+    assert exp.ivf_row_name("8:union") == "ivf-union-nprobe8"
+    assert exp.ivf_row_name("32:query@pca128+pq32") == "pca128+pq32+ivf-query-nprobe32"
 
 
 def test_knn_mt_experiment_budget_picks_choose_on_dev():

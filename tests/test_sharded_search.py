@@ -59,7 +59,10 @@ def test_two_processes_equal_one_exact_search(tmp_path):
         "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
         WORKER, str(tmp_path),
     ]  # fmt: skip
-    result = subprocess.run(cmd, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    # Both processes on the CPU (gloo) even where there is a GPU: with one GPU, accelerate's barrier would put rank 1 on
+    # a `cuda:1` that does not exist.
+    env = subprocess_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["shard"] for r in ranks] == [[0, 151], [151, 301]] and [r["inner_keys"] for r in ranks] == [151, 150]
