@@ -156,3 +156,60 @@ def test_union_scan_pads_and_refuses_unknown_scans():
     with pytest.raises(ValueError, match="scan must be 'query' or 'union', got 'all'"):
         IVFSearchConfig(nlist=4, device="cpu", scan="all").build(keys, metric="l2")
     assert backend_config(IVFSearchConfig(scan="union").to_dict()).scan == "union"
+
+
+def _self_recall_reference(backend, keys, k, num_queries, seed=0):
+    """The recall `self_recall` should report: the IVF answers for the sampled keys against a float64 brute force,
+    each query's own entry left out of both."""
+    rows = np.sort(np.random.default_rng(seed).choice(len(keys), size=num_queries, replace=False))
+    got = backend.search(keys[torch.from_numpy(rows)], k + 1)[1]
+    want = brute_force(keys, keys[torch.from_numpy(rows)], k + 1, "l2")[1]
+    hits = 0
+    for g, w, own in zip(got.tolist(), want.tolist(), rows.tolist(), strict=True):
+        hits += len({x for x in g if x != own and x >= 0} & set([x for x in w if x != own][:k]))
+    return hits / (k * num_queries)
+
+
+def test_self_recall_and_nprobe_tuning_against_float64():
+    from hf_realm.search import self_recall, tune_nprobe
+
+    keys, _ = data(n=2000, d=8, spread=0.0)  # no clusters: few lists miss neighbours
+    backend = IVFSearchConfig(nlist=64, nprobe=1, device="cpu").build(keys, metric="l2")
+    want = _self_recall_reference(backend, keys, 10, 100)
+    assert self_recall(backend, k=10, num_queries=100, batch_size=7) == want and want < 0.9
+    found = tune_nprobe(backend, target=0.95, k=10, num_queries=100)
+    # doubled from 1 until the recall (measured each time, float64 reference) reached the target
+    assert [n for n, _ in found["tried"]] == [2**i for i in range(len(found["tried"]))]
+    assert found["tried"][-2][1] < 0.95 <= found["recall"] and found["nprobe"] == backend.config.nprobe
+    assert found["recall"] == _self_recall_reference(backend, keys, 10, 100)
+    capped = tune_nprobe(IVFSearchConfig(nlist=64, nprobe=1, device="cpu").build(keys, metric="l2"), max_nprobe=2)
+    assert capped["nprobe"] == 2 and capped["recall"] < capped["target"]  # stopped at the cap, below the target
+    with pytest.raises(ValueError, match=r"target recall must be in \(0, 1\], got 1.5"):
+        tune_nprobe(backend, target=1.5)
+
+
+def test_datastore_ivf_reports_its_recall_and_tunes_nprobe(caplog):
+    from hf_realm.knn_datastore import AUTO_IVF_MIN_KEYS, auto_index_name
+
+    keys, _ = data(n=2000, d=8, spread=0.0)
+    store = KNNDatastore(keys=keys.half().numpy(), values=np.arange(2000, dtype=np.int32) % 50)
+    with caplog.at_level("INFO", logger="hf_realm.knn_datastore"):
+        store.build_index("torch-ivf", device="cpu", nlist=64, nprobe=1, target_recall=0.95)
+    recall = store.index_recall
+    assert recall["recall"] >= 0.95 and store.search_config.nprobe == recall["nprobe"] > 1
+    assert recall["k"] == 16 and recall["queries"] == 256 and "recall@16" in caplog.text
+    exact_keys = torch.from_numpy(store.keys.astype(np.float32))
+    assert recall["recall"] == _self_recall_reference(store._backend, exact_keys, 16, 256)
+    store.build_index("torch-ivf", device="cpu", nlist=64, nprobe=2)  # measured, not tuned
+    assert store.index_recall["nprobe"] == 2 and store.index_recall["target"] is None
+    store.build_index("torch", device="cpu")
+    assert store.index_recall is None
+    with pytest.raises(ValueError, match="target_recall applies to index_type='torch-ivf', got 'torch'"):
+        store.build_index("torch", device="cpu", target_recall=0.9)
+    # "auto": by size and memory
+    gib = 2**30
+    assert auto_index_name(AUTO_IVF_MIN_KEYS, AUTO_IVF_MIN_KEYS * 256, "cuda", 100 * gib) == "torch"
+    assert auto_index_name(AUTO_IVF_MIN_KEYS + 1, (AUTO_IVF_MIN_KEYS + 1) * 256, "cuda", 100 * gib) == "torch-ivf"
+    assert auto_index_name(10**8, 10**8 * 1024, "cuda", 100 * gib) == "faiss-ivfpq"  # 102 GB of keys: no room
+    assert auto_index_name(2_000_000, 2_000_000 * 256, "cpu") == "torch"
+    assert auto_index_name(2_000_001, 2_000_001 * 256, "cpu") == "faiss-ivfpq"

@@ -27,6 +27,7 @@ Layout of a saved datastore (`KNNDatastore.save_pretrained`):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import zipfile
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from .knn_build import (
 from .search import (
     BackendConfig,
     FaissBackend,
+    IVFBackend,
     PQBackend,
     PQCodes,
     PQSearchConfig,
@@ -58,9 +60,21 @@ from .search import (
     backend_config,
     pq_decode,
 )
+from .search.ivf import self_recall, tune_nprobe
+
+
+logger = logging.getLogger(__name__)
 
 
 _INDEX_TYPES = ("auto", "torch", "faiss-flat", "faiss-ivfpq", "torch-ivf")
+
+AUTO_IVF_MIN_KEYS = 1 << 25
+"""Above this many keys (~33.5M), `build_index("auto")` on a GPU searches with the IVF union scan instead of the exact
+search. On the H200 (128-d fp16 keys, 128 queries a step) the exact search took 1.57 ms at 10M keys and 11.9 ms at
+100M, the union scan at nprobe 8 2.51 ms and 4.36 ms: the two cross between those sizes (interpolated, near 30M)."""
+
+AUTO_TARGET_RECALL = 0.95
+"""The recall@16 that `build_index("auto")` tunes ``nprobe`` to when it chooses the IVF search (see `tune_nprobe`)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -182,6 +196,7 @@ class KNNDatastore:
         self._backend_device: torch.device | None = None
         self.index_type = "torch"
         self.index_options: dict[str, Any] = {}
+        self.index_recall: dict[str, Any] | None = None  # what build_index measured of an approximate search
 
     # -- sizes ---------------------------------------------------------------------------------------------------------
 
@@ -402,17 +417,37 @@ class KNNDatastore:
                 candidates are rescored in float64 from the fp16 keys, see `hf_realm.search.rescore`).
                 `"faiss-flat"`: exact faiss search on the CPU. `"faiss-ivfpq"`: approximate, for large stores.
                 `"torch-ivf"`: approximate, inverted lists over the keys on ``device`` with exact re-ranking
-                ([`~hf_realm.search.IVFSearchConfig`]; opt-in: `"auto"` does not choose it).
-                `"auto"`: `"torch"` on a GPU when the keys fit in 80% of its free memory, or on the CPU up to 2M
-                entries; `"faiss-ivfpq"` otherwise. Product-quantised stores are searched over their codes
-                (`"torch"` / `"auto"`, [`~hf_realm.search.PQSearchConfig`]).
+                ([`~hf_realm.search.IVFSearchConfig`]).
+                `"auto"`: on a GPU whose free memory holds the keys (80% of it), `"torch"` up to
+                [`AUTO_IVF_MIN_KEYS`] (~33.5M) entries and `"torch-ivf"` with ``scan="union"`` above, its ``nprobe``
+                tuned from 8 to a recall@16 of [`AUTO_TARGET_RECALL`] (0.95); on the CPU `"torch"` up to 2M entries;
+                `"faiss-ivfpq"` otherwise. Product-quantised stores are searched over their codes (`"torch"` /
+                `"auto"`, [`~hf_realm.search.PQSearchConfig`]). When the search is `"torch-ivf"` its recall is
+                measured and kept in ``index_recall`` (and logged).
             device (`str` or `torch.device`, *optional*):
                 Device of the torch search (default: CUDA when available).
             options:
                 faiss-ivfpq: `nlist` (default `4 * sqrt(n)`), `m` (sub-quantisers, default `key_dim / 8`), `nbits`
                 (8), `nprobe` (32), `rerank` (re-score `rerank * k` candidates exactly from the stored keys; 0 = off,
                 default 4), `train_size` (entries used to train, default 256 * nlist).
-                torch-ivf: the fields of [`~hf_realm.search.IVFSearchConfig`] (`nlist`, `nprobe`, `rerank`, ...).
+                torch-ivf: the fields of [`~hf_realm.search.IVFSearchConfig`] (`nlist`, `nprobe`, `rerank`, ...), and
+                `target_recall`: double `nprobe` until the recall@16 of 256 stored keys used as queries (own entry
+                left out; [`~hf_realm.search.ivf.self_recall`]) reaches it, up to 128 lists (default: no tuning;
+                the recall is measured either way).
+
+        Example (an IVF search tuned to a recall, on the CPU):
+
+        ```python
+        >>> import numpy as np
+        >>> from hf_realm import KNNDatastore
+        >>> rng = np.random.default_rng(0)
+        >>> centres = rng.normal(size=(50, 16)) * 4
+        >>> keys = (centres[rng.integers(0, 50, 5000)] + rng.normal(size=(5000, 16))).astype(np.float16)
+        >>> store = KNNDatastore(keys=keys, values=rng.integers(0, 100, 5000).astype(np.int32))
+        >>> store = store.build_index("torch-ivf", device="cpu", nlist=50, nprobe=1, target_recall=0.95)
+        >>> store.index_recall["recall"] >= 0.95
+        True
+        ```
         """
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -428,10 +463,17 @@ class KNNDatastore:
             if self.pq is not None and name != "torch":
                 raise ValueError(f"a product-quantised datastore is searched with index_type='torch', got {name!r}")
             options = dict(options)
+            target_recall = options.pop("target_recall", None)
+            if target_recall is not None and name != "torch-ivf":
+                raise ValueError(f"target_recall applies to index_type='torch-ivf', got {name!r}")
             if name == "faiss-ivfpq":
                 options.setdefault("rerank", 4)
             if name == "torch-ivf":
                 options.setdefault("device", device)
+                if index_type == "auto":
+                    options.setdefault("scan", "union")
+                    options.setdefault("nprobe", 8)
+                    target_recall = AUTO_TARGET_RECALL if target_recall is None else target_recall
             config = self._config_from_name(name, options)
         if self.pq is not None and not isinstance(config, PQSearchConfig):
             raise ValueError(
@@ -440,10 +482,32 @@ class KNNDatastore:
         self.index_type, self.index_options = name, options
         self.search_config = config
         self._backend = self._backend_device = None
+        self.index_recall = None
         if not _follows_queries(config):
             self._backend = config.build(self._search_keys(), metric="l2")
+        if isinstance(self._backend, IVFBackend) and len(self) > 1:
+            self._measure_ivf_recall(target_recall)
         self.to(device, keys_on_device=_follows_queries(config))
         return self
+
+    def _measure_ivf_recall(self, target: float | None) -> None:
+        """Measures (and with a ``target``, tunes ``nprobe`` for) the IVF search's recall, keeps it in
+        ``index_recall`` and logs it."""
+        backend = self._backend
+        if target is not None:
+            found = tune_nprobe(backend, target=target, k=16)
+            self.search_config = backend.config
+            self.index_options = {**self.index_options, "nprobe": backend.nprobe}
+        else:
+            found = {"nprobe": backend.nprobe, "recall": self_recall(backend, k=16), "k": 16, "target": None}
+        found["k"] = min(16, len(self) - 1)
+        found["queries"] = min(256, len(self))
+        found["measured_on"] = "stored keys as queries, each one's own entry left out"
+        self.index_recall = found
+        level = logging.WARNING if target is not None and found["recall"] < target else logging.INFO
+        logger.log(level, "torch-ivf search: %d lists, nprobe %d, recall@%d %.3f against exact search (%d stored keys "
+                   "as queries)%s", backend.nlist, backend.nprobe, found["k"], found["recall"], found["queries"],
+                   f"; below the target {target} at the largest nprobe tried" if level == logging.WARNING else "")  # fmt: skip
 
     def _config_from_name(self, name: str, options: dict) -> BackendConfig:
         if self.pq is not None and name == "torch":
@@ -673,10 +737,32 @@ def _follows_queries(config: BackendConfig) -> bool:
 
 
 def _auto_index_name(store: KNNDatastore, device: torch.device) -> str:
-    """`"torch"` when the keys fit (80% of the GPU's free memory; 2M entries on the CPU), else `"faiss-ivfpq"`."""
+    """What `"auto"` searches ``store`` with on ``device`` (see [`auto_index_name`])."""
     if store.pq is not None:
         return "torch"
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return "torch" if store.keys.nbytes < 0.8 * free else "faiss-ivfpq"
-    return "torch" if len(store) <= 2_000_000 else "faiss-ivfpq"
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    return auto_index_name(len(store), store.keys.nbytes, device.type, free)
+
+
+def auto_index_name(num_keys: int, key_bytes: int, device_type: str, free_bytes: int | None = None) -> str:
+    """The search `build_index("auto")` chooses for ``num_keys`` fp16 keys of ``key_bytes`` on a ``device_type``
+    device with ``free_bytes`` free: on a GPU the keys must fit in 80% of its free memory, then `"torch"` (exact) up
+    to [`AUTO_IVF_MIN_KEYS`] keys and `"torch-ivf"` above; on the CPU `"torch"` up to 2M keys; else `"faiss-ivfpq"`.
+
+    Example:
+
+    ```python
+    >>> from hf_realm.knn_datastore import auto_index_name
+    >>> auto_index_name(10_000_000, 10_000_000 * 256, "cuda", free_bytes=100 * 2**30)
+    'torch'
+    >>> auto_index_name(100_000_000, 100_000_000 * 256, "cuda", free_bytes=100 * 2**30)
+    'torch-ivf'
+    >>> auto_index_name(3_000_000, 3_000_000 * 256, "cpu")
+    'faiss-ivfpq'
+    ```
+    """
+    if device_type == "cuda":
+        if free_bytes is None or key_bytes >= 0.8 * free_bytes:
+            return "faiss-ivfpq"
+        return "torch-ivf" if num_keys > AUTO_IVF_MIN_KEYS else "torch"
+    return "torch" if num_keys <= 2_000_000 else "faiss-ivfpq"

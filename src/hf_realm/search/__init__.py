@@ -5,7 +5,8 @@
 - backends, each built from a small config dataclass: [`TorchSearchConfig`] (exact, keys resident on a device, the
   fused Triton kernel on GPU, float64 rescoring so that fp16 storage stays exact), [`FaissSearchConfig`] (flat, any
   index-factory string, GPU), [`PQSearchConfig`] (product-quantised keys), [`IVFSearchConfig`] (`"torch-ivf"`:
-  approximate, inverted lists over keys on one device, exact re-ranking; [`ivf_recall`] measures it). [`backend_config`] maps the package's
+  approximate, inverted lists over keys on one device, exact re-ranking; [`ivf_recall`] measures it on given
+  queries, [`self_recall`] on its own keys, [`tune_nprobe`] raises ``nprobe`` to a recall). [`backend_config`] maps the package's
   backend names onto them; [`register_backend`] adds a new one.
 - [`exact_topk`]: exact dense top-k (maximum inner product, or L2 through ``key_bias``) in torch, with a fused Triton
   kernel on GPU.
@@ -19,7 +20,7 @@ from .base import BACKENDS, METRICS, BackendConfig, SearchBackend, register_back
 from .exact import TRITON_MAX_K, exact_topk, triton_available, tuning_log
 from .faiss_backend import FaissBackend, FaissSearchConfig
 from .faiss_utils import faiss_available, faiss_gpu_available, import_faiss
-from .ivf import IVFBackend, IVFSearchConfig, ivf_recall
+from .ivf import IVFBackend, IVFSearchConfig, ivf_recall, self_recall, tune_nprobe
 from .kmeans import kmeans
 from .pq import PQBackend, PQCodes, PQSearchConfig, pq_decode
 from .sharded import ShardedBackend, ShardedSearchConfig, shard_range, sharded_search
@@ -53,8 +54,10 @@ __all__ = [
     "kmeans",
     "pq_decode",
     "register_backend",
+    "self_recall",
     "shard_range",
     "sharded_search",
     "triton_available",
+    "tune_nprobe",
     "tuning_log",
 ]

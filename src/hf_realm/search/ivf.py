@@ -322,3 +322,60 @@ def ivf_recall(backend, exact_backend, queries: torch.Tensor, k: int, batch_size
     want = exact_backend.search(queries, k)[1].cpu()
     hits = [len(set(g.tolist()) & set(w.tolist())) for g, w in zip(got, want, strict=True)]
     return float(sum(hits) / (k * len(hits)))
+
+
+def self_recall(
+    backend: IVFBackend, k: int = 16, num_queries: int = 256, batch_size: int = 128, seed: int = 0
+) -> float:
+    """Recall@k of ``backend`` against an exact search of the same keys, with ``num_queries`` of its own keys (a seeded
+    sample) as the queries, each query's own entry left out of both answers.
+
+    For a kNN datastore, whose keys are the model states that decoding searches with, this estimates the recall of
+    real queries without any: use [`ivf_recall`] where real queries are at hand. The exact answer is the fused search
+    over the backend's stored keys (no second copy of the keys); queries go ``batch_size`` at a time (for
+    ``scan="union"``, the batch a decoding step sends).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_realm.search import IVFSearchConfig
+    >>> from hf_realm.search.ivf import self_recall
+    >>> keys = torch.randn(2000, 8, generator=torch.Generator().manual_seed(0))
+    >>> self_recall(IVFSearchConfig(nlist=20, nprobe=20, device="cpu").build(keys, metric="l2"), k=5)
+    1.0
+    ```
+    """
+    n = backend.num_keys
+    if n < 2:
+        raise ValueError(f"self_recall needs at least 2 keys, got {n}")
+    k = min(k, n - 1)
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(num_queries, n), replace=False))
+    own = torch.from_numpy(rows).to(backend.device)
+    queries = backend.source_rows(own).to(torch.float32)
+    got = torch.cat([backend.search(queries[i : i + batch_size], k + 1)[1] for i in range(0, len(rows), batch_size)])
+    _, positions = exact_topk(queries.to(backend.keys.dtype), backend.keys, k + 1, key_bias=backend.key_bias)
+    want = backend.ids[positions]
+    hits = 0
+    for g, w, i in zip(got.tolist(), want.tolist(), own.tolist(), strict=True):
+        w = [x for x in w if x != i][:k]
+        hits += len({x for x in g if x != i and x >= 0} & set(w))
+    return hits / (k * len(rows))
+
+
+def tune_nprobe(
+    backend: IVFBackend, target: float = 0.95, k: int = 16, max_nprobe: int = 128, **recall_kwargs
+) -> dict[str, Any]:
+    """Doubles ``backend``'s ``nprobe`` (from its config's) until [`self_recall`] reaches ``target`` or ``nprobe``
+    reaches ``max_nprobe`` (or ``nlist``); sets it on the backend's config and returns what was measured:
+    ``{"nprobe", "recall", "k", "target", "tried": [(nprobe, recall), ...]}``. The lists are not rebuilt."""
+    if not 0 < target <= 1:
+        raise ValueError(f"target recall must be in (0, 1], got {target}")
+    tried = []
+    while True:
+        recall = self_recall(backend, k=k, **recall_kwargs)
+        tried.append((backend.nprobe, recall))
+        if recall >= target or backend.nprobe >= min(max_nprobe, backend.nlist):
+            break
+        backend.config = dataclasses.replace(backend.config, nprobe=min(2 * backend.nprobe, max_nprobe, backend.nlist))
+    return {"nprobe": backend.nprobe, "recall": recall, "k": k, "target": target, "tried": tried}
