@@ -352,7 +352,7 @@ def self_recall(
     k = min(k, n - 1)
     rows = np.sort(np.random.default_rng(seed).choice(n, size=min(num_queries, n), replace=False))
     own = torch.from_numpy(rows).to(backend.device)
-    queries = backend.source_rows(own).to(torch.float32)
+    queries = backend.source_rows(own).to(backend.device, torch.float32)
     got = torch.cat([backend.search(queries[i : i + batch_size], k + 1)[1] for i in range(0, len(rows), batch_size)])
     _, positions = exact_topk(queries.to(backend.keys.dtype), backend.keys, k + 1, key_bias=backend.key_bias)
     want = backend.ids[positions]
