@@ -206,6 +206,15 @@ def test_datastore_ivf_reports_its_recall_and_tunes_nprobe(caplog):
     assert store.index_recall is None
     with pytest.raises(ValueError, match="target_recall applies to index_type='torch-ivf', got 'torch'"):
         store.build_index("torch", device="cpu", target_recall=0.9)
+    # the same with a config object in place of a name
+    from hf_realm.search import IVFSearchConfig, TorchSearchConfig
+
+    store.build_index(IVFSearchConfig(nlist=64, nprobe=1, device="cpu"), device="cpu", target_recall=0.95)
+    assert store.index_recall["recall"] >= 0.95 and store.index_recall["target"] == 0.95
+    store.build_index(IVFSearchConfig(nlist=64, nprobe=2, device="cpu"), device="cpu")
+    assert store.index_recall["nprobe"] == 2 and store.index_recall["target"] is None
+    with pytest.raises(ValueError, match="target_recall applies to a torch-ivf search, got 'torch'"):
+        store.build_index(TorchSearchConfig(), device="cpu", target_recall=0.9)
     # "auto": by size and memory
     gib = 2**30
     assert auto_index_name(AUTO_IVF_MIN_KEYS, AUTO_IVF_MIN_KEYS * 256, "cuda", 100 * gib) == "torch"

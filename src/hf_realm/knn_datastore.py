@@ -452,7 +452,11 @@ class KNNDatastore:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
+        options = dict(options)
+        target_recall = options.pop("target_recall", None)
         if isinstance(index_type, BackendConfig):
+            if target_recall is not None and index_type.name != "torch-ivf":
+                raise ValueError(f"target_recall applies to a torch-ivf search, got {index_type.name!r}")
             config, name, options = backend_config(index_type, **options), index_type.name, {}
         else:
             if index_type not in _INDEX_TYPES:
@@ -462,8 +466,6 @@ class KNNDatastore:
             name = _auto_index_name(self, device) if index_type == "auto" else index_type
             if self.pq is not None and name != "torch":
                 raise ValueError(f"a product-quantised datastore is searched with index_type='torch', got {name!r}")
-            options = dict(options)
-            target_recall = options.pop("target_recall", None)
             if target_recall is not None and name != "torch-ivf":
                 raise ValueError(f"target_recall applies to index_type='torch-ivf', got {name!r}")
             if name == "faiss-ivfpq":
