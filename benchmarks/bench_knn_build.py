@@ -9,18 +9,21 @@ inputs), and nothing after it; both end with a device synchronisation.
     python benchmarks/bench_knn_build.py                                          # GPU
     python benchmarks/bench_knn_build.py --num_examples 64 --batch_size 16 --device cpu --dtype float32   # smoke run
 
+Each build row also gives the seconds of the commit (hashing, fsync, the swap into place) and of loading the result.
 Prints a table and writes ``--output`` (JSON). Target (kNN-MT at scale): build tokens/s >= 0.8 x forward tokens/s.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
+from unittest import mock
 
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -53,7 +56,7 @@ def main(argv=None) -> dict:
     import datasets
     from bench_knn import marian
 
-    from hf_realm import KNNDatastore
+    from hf_realm import KNNDatastore, hub_io
     from hf_realm.knn_build import _batch_tensors, _decoder_inputs
 
     args = make_parser().parse_args(argv)
@@ -85,25 +88,48 @@ def main(argv=None) -> dict:
         sync(device)
         return time.perf_counter() - start
 
-    def build() -> tuple[float, int]:
+    # Where the build's time goes after the last forward: the commit (hash, fsync, swap) and the load of the result.
+    phases = {"commit": 0.0, "load": 0.0}
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                phases[name] += time.perf_counter() - start
+
+        return wrapper
+
+    def instrumented():  # the library's classes are patched for the build only, and restored after it
+        stack = contextlib.ExitStack()
+        stack.enter_context(mock.patch.object(hub_io.Staging, "commit", timed("commit", hub_io.Staging.commit)))
+        load = classmethod(timed("load", KNNDatastore.from_pretrained.__func__))
+        stack.enter_context(mock.patch.object(KNNDatastore, "from_pretrained", load))
+        return stack
+
+    def build() -> tuple[float, int, dict]:
+        phases.update(commit=0.0, load=0.0)
         with tempfile.TemporaryDirectory() as tmp:
             sync(device)
             start = time.perf_counter()
-            store = KNNDatastore.build(model, data, os.path.join(tmp, "store"), batch_size=args.batch_size,
-                                       progress=False)  # fmt: skip
+            with instrumented():
+                store = KNNDatastore.build(model, data, os.path.join(tmp, "store"), batch_size=args.batch_size,
+                                           progress=False)  # fmt: skip
             sync(device)
             seconds = time.perf_counter() - start
-            return seconds, len(store)
+            return seconds, len(store), dict(phases)
 
     forward_only()  # warm-up (kernels, allocator)
     rows = []
     for r in range(args.repeats):
         f = forward_only()
-        b, n = build()
+        b, n, spent = build()
         if n != tokens:
             raise RuntimeError(f"the build stored {n} entries, expected {tokens}")
         rows.append({"repeat": r, "forward_seconds": f, "build_seconds": b, "forward_tokens_per_s": tokens / f,
-                     "build_tokens_per_s": tokens / b, "ratio": f / b})  # fmt: skip
+                     "build_tokens_per_s": tokens / b, "ratio": f / b, "commit_seconds": spent["commit"],
+                     "load_seconds": spent["load"]})  # fmt: skip
     best = {"forward_tokens_per_s": max(x["forward_tokens_per_s"] for x in rows),
             "build_tokens_per_s": max(x["build_tokens_per_s"] for x in rows)}  # fmt: skip
     best["ratio"] = best["build_tokens_per_s"] / best["forward_tokens_per_s"]
@@ -118,10 +144,11 @@ def main(argv=None) -> dict:
     print(
         f"{report['device']}, {args.dtype}, {args.num_examples} pairs x {args.length} tokens, batch {args.batch_size}"
     )
-    print("repeat  forward tok/s  build tok/s  build/forward")
+    print("repeat  forward tok/s  build tok/s  build/forward  build s  of which commit s  load s")
     for x in rows:
         print(
             f"{x['repeat']:>6}  {x['forward_tokens_per_s']:>13,.0f}  {x['build_tokens_per_s']:>11,.0f}  {x['ratio']:>13.2f}"
+            f"  {x['build_seconds']:>7.2f}  {x['commit_seconds']:>16.2f}  {x['load_seconds']:>6.2f}"
         )
     print(
         f"  best  {best['forward_tokens_per_s']:>13,.0f}  {best['build_tokens_per_s']:>11,.0f}  {best['ratio']:>13.2f}"

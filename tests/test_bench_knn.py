@@ -76,3 +76,22 @@ def test_profile_ivf_union_counts_the_keys_of_the_probed_lists(tmp_path):
     every = IVFSearchConfig(nprobe=100000, scan="union", device="cpu").build(keys, metric="l2")
     want = torch.cdist(queries.double(), keys.double()).topk(4, largest=False).indices
     assert torch.equal(every.search(queries, 4)[1], want) and result["variants"][0]["change"] == "nprobe=100000"
+
+
+def test_bench_knn_build_times_the_build_against_a_forward_pass(tmp_path):
+    from hf_realm import KNNDatastore, hub_io
+
+    bench = _load_script("benchmarks/bench_knn_build.py")
+    commit, load = hub_io.Staging.commit, KNNDatastore.from_pretrained
+    result = bench.main(["--num_examples", "12", "--length", "5", "--batch_size", "4", "--d_model", "16", "--layers",
+                         "1", "--vocab_size", "50", "--device", "cpu", "--dtype", "float32", "--repeats", "2",
+                         "--output", str(tmp_path / "build.json")])  # fmt: skip
+    assert result["entries"] == 60 and len(result["rows"]) == 2
+    for row in result["rows"]:
+        assert row["ratio"] == row["forward_seconds"] / row["build_seconds"]
+        assert 0 < row["commit_seconds"] + row["load_seconds"] < row["build_seconds"]
+    assert result["best"]["ratio"] == pytest.approx(
+        max(r["build_tokens_per_s"] for r in result["rows"]) / max(r["forward_tokens_per_s"] for r in result["rows"])
+    )
+    # the timers are gone after the run
+    assert hub_io.Staging.commit is commit and KNNDatastore.from_pretrained == load

@@ -158,11 +158,13 @@ def test_union_scan_pads_and_refuses_unknown_scans():
     assert backend_config(IVFSearchConfig(scan="union").to_dict()).scan == "union"
 
 
-def _self_recall_reference(backend, keys, k, num_queries, seed=0):
-    """The recall `self_recall` should report: the IVF answers for the sampled keys against a float64 brute force,
-    each query's own entry left out of both."""
+def _self_recall_reference(backend, keys, k, num_queries, seed=0, batch_size=None):
+    """The recall `self_recall` should report: the IVF answers for the sampled keys (searched ``batch_size`` at a time)
+    against a float64 brute force, each query's own entry left out of both."""
     rows = np.sort(np.random.default_rng(seed).choice(len(keys), size=num_queries, replace=False))
-    got = backend.search(keys[torch.from_numpy(rows)], k + 1)[1]
+    queries = keys[torch.from_numpy(rows)].to(backend.device)
+    step = batch_size or num_queries
+    got = torch.cat([backend.search(queries[i : i + step], k + 1)[1].cpu() for i in range(0, num_queries, step)])
     want = brute_force(keys, keys[torch.from_numpy(rows)], k + 1, "l2")[1]
     hits = 0
     for g, w, own in zip(got.tolist(), want.tolist(), rows.tolist(), strict=True):
@@ -186,6 +188,21 @@ def test_self_recall_and_nprobe_tuning_against_float64():
     assert capped["nprobe"] == 2 and capped["recall"] < capped["target"]  # stopped at the cap, below the target
     with pytest.raises(ValueError, match=r"target recall must be in \(0, 1\], got 1.5"):
         tune_nprobe(backend, target=1.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("scan", ["query", "union"])
+def test_datastore_ivf_recall_on_cuda_against_float64(scan):
+    """The GPU path of the tuned IVF build: keys, lists and queries on the device, reference on the CPU in float64."""
+    keys, _ = data(n=20000, d=32, spread=0.0)
+    store = KNNDatastore(keys=keys.half().numpy(), values=np.arange(20000, dtype=np.int32) % 50)
+    store.build_index("torch-ivf", device="cuda", nlist=128, nprobe=1, scan=scan, target_recall=0.9)
+    recall = store.index_recall
+    assert store._backend.device.type == "cuda" and recall["nprobe"] > 1 and recall["recall"] >= 0.9
+    exact_keys = torch.from_numpy(store.keys.astype(np.float32))
+    # a union scan's answers depend on the batch (the lists of all its queries are read): self_recall's batches of 128
+    want = _self_recall_reference(store._backend, exact_keys, 16, 256, batch_size=128)
+    assert abs(recall["recall"] - want) <= 1 / (16 * 256)  # one near-tie ranked apart by fp32 (device) vs float64
 
 
 def test_datastore_ivf_reports_its_recall_and_tunes_nprobe(caplog):

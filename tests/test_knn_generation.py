@@ -388,6 +388,34 @@ def test_build_marian_keys_values_provenance_match_teacher_forcing():
     assert meta["model_class"] == "MarianMTModel" and meta["key_dim"] == 32 and meta["num_entries"] == i
 
 
+def test_build_hashes_each_file_once_and_syncs_while_it_writes(tmp_path, monkeypatch):
+    """The commit records every file's SHA-256; the build then loads the store without hashing it again, and the rows
+    reach the disk while the model runs (a sync per `sync_bytes`), not all at the close."""
+    from hf_realm import hub_io
+    from hf_realm.knn_build import _NpyAppender
+
+    hashed, syncs = [], []
+    real_hash, real_sync = hub_io.file_sha256, os.fdatasync
+    monkeypatch.setattr(hub_io, "file_sha256", lambda path: hashed.append(Path(path).name) or real_hash(path))
+    monkeypatch.setattr(os, "fdatasync", lambda fd: syncs.append(fd) or real_sync(fd))
+    pairs = random_pairs(5, seed=3)
+    store = KNNDatastore.build(tiny_marian(), pairs, tmp_path / "ds", batch_size=2, progress=False)
+    assert sorted(hashed) == ["keys.npy", "provenance.npy", "values.npy"]  # at the commit, not again at the load
+    recorded = json.loads((tmp_path / "ds" / "knn_datastore.json").read_text())["sha256"]
+    assert recorded == {name: real_hash(tmp_path / "ds" / name) for name in hashed}
+    assert len(store) == sum(map(len, pairs["labels"]))
+    # the appender: a sync each time 2,500 more bytes are written, and the same file as numpy's own
+    rows = np.random.default_rng(0).standard_normal((10, 125)).astype(np.float32)  # 500 bytes a row
+    syncs.clear()
+    out = _NpyAppender(tmp_path / "a.npy", np.float32, (125,), sync_bytes=2500)
+    for start in range(0, 10, 2):
+        out.append(rows[start : start + 2])  # 1,000 bytes each: synced after the 3rd append (3,000 bytes unsynced)
+    assert len(syncs) == 1
+    out.close()
+    np.save(tmp_path / "b.npy", rows)
+    assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes()
+
+
 def test_build_gpt2_and_raw_text_with_tokenizer(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

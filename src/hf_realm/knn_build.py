@@ -57,14 +57,18 @@ class _NpyAppender:
 
     The header is numpy's own (`np.lib.format.write_array_header_1_0`), written for 0 rows first and rewritten with the
     final count on close: numpy pads the row count's room to `GROWTH_AXIS_MAX_DIGITS` digits, so the header keeps its
-    length and the rows written after it stay in place (no copy of a multi-GB file at the end).
+    length and the rows written after it stay in place (no copy of a multi-GB file at the end). Every `sync_bytes`
+    written, the rows so far are flushed to disk (`os.fdatasync`): a build's writer thread does that while the model
+    runs, so the fsync on close, before the datastore is swapped in, has at most `sync_bytes` left to write.
     """
 
-    def __init__(self, path: str | os.PathLike, dtype, row_shape: tuple[int, ...] = ()):
+    def __init__(self, path: str | os.PathLike, dtype, row_shape: tuple[int, ...] = (), sync_bytes: int = 1 << 28):
         self.path = Path(path)
         self.dtype = np.dtype(dtype)
         self.row_shape = tuple(row_shape)
         self.rows = 0
+        self.sync_bytes = sync_bytes
+        self._unsynced = 0
         self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
         self._header_bytes = self._write_header()
 
@@ -82,6 +86,11 @@ class _NpyAppender:
             )
         self._file.write(memoryview(array).cast("B"))  # no copy of the rows
         self.rows += array.shape[0]
+        self._unsynced += array.nbytes
+        if self._unsynced >= self.sync_bytes:
+            self._file.flush()
+            os.fdatasync(self._file.fileno())
+            self._unsynced = 0
 
     def close(self) -> None:
         if self._file.closed:
@@ -196,12 +205,18 @@ def _save_npy_chunked(path: Path, array: np.ndarray, chunk: int = 1 << 20) -> No
 
 
 def merge_datastores(
-    directories: Sequence[str | os.PathLike], save_directory: str | os.PathLike, metadata: dict | None = None
+    directories: Sequence[str | os.PathLike],
+    save_directory: str | os.PathLike,
+    metadata: dict | None = None,
+    verify_hashes: bool = True,
 ) -> Path:
-    """Concatenates saved datastores (same key dim) into one at ``save_directory``, streaming, in the given order."""
+    """Concatenates saved datastores (same key dim) into one at ``save_directory``, streaming, in the given order.
+
+    Each input is checked against its recorded sizes and SHA-256 first (``verify_hashes=False``: sizes only, for
+    stores this job has just written, as a sharded [`KNNDatastore.build`] does)."""
     from .knn_datastore import KNNDatastore
 
-    stores = [KNNDatastore.from_pretrained(d, load_index=False) for d in directories]
+    stores = [KNNDatastore.from_pretrained(d, load_index=False, verify_hashes=verify_hashes) for d in directories]
     dims = {s.key_dim for s in stores}
     if len(dims) != 1:
         raise ValueError(f"cannot merge datastores of key dims {sorted(dims)}")
@@ -438,16 +453,18 @@ def build_datastore(cls, model: nn.Module, dataset, save_directory: str | os.Pat
     except BaseException:
         writer.abort()
         raise
+    # The files were hashed by this job a moment ago (the commit records their SHA-256): reading them back to hash
+    # them again would cost as long as writing them; their sizes are still checked.
     if num_processes == 1:
-        return cls.from_pretrained(save_directory)
+        return cls.from_pretrained(save_directory, verify_hashes=False)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shards = [shard_root / f"rank-{r:05d}" for r in range(num_processes)]
-        merge_datastores(shards, save_directory, metadata=metadata)
+        merge_datastores(shards, save_directory, metadata=metadata, verify_hashes=False)
         # Only the shard datastores this build wrote go; a folder holding anything else is left as it is.
         for shard in shards:
             hub_io.remove_owned_directory(shard, DATASTORE_KIND)
         with contextlib.suppress(OSError):
             shard_root.rmdir()
     accelerator.wait_for_everyone()
-    return cls.from_pretrained(save_directory)
+    return cls.from_pretrained(save_directory, verify_hashes=False)
