@@ -4,8 +4,9 @@ Random fp16 keys (``--num_keys`` x ``--dim``), L2, ``--queries`` random queries 
 step), ``nprobe`` lists of ``4 sqrt(n)``. Each stage of ``IVFBackend._search_union`` is timed alone (median of
 ``--repeats`` runs after a warm-up, synchronised): probing the centroids, the union of the probed lists, the stored
 positions of its keys, gathering the keys and their biases, the fused exact search over them (k and the re-ranked
-``rerank * k``), the ids, the float64 re-scoring and the final sort; then the whole search, and the whole search with
-other settings (``--variants``). ``--profile`` adds the torch profiler's kernel table.
+``rerank * k``), the same search reading the lists where they are stored (``read_in_place=True``; on a GPU), the ids,
+the float64 re-scoring and the final sort; then the whole search, and the whole search with other settings
+(``--variants``; the default set includes ``read_in_place=1``). ``--profile`` adds the torch profiler's kernel table.
 
     python benchmarks/profile_ivf_union.py --num_keys 10000000 --output out/profile_ivf_union.json   # on a GPU
     python benchmarks/profile_ivf_union.py --num_keys 100000 --device cpu --repeats 3                # a CPU smoke run
@@ -40,7 +41,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=int, default=8)
     p.add_argument("--max_gather_bytes", type=int, default=1 << 30)
     p.add_argument(
-        "--variants", default="nprobe=4,rerank=0,nprobe=16", help="whole-search timings with one field changed"
+        "--variants",
+        default="read_in_place=1,nprobe=4,rerank=0,nprobe=16",
+        help="whole-search timings with one field changed (read_in_place=1: the lists read where they are stored)",
     )
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--profile", action="store_true", help="also print the torch profiler's table")
@@ -103,6 +106,10 @@ def main(argv=None) -> dict:
                                                                            key_bias=bias))  # fmt: skip
     _, local = stage(f"exact search over the union, k={take} (re-ranked)",
                      lambda: exact_search.exact_topk(q.to(gathered.dtype), gathered, take, key_bias=bias))  # fmt: skip
+    ranges = (ivf.list_offsets[union], sizes)
+    stage(f"exact search over the lists read in place, k={take} (row_ranges: no gather)",
+          lambda: exact_search.exact_topk(q.to(ivf.keys.dtype), ivf.keys, take, key_bias=ivf.key_bias,
+                                          row_ranges=ranges))  # fmt: skip
     ids = stage("ids of the candidates", lambda: ivf.ids[pos[local]])
     scores = stage("float64 re-scoring", lambda: exact_scores(q, ids, ivf.source_rows, "l2"))
     stage("sort best first", lambda: sort_best_first(scores, ids, "l2"))

@@ -191,6 +191,63 @@ def test_self_recall_and_nprobe_tuning_against_float64():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("metric", ["l2", "inner_product"])
+def test_union_scan_on_cuda_reads_the_lists_in_place(metric, monkeypatch):
+    """`read_in_place`: on a GPU the fused kernel reads the probed lists where they are stored (no gathered copy of
+    their keys); the answers are still a float64 brute force's over the keys of the batch's lists."""
+    from hf_realm.search import exact
+
+    cut = []
+    real = exact._range_buckets
+    monkeypatch.setattr(exact, "_range_buckets", lambda *a: cut.append(a[2]) or real(*a))
+    keys, queries = data(n=20000, d=32, q=16, seed=5, spread=0.0)
+    union = IVFSearchConfig(nlist=100, nprobe=3, device="cuda", scan="union", read_in_place=True).build(
+        keys, metric=metric
+    )
+    assert union.keys.dtype == torch.float16
+    probed = union.probe(queries).cpu()
+    allowed = torch.isin(_stored_lists(union), probed.flatten()).expand(len(queries), -1)
+    assert 0 < int(allowed[0].sum()) < len(keys)
+    scores, ids = union.search(queries.cuda(), 10)
+    assert cut  # the in-place path ran
+    want_scores, want_ids = brute_force(keys, queries, 10, metric, allowed)
+    np.testing.assert_array_equal(ids.cpu().numpy(), want_ids)
+    np.testing.assert_allclose(scores.cpu().numpy(), want_scores, rtol=1e-5, atol=1e-4)
+
+
+def test_union_scan_read_in_place_equals_the_gathered_scan(monkeypatch):
+    """`read_in_place=True` hands the probed lists to `exact_topk` as row ranges instead of a gathered block; with the
+    fused kernel's eligibility forced on the CPU, `exact_topk` takes its torch path over those ranges: same answers."""
+    from hf_realm.search import ivf
+
+    keys, queries = data(n=3000, d=16, q=24, seed=6, spread=0.0)
+    gathered = IVFSearchConfig(nlist=40, nprobe=3, device="cpu", scan="union").build(keys, metric="l2")
+    in_place = IVFSearchConfig(nlist=40, nprobe=3, device="cpu", scan="union", read_in_place=True).build(
+        keys, metric="l2"
+    )
+    calls = []
+    real = ivf.exact_topk
+    monkeypatch.setattr(ivf, "_triton_eligible", lambda *a: True)
+    monkeypatch.setattr(ivf, "exact_topk", lambda *a, **kw: calls.append(kw.get("row_ranges")) or real(*a, **kw))
+    got = in_place.search(queries, 10)
+    assert len(calls) == 1 and calls[0] is not None and len(calls[0][0]) <= 24 * 3
+    want = gathered.search(queries, 10)
+    np.testing.assert_array_equal(got[1].numpy(), want[1].numpy())
+    np.testing.assert_array_equal(got[0].numpy(), want[0].numpy())
+    # and both are the float64 brute force over the keys of the batch's lists
+    allowed = torch.isin(_stored_lists(gathered), gathered.probe(queries).flatten()).expand(len(queries), -1)
+    np.testing.assert_array_equal(want[1].numpy(), brute_force(keys, queries, 10, "l2", allowed)[1])
+
+
+def _stored_lists(backend) -> torch.Tensor:
+    """The list of every key id, as the backend stored it (lists are contiguous runs of stored rows)."""
+    owner = torch.repeat_interleave(torch.arange(backend.nlist), backend.list_sizes.cpu())
+    out = torch.empty_like(owner)
+    out[backend.ids.cpu()] = owner
+    return out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("scan", ["query", "union"])
 def test_datastore_ivf_recall_on_cuda_against_float64(scan):
     """The GPU path of the tuned IVF build: keys, lists and queries on the device, reference on the CPU in float64."""

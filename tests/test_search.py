@@ -74,6 +74,25 @@ def test_bad_input_errors():
             exact_topk(q, torch.randn(500, 4), TRITON_MAX_K + 1, backend="triton")
 
 
+def test_row_ranges_torch_path_and_its_errors():
+    """`row_ranges` on the torch path: the rows of the ranges gathered and searched, ids still rows of the keys."""
+    g = torch.Generator().manual_seed(3)
+    q, keys = torch.randn(4, 8, generator=g), torch.randn(100, 8, generator=g)
+    bias = -keys.pow(2).sum(1) / 2
+    ranges = (torch.tensor([70, 5, 40]), torch.tensor([30, 0, 7]))
+    rows = torch.tensor([*range(70, 100), *range(40, 47)])
+    scores, ids = exact_topk(q, keys, 5, key_bias=bias, row_ranges=ranges, chunk_size=8)
+    want_scores, local = brute_force(q, keys[rows], 5, bias[rows])
+    np.testing.assert_array_equal(ids.numpy(), rows.numpy()[local])
+    np.testing.assert_allclose(scores.numpy(), want_scores, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 37\] \(the number of rows in row_ranges\), got 38"):
+        exact_topk(q, keys, 38, row_ranges=ranges)
+    with pytest.raises(ValueError, match="reach outside the 100 rows"):
+        exact_topk(q, keys, 1, row_ranges=(torch.tensor([95]), torch.tensor([6])))
+    with pytest.raises(TypeError, match="must be int64"):
+        exact_topk(q, keys, 1, row_ranges=(torch.tensor([0], dtype=torch.int32), torch.tensor([6])))
+
+
 def test_auto_uses_torch_on_cpu():
     """`auto` never sends CPU tensors to Triton (the interpreter is opt-in)."""
     g = torch.Generator().manual_seed(2)
@@ -108,7 +127,15 @@ _TRITON_CASES = textwrap.dedent(
         q = torch.randn(case["B"], case["D"], generator=g)
         keys = (torch.randn(case["N"], case["D"], generator=g) * case.get("scale", 1.0)).to(dtype)
         bias = -keys.float().pow(2).sum(1) / 2 if case["bias"] else None
-        scores, ids = _triton_topk(q, keys, case["k"], bias, config=case.get("config"))
+        if "ranges" in case:
+            starts, lengths = (torch.tensor(x, dtype=torch.int64) for x in zip(*case["ranges"]))
+            if "config" in case:
+                scores, ids = _triton_topk(q, keys, case["k"], bias, config=case["config"], ranges=(starts, lengths))
+            else:
+                scores, ids = search.exact_topk(q, keys, case["k"], key_bias=bias, backend="triton",
+                                                row_ranges=(starts, lengths))
+        else:
+            scores, ids = _triton_topk(q, keys, case["k"], bias, config=case.get("config"))
         out.append({"scores": scores.tolist(), "ids": ids.tolist()})
     print(json.dumps(out))
     """
@@ -136,6 +163,42 @@ def test_triton_kernel_matches_brute_force_in_interpreter():
         {"seed": 5, "B": 2, "N": 24, "D": 16, "k": 24, "dtype": "float32", "bias": True, "config": small},
         # dimension below the tl.dot minimum (padded to 16); 2 buckets of 256 keys, queries searched in slices of 3
         {"seed": 6, "B": 7, "N": 300, "D": 8, "k": 4, "dtype": "float16", "bias": False, "max_bytes": 3 * 4 * 2},
+        # row ranges read in place (an IVF union scan): ranges shorter and longer than a bucket, an empty one, one at
+        # the very end; the default config's 256-key buckets
+        {
+            "seed": 8,
+            "B": 5,
+            "N": 2000,
+            "D": 24,
+            "k": 6,
+            "dtype": "float16",
+            "bias": True,
+            "ranges": [[1700, 300], [3, 40], [600, 0], [900, 513], [100, 1]],
+        },
+        # more buckets chosen than the ranges have (k > buckets): every row in the ranges is a candidate
+        {
+            "seed": 9,
+            "B": 3,
+            "N": 500,
+            "D": 16,
+            "k": 9,
+            "dtype": "bfloat16",
+            "bias": False,
+            "ranges": [[10, 5], [480, 20]],
+        },
+        # many short buckets (16 keys; ranges of 1-40 rows) and L2 scores, all below 0: a bucket's rows past its length
+        # must not count (a zero there would outrank every real key); several program groups, two query blocks
+        {
+            "seed": 10,
+            "B": 20,
+            "N": 3000,
+            "D": 40,
+            "k": 3,
+            "dtype": "float16",
+            "bias": True,
+            "config": small,
+            "ranges": [[s, 1 + (s * 7) % 40] for s in range(0, 2900, 97)],
+        },
     ]
     env = subprocess_env(TRITON_INTERPRET="1")
     proc = subprocess.run(
@@ -149,7 +212,12 @@ def test_triton_kernel_matches_brute_force_in_interpreter():
         q = torch.randn(case["B"], case["D"], generator=g)
         keys = torch.randn(case["N"], case["D"], generator=g).to(dtype)
         bias = -keys.float().pow(2).sum(1) / 2 if case["bias"] else None
-        ref_scores, ref_ids = brute_force(q, keys, case["k"], bias)
+        if "ranges" in case:  # the brute force over the rows of the ranges, mapped back to rows of keys
+            rows = torch.tensor([r for start, n in case["ranges"] for r in range(start, start + n)])
+            ref_scores, local = brute_force(q, keys[rows], case["k"], None if bias is None else bias[rows])
+            ref_ids = rows.numpy()[local]
+        else:
+            ref_scores, ref_ids = brute_force(q, keys, case["k"], bias)
         np.testing.assert_array_equal(np.array(res["ids"]), ref_ids, err_msg=str(case))
         np.testing.assert_allclose(np.array(res["scores"]), ref_scores, rtol=1e-5, atol=1e-4, err_msg=str(case))
 

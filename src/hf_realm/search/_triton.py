@@ -15,6 +15,8 @@ def _bucket_max_kernel(
     E,
     BIAS,
     OUT,
+    STARTS,
+    LENGTHS,
     B,
     NB_FULL,
     stride_q,
@@ -28,13 +30,18 @@ def _bucket_max_kernel(
     BLOCK_D: tl.constexpr,
     D_PAD: tl.constexpr,
     TILES: tl.constexpr,
+    INDIRECT: tl.constexpr,
 ):
     """Pass 1 over the ``NB_FULL`` full buckets (``BLOCK_N`` keys each; the caller handles a partial last bucket).
 
     Program ``pid`` takes query block ``pid % num_q_blocks`` and ``TILES`` consecutive buckets; it writes ``OUT[q, bucket]
     = max over the bucket's keys of q . e + bias``. Consecutive programs share their key tiles (the query block varies
     fastest), so large query batches read each tile from HBM about once. Every tile is full, so the hot loop has no key
-    masks: tiles past the end (last program only) re-read the last bucket and their columns are not stored."""
+    masks: tiles past the end (last program only) re-read the last bucket and their columns are not stored.
+
+    ``INDIRECT``: bucket ``b`` is instead the ``LENGTHS[b] <= BLOCK_N`` keys from row ``STARTS[b]`` on (the buckets of
+    some row ranges of ``E``, read in place, e.g. the lists an IVF search probes); rows past a bucket's length are
+    masked out."""
     pid = tl.program_id(0)
     num_qb = tl.cdiv(B, BLOCK_Q)
     qb = pid % num_qb
@@ -51,7 +58,11 @@ def _bucket_max_kernel(
         )
     for t in tl.range(0, TILES):
         tile = tl.minimum(grp * TILES + t, NB_FULL - 1)
-        offs_n = tile.to(tl.int64) * BLOCK_N + offs_bn
+        if INDIRECT:
+            offs_n = tl.load(STARTS + tile) + offs_bn
+            n_mask = offs_bn < tl.load(LENGTHS + tile)
+        else:
+            offs_n = tile.to(tl.int64) * BLOCK_N + offs_bn
         acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
         for d0 in tl.static_range(0, D_PAD, BLOCK_D):
             if D_PAD == BLOCK_D:
@@ -63,7 +74,9 @@ def _bucket_max_kernel(
                     other=0.0,
                 )
             e_ptrs = E + offs_n[:, None] * stride_e + (d0 + offs_d)[None, :]
-            if D_PAD == D:
+            if INDIRECT:
+                e = tl.load(e_ptrs, mask=n_mask[:, None] & ((d0 + offs_d)[None, :] < D), other=0.0)
+            elif D_PAD == D:
                 e = tl.load(e_ptrs)
             else:
                 e = tl.load(e_ptrs, mask=(d0 + offs_d)[None, :] < D, other=0.0)
@@ -72,7 +85,12 @@ def _bucket_max_kernel(
             else:
                 acc = tl.dot(q, tl.trans(e), acc)
         if HAS_BIAS:
-            acc = acc + tl.load(BIAS + offs_n).to(tl.float32)[None, :]
+            if INDIRECT:
+                acc = acc + tl.load(BIAS + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            else:
+                acc = acc + tl.load(BIAS + offs_n).to(tl.float32)[None, :]
+        if INDIRECT:
+            acc = tl.where(n_mask[None, :], acc, float("-inf"))
         tile_max = tl.max(acc, axis=1)
         maxes = tl.where(cols[None, :] == t, tile_max[:, None], maxes)
     offs_b = grp * TILES + cols
@@ -89,6 +107,8 @@ def _rescore_kernel(
     BIAS,
     BUCKETS,
     OUT,
+    STARTS,
+    LENGTHS,
     N,
     KB,
     stride_q,
@@ -100,14 +120,20 @@ def _rescore_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     D_PAD: tl.constexpr,
+    INDIRECT: tl.constexpr,
 ):
     """Pass 2. Program ``(i, j)`` scores the ``BLOCK_N`` keys of bucket ``BUCKETS[i, j]`` against query ``i`` (fp32 sums of
-    exact products), writing ``-inf`` past the last key."""
+    exact products), writing ``-inf`` past the last key (``INDIRECT``: buckets as in pass 1, ``-inf`` past a bucket's
+    length)."""
     qi = tl.program_id(0)
     j = tl.program_id(1)
     bucket = tl.load(BUCKETS + qi * stride_bk + j)
-    offs_n = bucket * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
+    if INDIRECT:
+        offs_n = tl.load(STARTS + bucket) + tl.arange(0, BLOCK_N)
+        n_mask = tl.arange(0, BLOCK_N) < tl.load(LENGTHS + bucket)
+    else:
+        offs_n = bucket * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for d0 in tl.static_range(0, D_PAD, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)

@@ -49,6 +49,7 @@ def exact_topk(
     key_bias: torch.Tensor | None = None,
     chunk_size: int = 1 << 20,
     backend: str = "auto",
+    row_ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` of ``queries @ keys.T + key_bias`` per query, exactly.
 
@@ -68,6 +69,11 @@ def exact_topk(
             ``k <= TRITON_MAX_K``, else the chunked torch path (fp32 keys included: the kernel's exact fp32 `tl.dot`
             is far slower to tune and to run than cuBLAS). `"torch"` forces the torch path; `"triton"` forces the kernel (on CPU
             tensors it runs in Triton's interpreter: slow, for tests only).
+        row_ranges (`tuple(torch.Tensor, torch.Tensor)`, *optional*):
+            ``(starts, lengths)``, int64 on the keys' device: search only the rows ``starts[i] <= row < starts[i] +
+            lengths[i]`` of ``keys`` (ranges apart from one another; e.g. the inverted lists an IVF search probes).
+            The Triton kernel reads them in place; the torch path gathers them first. Ids are still rows of ``keys``,
+            and ``k`` is bounded by the rows in the ranges.
 
     Returns:
         `tuple(torch.Tensor, torch.Tensor)`: scores (float32) and key ids (int64), each `(num_queries, k)`, sorted by
@@ -82,6 +88,9 @@ def exact_topk(
     >>> scores, ids = exact_topk(torch.tensor([[0.0, 2.0, 1.0, 0.0]]), keys, k=2)
     >>> ids.tolist()
     [[1, 2]]
+    >>> scores, ids = exact_topk(torch.tensor([[0.0, 2.0, 1.0, 0.0]]), keys, k=1, row_ranges=(torch.tensor([2]), torch.tensor([2])))
+    >>> ids.tolist()  # rows 2 and 3 only
+    [[2]]
     ```
     """
     if queries.dim() != 2 or keys.dim() != 2:
@@ -89,20 +98,23 @@ def exact_topk(
     if queries.shape[1] != keys.shape[1]:
         raise ValueError(f"query dim {queries.shape[1]} != key dim {keys.shape[1]}")
     num_keys = keys.shape[0]
+    if row_ranges is not None:
+        num_keys = _check_row_ranges(row_ranges, keys)
     if not 1 <= k <= num_keys:
-        raise ValueError(f"k must be in [1, {num_keys}] (the number of keys), got {k}")
-    if key_bias is not None and key_bias.shape != (num_keys,):
-        raise ValueError(f"key_bias must have shape ({num_keys},), got {tuple(key_bias.shape)}")
+        what = "the number of keys" if row_ranges is None else "the number of rows in row_ranges"
+        raise ValueError(f"k must be in [1, {num_keys}] ({what}), got {k}")
+    if key_bias is not None and key_bias.shape != (keys.shape[0],):
+        raise ValueError(f"key_bias must have shape ({keys.shape[0]},), got {tuple(key_bias.shape)}")
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
 
     if backend == "auto":
         if _triton_eligible(queries, keys, k):
             try:
-                return _triton_topk(queries, keys, k, key_bias)
+                return _triton_topk(queries, keys, k, key_bias, ranges=row_ranges, num_keys=num_keys)
             except Exception as err:  # never let the fast path break a search that torch can do
                 _disable_triton(err)
-        return _torch_topk(queries, keys, k, key_bias, chunk_size)
+        return _torch_topk_ranges(queries, keys, k, key_bias, chunk_size, row_ranges, num_keys)
     if backend == "triton":
         if not triton_available():
             raise ImportError("backend='triton' needs the `triton` package: `pip install triton`")
@@ -110,8 +122,42 @@ def exact_topk(
             raise ValueError(f"backend='triton' supports k <= {TRITON_MAX_K}, got {k}; use backend='torch'")
         if keys.dtype not in _TRITON_DTYPES:
             raise TypeError(f"backend='triton' supports fp16, bf16 and fp32 keys, got {keys.dtype}")
-        return _triton_topk(queries, keys, k, key_bias)
-    return _torch_topk(queries, keys, k, key_bias, chunk_size)
+        return _triton_topk(queries, keys, k, key_bias, ranges=row_ranges, num_keys=num_keys)
+    return _torch_topk_ranges(queries, keys, k, key_bias, chunk_size, row_ranges, num_keys)
+
+
+def _check_row_ranges(row_ranges, keys: torch.Tensor) -> int:
+    """Validates ``(starts, lengths)`` against ``keys``; returns the number of rows they cover."""
+    starts, lengths = row_ranges
+    if starts.shape != lengths.shape or starts.dim() != 1:
+        raise ValueError(
+            f"row_ranges: starts {tuple(starts.shape)} and lengths {tuple(lengths.shape)}, expected two 1-d"
+        )
+    if starts.dtype != torch.int64 or lengths.dtype != torch.int64:
+        raise TypeError(f"row_ranges must be int64, got {starts.dtype} and {lengths.dtype}")
+    if starts.device != keys.device or lengths.device != keys.device:
+        raise ValueError(f"row_ranges on {starts.device} / {lengths.device}, keys on {keys.device}")
+    bad = ((lengths < 0) | (starts < 0) | (starts + lengths > keys.shape[0])).any()
+    bad, total = torch.stack([bad.long(), lengths.sum()]).tolist()  # one sync for both
+    if bad:
+        raise ValueError(f"row_ranges reach outside the {keys.shape[0]} rows of keys (or have a negative length)")
+    return total
+
+
+def _range_rows(starts: torch.Tensor, lengths: torch.Tensor, total: int) -> torch.Tensor:
+    """The rows ``starts[i] .. starts[i] + lengths[i] - 1`` of every range, concatenated: `(total,)`."""
+    first = torch.repeat_interleave(starts, lengths, output_size=total)
+    before = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths, output_size=total)
+    return first + torch.arange(total, device=starts.device) - before
+
+
+def _torch_topk_ranges(queries, keys, k, key_bias, chunk_size, ranges, num_rows: int):
+    if ranges is None:
+        return _torch_topk(queries, keys, k, key_bias, chunk_size)
+    rows = _range_rows(*ranges, num_rows)
+    bias = key_bias[rows] if key_bias is not None else None
+    scores, local = _torch_topk(queries, keys[rows], k, bias, chunk_size)
+    return scores, rows[local]
 
 
 _MM_OUT_DTYPE_OK = True
@@ -268,8 +314,8 @@ _TUNED: dict[tuple, dict] = {}
 _TUNE_LOG: list[dict] = []
 
 
-def _tune_key(queries, keys, k, key_bias) -> tuple:
-    n_bucket = max(1, keys.shape[0]).bit_length() // 2  # within a factor of ~4 in the number of keys
+def _tune_key(queries, keys, k, key_bias, num_keys: int, indirect: bool) -> tuple:
+    n_bucket = max(1, num_keys).bit_length() // 2  # within a factor of ~4 in the number of keys
     return (
         keys.device.index,
         _next_pow2(queries.shape[0]),
@@ -278,16 +324,18 @@ def _tune_key(queries, keys, k, key_bias) -> tuple:
         k <= 16,
         key_bias is not None,
         n_bucket,
+        indirect,
     )
 
 
-def _pick_config(queries, keys, k, key_bias) -> dict:
+def _pick_config(queries, keys, k, key_bias, ranges=None, num_keys: int | None = None) -> dict:
     """The launch config for this problem shape: tuned once per shape class on CUDA (set ``HF_REALM_TRITON_AUTOTUNE=0``
-    to skip tuning and use the heuristic default)."""
+    to skip tuning and use the heuristic default). ``num_keys``: the rows searched (those of ``ranges`` if given)."""
     element_size = keys.element_size()
     if not keys.is_cuda or os.environ.get("HF_REALM_TRITON_AUTOTUNE", "1") == "0":
         return _default_config(queries.shape[0], keys.shape[1], k, element_size)
-    key = _tune_key(queries, keys, k, key_bias)
+    num_keys = keys.shape[0] if num_keys is None else num_keys
+    key = _tune_key(queries, keys, k, key_bias, num_keys, ranges is not None)
     if key in _TUNED:
         return _TUNED[key]
     candidates = _candidate_configs(queries.shape[0], keys.shape[1], k, element_size)
@@ -298,13 +346,17 @@ def _pick_config(queries, keys, k, key_bias) -> dict:
     start = time.perf_counter()
     for cfg in candidates:
         try:
-            _triton_topk_with(queries, keys, k, key_bias, cfg)  # compile + warm up
+            cut = None
+            if ranges is not None:
+                slots = triton_cdiv(num_keys, cfg["BLOCK_N"]) + len(ranges[1])
+                cut = _range_buckets(*ranges, cfg["BLOCK_N"], slots)
+            _triton_topk_with(queries, keys, k, key_bias, cfg, cut)  # compile + warm up
             torch.cuda.synchronize(keys.device)
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             reps = 3
             begin.record()
             for _ in range(reps):
-                _triton_topk_with(queries, keys, k, key_bias, cfg)
+                _triton_topk_with(queries, keys, k, key_bias, cfg, cut)
             end.record()
             end.synchronize()
             ms = begin.elapsed_time(end) / reps
@@ -338,18 +390,41 @@ def tuning_log() -> list[dict]:
 _MAX_BUCKET_MAX_BYTES = 2 << 30
 
 
-def _triton_topk(queries, keys, k, key_bias, config: dict | None = None):
-    config = config or _pick_config(queries, keys, k, key_bias)
+def _triton_topk(queries, keys, k, key_bias, config: dict | None = None, ranges=None, num_keys: int | None = None):
+    """``num_keys``: the rows searched, those of ``ranges`` if given (computed when not passed)."""
+    if num_keys is None:
+        num_keys = keys.shape[0] if ranges is None else int(ranges[1].sum())
+    config = config or _pick_config(queries, keys, k, key_bias, ranges, num_keys)
     # The bucket-max matrix is num_queries x num_buckets fp32: bound it by searching large batches in slices.
-    num_buckets = triton_cdiv(keys.shape[0], config["BLOCK_N"])
+    num_buckets = triton_cdiv(num_keys, config["BLOCK_N"]) + (0 if ranges is None else len(ranges[1]))
+    if ranges is not None:  # cut once, for every slice
+        ranges = _range_buckets(*ranges, config["BLOCK_N"], num_buckets)
     step = max(1, _MAX_BUCKET_MAX_BYTES // (4 * num_buckets))
     if queries.shape[0] <= step:
-        return _triton_topk_with(queries, keys, k, key_bias, config)
-    parts = [_triton_topk_with(queries[i : i + step], keys, k, key_bias, config) for i in range(0, len(queries), step)]
+        return _triton_topk_with(queries, keys, k, key_bias, config, ranges)
+    parts = [
+        _triton_topk_with(queries[i : i + step], keys, k, key_bias, config, ranges)
+        for i in range(0, len(queries), step)
+    ]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def _triton_topk_with(queries, keys, k, key_bias, config: dict):
+def _range_buckets(starts, lengths, block_n: int, slots: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Each range cut into buckets of at most ``block_n`` rows, in ``slots`` bucket slots (at least the buckets there
+    are: ``ceil(rows / block_n) + len(ranges)`` always is, so no device sync is needed to count them). Returns every
+    slot's first row and length (0 for the slots past the last bucket, which then score ``-inf``) and ``block_n``."""
+    per_range = (lengths + block_n - 1) // block_n
+    ends = per_range.cumsum(0)
+    slot = torch.arange(slots, device=starts.device)
+    owner = torch.searchsorted(ends, slot, right=True)
+    used = owner < len(starts)
+    owner = owner.clamp_max(max(len(starts) - 1, 0))
+    offset = (slot - (ends - per_range)[owner]) * block_n
+    first = torch.where(used, starts[owner] + offset, 0)
+    return first, torch.where(used, (lengths[owner] - offset).clamp_max(block_n), 0), block_n
+
+
+def _triton_topk_with(queries, keys, k, key_bias, config: dict, ranges=None):
     if keys.stride(1) != 1:
         raise ValueError("keys must be contiguous along the embedding dimension (keys.stride(1) == 1)")
     if queries.device != keys.device:
@@ -363,13 +438,22 @@ def _triton_topk_with(queries, keys, k, key_bias, config: dict):
     block_n, block_d = config["BLOCK_N"], config["BLOCK_D"]
     block_q, tiles = config["BLOCK_Q"], config["TILES"]
     d_pad = triton_cdiv(dim, block_d) * block_d
-    num_buckets = triton_cdiv(num_keys, block_n)
+    if ranges is None:
+        num_buckets = triton_cdiv(num_keys, block_n)
+        full_buckets = num_keys // block_n
+        starts = lengths = None
+    else:  # buckets of the ranges, read in place; a short bucket at the end of each range is masked in the kernel
+        starts, lengths, cut = ranges
+        if cut != block_n:
+            raise ValueError(f"row ranges cut into buckets of {cut} rows, but the launch config has BLOCK_N {block_n}")
+        num_buckets = full_buckets = len(starts)
     tiles = max(1, min(tiles, _next_pow2(num_buckets)))
     launch = {} if interpret else {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
 
-    full_buckets = num_keys // block_n
     bucket_max = torch.empty(num_queries, num_buckets, dtype=torch.float32, device=keys.device)
     bias_arg = key_bias if key_bias is not None else bucket_max  # a pointer the kernel never reads
+    starts_arg = starts if starts is not None else bucket_max  # likewise
+    lengths_arg = lengths if lengths is not None else bucket_max
     if full_buckets > 0:
         grid = (triton_cdiv(num_queries, block_q) * triton_cdiv(full_buckets, tiles),)
         _triton_kernel("bucket_max", interpret)[grid](
@@ -377,6 +461,8 @@ def _triton_topk_with(queries, keys, k, key_bias, config: dict):
             keys,
             bias_arg,
             bucket_max,
+            starts_arg,
+            lengths_arg,
             num_queries,
             full_buckets,
             queries.stride(0),
@@ -390,6 +476,7 @@ def _triton_topk_with(queries, keys, k, key_bias, config: dict):
             BLOCK_D=block_d,
             D_PAD=d_pad,
             TILES=tiles,
+            INDIRECT=ranges is not None,
             **launch,
         )
     if full_buckets < num_buckets:  # the partial last bucket: a small matmul in torch
@@ -408,6 +495,8 @@ def _triton_topk_with(queries, keys, k, key_bias, config: dict):
         bias_arg,
         buckets,
         cand,
+        starts_arg,
+        lengths_arg,
         num_keys,
         kb,
         queries.stride(0),
@@ -419,11 +508,13 @@ def _triton_topk_with(queries, keys, k, key_bias, config: dict):
         BLOCK_N=block_n,
         BLOCK_D=rescore_d,
         D_PAD=triton_cdiv(dim, rescore_d) * rescore_d,
+        INDIRECT=ranges is not None,
         **({} if interpret else {"num_warps": 4}),
     )
     scores, pos = cand.topk(k, dim=1)
-    ids = buckets.gather(1, pos // block_n) * block_n + pos % block_n
-    return scores, ids
+    chosen = buckets.gather(1, pos // block_n)
+    first = chosen * block_n if ranges is None else starts[chosen]
+    return scores, first + pos % block_n
 
 
 def triton_cdiv(a: int, b: int) -> int:

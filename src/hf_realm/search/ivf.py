@@ -11,11 +11,11 @@ Two ways to read the lists (``scan``):
 
 - ``"query"`` (default): each query ranks the keys of its own ``nprobe`` lists, gathered per query. The answer for a
   query does not depend on the other queries of the batch.
-- ``"union"``: the keys of every list that some query of the batch probes are gathered once, contiguously, and the
-  whole batch is searched over them with the exact search of [`exact_topk`] (the fused Triton kernel on a GPU). Each
-  query reads a superset of its own lists, so its recall is at least that of ``"query"``, and a batch of queries
-  that probe the same lists (the beams of one sentence, the sentences of one domain) reads each key once. A query's
-  answer can depend on the batch it comes in (more lists read, never fewer).
+- ``"union"``: the whole batch is searched over the keys of every list that some query of the batch probes, with the
+  exact search of [`exact_topk`]: their keys are gathered into one block first, or, with ``read_in_place=True`` on a
+  GPU (fp16 / bf16 keys), the fused Triton kernel reads the lists where they are stored (``row_ranges``). Each query reads a superset of its own lists, so its recall is at least that of ``"query"``, and a batch of
+  queries that probe the same lists (the beams of one sentence, the sentences of one domain) reads each key once. A
+  query's answer can depend on the batch it comes in (more lists read, never fewer).
 
 A query whose probed lists hold fewer than ``k`` keys gets id ``-1`` (and ``-inf`` score / ``+inf`` distance) in the
 remaining slots, as the search contract says for approximate backends.
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .base import BackendConfig, as_tensor, check_metric, check_search_args, register_backend
-from .exact import exact_topk
+from .exact import _range_rows, _triton_eligible, exact_topk
 from .kmeans import kmeans
 from .rescore import exact_scores, sort_best_first
 from .torch_backend import _lossless, check_key_matrix, device_and_dtype
@@ -56,6 +56,10 @@ class IVFSearchConfig(BackendConfig):
             processed in chunks under it; for ``scan="union"`` the batch is split until its lists fit).
         scan (`str`, *optional*, defaults to `"query"`): `"query"` reads each query's own lists; `"union"` searches
             the batch over the union of its probed lists with the exact fused search (see the module docstring).
+        read_in_place (`bool`, *optional*, defaults to `False`): For ``scan="union"`` where the fused kernel runs
+            (CUDA, fp16 / bf16 keys): read the probed lists where they are stored instead of gathering their keys
+            into one block first. Exact like the gathering path (tested against float64); not yet timed on a GPU,
+            hence off by default.
 
     Example:
 
@@ -81,6 +85,7 @@ class IVFSearchConfig(BackendConfig):
     rerank: int = 4
     max_gather_bytes: int = 1 << 28
     scan: str = "query"
+    read_in_place: bool = False
 
     def build(self, keys, *, metric: str = "inner_product", state: Any = None) -> IVFBackend:
         return IVFBackend(keys, metric=metric, config=self)
@@ -252,10 +257,14 @@ class IVFBackend:
 
     def _search_union(self, q: torch.Tensor, lists: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch ``q`` over the keys of the union of its probed ``lists`` (see ``scan="union"``)."""
-        union = torch.unique(lists)  # sorted list numbers: the keys gathered are in storage order
+        union = torch.unique(lists)  # sorted list numbers
         sizes = self.list_sizes[union]
         total = int(sizes.sum())
-        if total * self.dim * self.keys.element_size() > self.config.max_gather_bytes and q.shape[0] > 1:
+        take = min(self._rerank_count(k), total)
+        # the fused kernel reads the lists where they are stored; any other path gathers their keys (bounded)
+        in_place = self.config.read_in_place and _triton_eligible(q, self.keys, take)
+        too_big = total * self.dim * self.keys.element_size() > self.config.max_gather_bytes
+        if too_big and not in_place and q.shape[0] > 1:
             half = q.shape[0] // 2
             top = self._search_union(q[:half], lists[:half], k)
             bottom = self._search_union(q[half:], lists[half:], k)
@@ -263,15 +272,17 @@ class IVFBackend:
         out_scores, out_ids = self._padding(q.shape[0], k)
         if total == 0:
             return out_scores, out_ids
-        # stored positions of the union's keys: each list's range, concatenated
-        first = torch.repeat_interleave(self.list_offsets[union], sizes, output_size=total)
-        before = torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes, output_size=total)
-        positions = first + torch.arange(total, device=self.device) - before
-        keys = self.keys[positions]
-        bias = self.key_bias[positions] if self.key_bias is not None else None
-        take = min(self._rerank_count(k), total)
-        _, local = exact_topk(q.to(keys.dtype), keys, take, key_bias=bias)
-        ids = self.ids[positions[local]]
+        ranges = (self.list_offsets[union], sizes)  # each probed list: a range of stored rows
+        if in_place:
+            _, positions = exact_topk(
+                q.to(self.keys.dtype), self.keys, take, key_bias=self.key_bias, row_ranges=ranges
+            )
+        else:
+            positions = _range_rows(*ranges, total)
+            bias = self.key_bias[positions] if self.key_bias is not None else None
+            _, local = exact_topk(q.to(self.keys.dtype), self.keys[positions], take, key_bias=bias)
+            positions = positions[local]
+        ids = self.ids[positions]
         exact, ids = sort_best_first(exact_scores(q, ids, self.source_rows, self.metric), ids, self.metric)
         found = min(k, total)
         out_scores[:, :found] = exact[:, :found].float()
