@@ -416,6 +416,36 @@ def test_build_hashes_each_file_once_and_syncs_while_it_writes(tmp_path, monkeyp
     assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes()
 
 
+def test_row_writer_queues_batches_up_to_its_byte_budget():
+    """The build's writer thread takes batches in order; `submit` returns at once until the queued keys would pass
+    `max_bytes_in_flight`, then waits for the oldest batch to be written."""
+    import threading
+
+    from hf_realm.knn_build import _OrderedRowWriter
+
+    release, written = threading.Event(), []
+
+    class SlowWriter:
+        def add(self, keys, values, provenance):
+            release.wait(10)
+            written.append(int(values[0]))
+
+    batch = torch.zeros(4, 8)  # 128 bytes of keys
+    out = _OrderedRowWriter(SlowWriter(), max_bytes_in_flight=3 * 128)
+    ok = torch.tensor(True)
+    for i in range(3):
+        out.submit(batch, ok, np.full(4, i), np.zeros((4, 2)), f"batch {i}")  # queued: 384 bytes, none written
+    fourth = threading.Thread(target=out.submit, args=(batch, ok, np.full(4, 3), np.zeros((4, 2)), "batch 3"))
+    fourth.start()
+    fourth.join(0.3)
+    assert fourth.is_alive() and written == []  # over the budget: waiting for batch 0
+    release.set()
+    fourth.join(10)
+    out.finish()
+    out.close()
+    assert written == [0, 1, 2, 3]
+
+
 def test_build_gpt2_and_raw_text_with_tokenizer(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -62,7 +62,7 @@ class _NpyAppender:
     runs, so the fsync on close, before the datastore is swapped in, has at most `sync_bytes` left to write.
     """
 
-    def __init__(self, path: str | os.PathLike, dtype, row_shape: tuple[int, ...] = (), sync_bytes: int = 1 << 28):
+    def __init__(self, path: str | os.PathLike, dtype, row_shape: tuple[int, ...] = (), sync_bytes: int = 1 << 26):
         self.path = Path(path)
         self.dtype = np.dtype(dtype)
         self.row_shape = tuple(row_shape)
@@ -354,16 +354,18 @@ def _build_shard(
 
 class _OrderedRowWriter:
     """Adds each batch's rows to a [`KNNDatastoreWriter`] on one background thread, in submission order, so the host's
-    copy-back, checks and file writes overlap the device's next forward. At most `max_in_flight` batches wait; an error
-    on the thread is raised in the caller at the next `submit` or at `finish`."""
+    copy-back, checks and file writes overlap the device's next forward. Batches wait up to `max_bytes_in_flight` of
+    keys (at least one batch): room for the thread to sit in a periodic flush to disk (`_NpyAppender.sync_bytes`)
+    while the device goes on. An error on the thread is raised in the caller at the next `submit` or at `finish`."""
 
-    def __init__(self, writer: KNNDatastoreWriter, max_in_flight: int = 3):
+    def __init__(self, writer: KNNDatastoreWriter, max_bytes_in_flight: int = 1 << 28):
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
-        self.writer, self.max_in_flight = writer, max_in_flight
+        self.writer, self.max_bytes_in_flight = writer, max_bytes_in_flight
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="knn-datastore-writer")
-        self._pending = deque()
+        self._pending = deque()  # (future, bytes of keys)
+        self._bytes = 0
 
     def submit(self, keys: torch.Tensor, finite: torch.Tensor, values, provenance, where: str) -> None:
         if keys.device.type == "cuda":
@@ -372,9 +374,16 @@ class _OrderedRowWriter:
             done.record()
         else:
             keys, finite, done = keys.cpu(), finite.cpu(), None
-        while len(self._pending) >= self.max_in_flight:
-            self._pending.popleft().result()
-        self._pending.append(self._pool.submit(self._add, keys, finite, values, provenance, where, done))
+        size = keys.numel() * keys.element_size()
+        while self._pending and self._bytes + size > self.max_bytes_in_flight:
+            self._wait_oldest()
+        self._pending.append((self._pool.submit(self._add, keys, finite, values, provenance, where, done), size))
+        self._bytes += size
+
+    def _wait_oldest(self) -> None:
+        future, size = self._pending.popleft()
+        self._bytes -= size
+        future.result()
 
     def _add(self, keys, finite, values, provenance, where, done) -> None:
         if done is not None:
@@ -387,11 +396,11 @@ class _OrderedRowWriter:
 
     def finish(self) -> None:
         while self._pending:
-            self._pending.popleft().result()
+            self._wait_oldest()
 
     def close(self) -> None:
         """Waits for the thread (after an error: drops what has not started) and stops it."""
-        for future in self._pending:
+        for future, _ in self._pending:
             future.cancel()
         self._pool.shutdown(wait=True)
         self._pending.clear()
