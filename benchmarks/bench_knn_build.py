@@ -8,6 +8,10 @@ inputs), and nothing after it; both end with a device synchronisation.
 
     python benchmarks/bench_knn_build.py                                          # GPU
     python benchmarks/bench_knn_build.py --num_examples 64 --batch_size 16 --device cpu --dtype float32   # smoke run
+    python benchmarks/bench_knn_build.py --device cpu --dtype float32 --wait_forward_ms 11 --vocab_size 8   # the host side
+
+``--wait_forward_ms`` stands a waiting forward in for the model (see `WaitingModel`): what remains of the build time
+is what the build adds to a forward (batch preparation is timed in both passes), on a machine without a GPU.
 
 Each build row also gives the seconds of the commit (hashing, fsync, the swap into place) and of loading the result.
 Prints a table and writes ``--output`` (JSON). Target (kNN-MT at scale): build tokens/s >= 0.8 x forward tokens/s.
@@ -43,8 +47,44 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab_size", type=int, default=58101)
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--device", default=None)
+    p.add_argument(
+        "--wait_forward_ms",
+        type=float,
+        default=0.0,
+        help="replace the model by a stand-in whose forward waits this long (a device-bound forward as the host sees "
+        "it) and returns fixed d_model states through a real output layer: times everything the build adds to a "
+        "forward, on any machine",
+    )
     p.add_argument("--output", default="outputs/bench_knn_build.json")
     return p
+
+
+class WaitingModel(torch.nn.Module):
+    """An encoder-decoder stand-in for `--wait_forward_ms`: its forward waits, then sends fixed random states of width
+    ``d_model`` through a real `lm_head` (which the build's query hook captures)."""
+
+    def __init__(self, d_model: int, vocab_size: int, wait_ms: float, device, dtype):
+        from transformers import PretrainedConfig
+
+        super().__init__()
+        self.config = PretrainedConfig(is_encoder_decoder=True, pad_token_id=vocab_size - 1,
+                                       decoder_start_token_id=vocab_size - 1, vocab_size=vocab_size)  # fmt: skip
+        self.lm_head = torch.nn.Linear(d_model, vocab_size, bias=False).to(device, dtype)
+        self.wait_s, self.d_model = wait_ms / 1000, d_model
+        self._states = None
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, use_cache=False):
+        time.sleep(self.wait_s)
+        shape = (*decoder_input_ids.shape, self.d_model)
+        if self._states is None or self._states.shape != shape:
+            gen = torch.Generator(device=self.lm_head.weight.device).manual_seed(0)
+            self._states = torch.randn(shape, generator=gen, device=self.lm_head.weight.device).to(
+                self.lm_head.weight.dtype
+            )
+        return self.lm_head(self._states)
 
 
 def sync(device):
@@ -62,7 +102,10 @@ def main(argv=None) -> dict:
     args = make_parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype)
-    model = marian(args, device, dtype)  # the decoding benchmark's model
+    if args.wait_forward_ms > 0:
+        model = WaitingModel(args.d_model, args.vocab_size, args.wait_forward_ms, device, dtype)
+    else:
+        model = marian(args, device, dtype)  # the decoding benchmark's model
     config = model.config
     ids = torch.randint(
         1, args.vocab_size - 1, (args.num_examples, 2, args.length), generator=torch.Generator().manual_seed(0)

@@ -389,8 +389,9 @@ def test_build_marian_keys_values_provenance_match_teacher_forcing():
 
 
 def test_build_hashes_each_file_once_and_syncs_while_it_writes(tmp_path, monkeypatch):
-    """The commit records every file's SHA-256; the build then loads the store without hashing it again, and the rows
-    reach the disk while the model runs (a sync per `sync_bytes`), not all at the close."""
+    """The files' SHA-256 is recorded once: while they are written when the number of entries is known in advance
+    (pre-tokenised data), else at the commit; never again at the build's own load. The rows reach the disk while the
+    model runs (a sync per `sync_bytes`), not all at the close."""
     from hf_realm import hub_io
     from hf_realm.knn_build import _NpyAppender
 
@@ -398,22 +399,57 @@ def test_build_hashes_each_file_once_and_syncs_while_it_writes(tmp_path, monkeyp
     real_hash, real_sync = hub_io.file_sha256, os.fdatasync
     monkeypatch.setattr(hub_io, "file_sha256", lambda path: hashed.append(Path(path).name) or real_hash(path))
     monkeypatch.setattr(os, "fdatasync", lambda fd: syncs.append(fd) or real_sync(fd))
+    names = ["keys.npy", "provenance.npy", "values.npy"]
     pairs = random_pairs(5, seed=3)
     store = KNNDatastore.build(tiny_marian(), pairs, tmp_path / "ds", batch_size=2, progress=False)
-    assert sorted(hashed) == ["keys.npy", "provenance.npy", "values.npy"]  # at the commit, not again at the load
+    assert hashed == []  # hashed as written: 5 examples' labels counted up front
     recorded = json.loads((tmp_path / "ds" / "knn_datastore.json").read_text())["sha256"]
-    assert recorded == {name: real_hash(tmp_path / "ds" / name) for name in hashed}
+    assert recorded == {name: real_hash(tmp_path / "ds" / name) for name in names}
     assert len(store) == sum(map(len, pairs["labels"]))
-    # the appender: a sync each time 2,500 more bytes are written, and the same file as numpy's own
+    # raw text (no count in advance): hashed at the commit, once
+    with mock.patch("hf_realm.knn_build._expected_rows", return_value=None):
+        KNNDatastore.build(tiny_marian(), pairs, tmp_path / "ds2", batch_size=2, progress=False)
+    assert sorted(hashed) == names
+    recorded = json.loads((tmp_path / "ds2" / "knn_datastore.json").read_text())["sha256"]
+    assert recorded == {name: real_hash(tmp_path / "ds2" / name) for name in names}
+    # the appender: a sync each time 2,500 more bytes are written, and the same file as numpy's own, whatever count
+    # was expected; the digest is kept only when the count came true
     rows = np.random.default_rng(0).standard_normal((10, 125)).astype(np.float32)  # 500 bytes a row
-    syncs.clear()
-    out = _NpyAppender(tmp_path / "a.npy", np.float32, (125,), sync_bytes=2500)
-    for start in range(0, 10, 2):
-        out.append(rows[start : start + 2])  # 1,000 bytes each: synced after the 3rd append (3,000 bytes unsynced)
-    assert len(syncs) == 1
-    out.close()
     np.save(tmp_path / "b.npy", rows)
-    assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes()
+    for expected in (None, 10, 7, 12, 0):
+        syncs.clear()
+        out = _NpyAppender(tmp_path / "a.npy", np.float32, (125,), sync_bytes=2500, expected_rows=expected)
+        for start in range(0, 10, 2):
+            out.append(rows[start : start + 2])  # 1,000 bytes each: synced after the 3rd append (3,000 bytes unsynced)
+        assert len(syncs) == 1
+        out.close()
+        assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes(), expected
+        assert out.digest == (real_hash(tmp_path / "b.npy") if expected == 10 else None), expected
+        assert out.nbytes == (tmp_path / "b.npy").stat().st_size
+
+
+def test_expected_rows_counts_what_the_build_stores(tmp_path):
+    """The count a build writes its files for up front equals the entries it then stores, for an encoder-decoder's
+    labels and for a decoder-only model's shifted targets under attention masks and -100 labels."""
+    from hf_realm.knn_build import _expected_rows
+
+    pairs = random_pairs(9, seed=4).map(lambda ex: {"labels": [t if t % 3 else -100 for t in ex["labels"]]})
+    store = KNNDatastore.build(tiny_marian(), pairs, tmp_path / "ed", batch_size=4, progress=False)
+    assert _expected_rows(pairs, 0, 9, True) == len(store) == sum(t != -100 for ex in pairs["labels"] for t in ex)
+    assert _expected_rows(pairs, 2, 5, True) == sum(t != -100 for ex in pairs["labels"][2:5] for t in ex)
+    rng = np.random.default_rng(5)
+    ids = [rng.integers(2, VOCAB, rng.integers(2, 9)).tolist() for _ in range(7)]
+    masks = [[1] * (len(x) - 1) + [int(i % 2)] for i, x in enumerate(ids)]
+    labels = [[t if j % 4 else -100 for j, t in enumerate(x)] for x in ids]
+    decoder_only = datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": masks, "labels": labels})
+    want = sum(m[t] != 0 and lab[t] != -100 for m, lab in zip(masks, labels, strict=True) for t in range(1, len(m)))
+    built = KNNDatastore.build(tiny_gpt2(), decoder_only, tmp_path / "do", batch_size=3, progress=False)
+    assert _expected_rows(decoder_only, 0, 7, False) == want == len(built)
+    assert _expected_rows(decoder_only.select([6, 2, 4]), 0, 3, False) == sum(
+        masks[i][t] != 0 and labels[i][t] != -100 for i in (6, 2, 4) for t in range(1, len(ids[i]))
+    )
+    ragged = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]], "attention_mask": [[1, 1]]})
+    assert _expected_rows(ragged, 0, 1, False) is None
 
 
 def test_row_writer_queues_batches_up_to_its_byte_budget():

@@ -285,10 +285,14 @@ class Staging:
         _ACTIVE.add(str(self.path))
         _checkpoint("staged")
 
-    def commit(self, config: dict | None = None) -> Path:
+    def commit(self, config: dict | None = None, known_hashes: dict[str, tuple[int, str]] | None = None) -> Path:
         """Write ``config`` (with ``files`` and ``sha256`` added) as the kind's marker, fsync, and swap the staged
-        directory in. Returns the target path."""
+        directory in. Returns the target path.
+
+        ``known_hashes``: ``{relative path: (size, SHA-256)}`` of files whose digest the writer computed over the
+        bytes it wrote (a streaming writer), used instead of reading the file back when its size on disk matches."""
         kind, staged, target = self.kind, self.path, self.target
+        known_hashes = known_hashes or {}
         try:
             _checkpoint("written")
             check_ownership(target, kind)  # the target may have changed since the staging began
@@ -298,7 +302,8 @@ class Staging:
                     if rel == kind.marker:
                         continue
                     sizes[rel] = file.stat().st_size
-                    hashes[rel] = file_sha256(file)
+                    known = known_hashes.get(rel)
+                    hashes[rel] = known[1] if known is not None and known[0] == sizes[rel] else file_sha256(file)
                 config = {**(config or {}), "files": sizes, "sha256": hashes}
                 _checkpoint("hashed")
                 with open(staged / kind.marker, "w") as f:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
+import itertools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,23 +63,50 @@ class _NpyAppender:
     length and the rows written after it stay in place (no copy of a multi-GB file at the end). Every `sync_bytes`
     written, the rows so far are flushed to disk (`os.fdatasync`): a build's writer thread does that while the model
     runs, so the fsync on close, before the datastore is swapped in, has at most `sync_bytes` left to write.
+
+    With `expected_rows` (a count known in advance) the header is written for it at once and the file's SHA-256 is
+    computed over the bytes as they are written: when the count comes true, `digest` holds it on close and the file
+    need not be read back to be hashed; otherwise the header is rewritten as above and `digest` stays `None`.
     """
 
-    def __init__(self, path: str | os.PathLike, dtype, row_shape: tuple[int, ...] = (), sync_bytes: int = 1 << 26):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        dtype,
+        row_shape: tuple[int, ...] = (),
+        sync_bytes: int = 1 << 26,
+        expected_rows: int | None = None,
+    ):
         self.path = Path(path)
         self.dtype = np.dtype(dtype)
         self.row_shape = tuple(row_shape)
         self.rows = 0
         self.sync_bytes = sync_bytes
+        self.expected_rows = expected_rows
+        self.digest: str | None = None
+        self._sha = hashlib.sha256() if expected_rows is not None else None
         self._unsynced = 0
         self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
-        self._header_bytes = self._write_header()
+        self._header_bytes = self._write_header(expected_rows or 0)
 
-    def _write_header(self) -> int:
+    def _write_header(self, rows: int) -> int:
+        header = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": (rows, *self.row_shape),
+        }
+        buffer = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buffer, header)
         self._file.seek(0)
-        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False}
-        np.lib.format.write_array_header_1_0(self._file, {**header, "shape": (self.rows, *self.row_shape)})
-        return self._file.tell()
+        self._file.write(buffer.getvalue())
+        if self._sha is not None and self.rows == 0:
+            self._sha.update(buffer.getvalue())
+        return len(buffer.getvalue())
+
+    @property
+    def nbytes(self) -> int:
+        """The file's size: header and rows."""
+        return self._header_bytes + self.rows * self.dtype.itemsize * int(np.prod(self.row_shape, dtype=np.int64))
 
     def append(self, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array, dtype=self.dtype)
@@ -85,6 +115,8 @@ class _NpyAppender:
                 f"rows of shape {array.shape[1:]} appended to {self.path.name}, expected {self.row_shape}"
             )
         self._file.write(memoryview(array).cast("B"))  # no copy of the rows
+        if self._sha is not None:
+            self._sha.update(memoryview(array).cast("B"))  # releases the GIL, like the write
         self.rows += array.shape[0]
         self._unsynced += array.nbytes
         if self._unsynced >= self.sync_bytes:
@@ -96,7 +128,11 @@ class _NpyAppender:
         if self._file.closed:
             return
         self._file.flush()
-        if self._write_header() != self._header_bytes:  # numpy's growth padding makes this impossible below 10^21 rows
+        if self.expected_rows is not None and self.rows == self.expected_rows:
+            self.digest = self._sha.hexdigest()  # the header written first was the right one
+        elif (
+            self._write_header(self.rows) != self._header_bytes
+        ):  # numpy's growth padding: impossible below 10^21 rows
             raise RuntimeError(f"the .npy header of {self.path.name} changed length; the file is not valid")
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -125,15 +161,24 @@ class KNNDatastoreWriter:
     ```
     """
 
-    def __init__(self, save_directory: str | os.PathLike, key_dim: int, with_counts: bool = False):
+    def __init__(
+        self,
+        save_directory: str | os.PathLike,
+        key_dim: int,
+        with_counts: bool = False,
+        expected_rows: int | None = None,
+    ):
         self.save_directory = Path(save_directory)
         self.key_dim = int(key_dim)
         self._staging = hub_io.Staging(self.save_directory, DATASTORE_KIND)  # refuses a foreign directory up front
         self.tmp_dir = self._staging.path
-        self._keys = _NpyAppender(self.tmp_dir / "keys.npy", np.float16, (self.key_dim,))
-        self._values = _NpyAppender(self.tmp_dir / "values.npy", np.int32)
-        self._provenance = _NpyAppender(self.tmp_dir / "provenance.npy", np.int64, (2,))
-        self._counts = _NpyAppender(self.tmp_dir / "counts.npy", np.int32) if with_counts else None
+        # With the number of rows known in advance (``expected_rows``, a hint: any other count is written correctly
+        # too), the files are hashed as they are written instead of read back at the commit.
+        expect = {"expected_rows": expected_rows}
+        self._keys = _NpyAppender(self.tmp_dir / "keys.npy", np.float16, (self.key_dim,), **expect)
+        self._values = _NpyAppender(self.tmp_dir / "values.npy", np.int32, **expect)
+        self._provenance = _NpyAppender(self.tmp_dir / "provenance.npy", np.int64, (2,), **expect)
+        self._counts = _NpyAppender(self.tmp_dir / "counts.npy", np.int32, **expect) if with_counts else None
         self.max_value = -1
         self._closed = False
 
@@ -183,7 +228,12 @@ class KNNDatastoreWriter:
             has_counts=self._counts is not None,
         )
         self._closed = True
-        self._staging.commit(meta)  # the config last, with sizes and hashes; then the crash-safe swap
+        known = {
+            a.path.name: (a.nbytes, a.digest)
+            for a in (self._keys, self._values, self._provenance, self._counts)
+            if a is not None and a.digest is not None
+        }
+        self._staging.commit(meta, known_hashes=known)  # the config last, with sizes and hashes; the crash-safe swap
         return self.save_directory
 
     def abort(self) -> None:
@@ -221,7 +271,8 @@ def merge_datastores(
     if len(dims) != 1:
         raise ValueError(f"cannot merge datastores of key dims {sorted(dims)}")
     with_counts = any(s.counts is not None for s in stores)
-    writer = KNNDatastoreWriter(save_directory, dims.pop(), with_counts=with_counts)
+    writer = KNNDatastoreWriter(save_directory, dims.pop(), with_counts=with_counts,
+                                expected_rows=sum(len(s) for s in stores))  # fmt: skip
     try:
         for store in stores:
             step = 1 << 20
@@ -239,11 +290,13 @@ def merge_datastores(
 
 
 def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
-    width = max((len(s) for s in seqs), default=0)
-    out = torch.full((len(seqs), max(width, 1)), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-    return out
+    """Right-pads lists of ids into a `(len(seqs), max length)` int64 tensor (one vectorised fill, no row loop)."""
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    width = int(lengths.max()) if len(seqs) else 0
+    out = np.full((len(seqs), max(width, 1)), value, dtype=np.int64)
+    flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum()))
+    out[np.arange(out.shape[1]) < lengths[:, None]] = flat  # row-major: the rows' ids in order
+    return torch.from_numpy(out)
 
 
 def _batch_tensors(batch, tokenizer, is_enc_dec, pretokenized, src_col, tgt_col, text_col, max_length, pad_id):
@@ -288,6 +341,33 @@ def _decoder_inputs(model, labels: torch.Tensor) -> torch.Tensor:
     shifted[:, 1:] = labels[:, :-1]
     shifted[:, 0] = start
     return shifted.masked_fill(shifted == -100, config.pad_token_id if config.pad_token_id is not None else 0)
+
+
+def _expected_rows(dataset, start: int, end: int, is_enc_dec: bool) -> int | None:
+    """The number of entries a build of the pre-tokenised examples ``start .. end - 1`` stores, counted on the Arrow
+    columns without tokenising or padding anything; ``None`` where it is not cheap to know (raw text, ragged masks).
+    A hint for the writer (see `_NpyAppender`): the build checks it and writes any other count correctly too."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:
+        table = dataset.with_format("arrow")[start:end]
+        if is_enc_dec:  # the labels that are not -100
+            labels = pc.list_flatten(table.column("labels"))
+            return int(pc.sum(pc.not_equal(labels, -100)).as_py() or 0)
+        # decoder-only: state t predicts token t + 1 where the attention mask (and the labels, if any) keep it
+        ids = table.column("input_ids")
+        counted = [c for c in ("attention_mask", "labels") if c in table.column_names]
+        if any(pc.any(pc.not_equal(pc.list_value_length(table.column(c)), pc.list_value_length(ids))).as_py()
+               for c in counted):  # fmt: skip
+            return None
+        keep = pc.is_valid(pc.list_flatten(pc.list_slice(ids, 1)))  # every position from 1 on
+        for c in counted:
+            shifted = pc.list_flatten(pc.list_slice(table.column(c), 1))
+            keep = pc.and_(keep, pc.not_equal(shifted, 0 if c == "attention_mask" else -100))
+        return int(pc.sum(pc.cast(keep, pa.int64())).as_py() or 0)
+    except (pa.ArrowException, KeyError, TypeError, ValueError):
+        return None
 
 
 @torch.no_grad()
@@ -451,7 +531,8 @@ def build_datastore(cls, model: nn.Module, dataset, save_directory: str | os.Pat
         },
         "history": [],
     }
-    writer = KNNDatastoreWriter(target_dir, key_dim)
+    expected = _expected_rows(dataset, start, end, is_enc_dec) if pretokenized else None
+    writer = KNNDatastoreWriter(target_dir, key_dim, expected_rows=expected)
     try:
         _build_shard(
             model, dataset, start, end, writer, tokenizer, is_enc_dec, pretokenized,
@@ -462,10 +543,11 @@ def build_datastore(cls, model: nn.Module, dataset, save_directory: str | os.Pat
     except BaseException:
         writer.abort()
         raise
-    # The files were hashed by this job a moment ago (the commit records their SHA-256): reading them back to hash
-    # them again would cost as long as writing them; their sizes are still checked.
+    # The files were hashed by this job a moment ago (the commit records their SHA-256) and every key was checked
+    # finite on its way in (on the device, and by the writer): reading them back to hash them and scan them again
+    # would cost as long as writing them. Their sizes are still checked.
     if num_processes == 1:
-        return cls.from_pretrained(save_directory, verify_hashes=False)
+        return cls.from_pretrained(save_directory, verify_hashes=False, _keys_checked=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shards = [shard_root / f"rank-{r:05d}" for r in range(num_processes)]
@@ -476,4 +558,4 @@ def build_datastore(cls, model: nn.Module, dataset, save_directory: str | os.Pat
         with contextlib.suppress(OSError):
             shard_root.rmdir()
     accelerator.wait_for_everyone()
-    return cls.from_pretrained(save_directory, verify_hashes=False)
+    return cls.from_pretrained(save_directory, verify_hashes=False, _keys_checked=True)

@@ -139,6 +139,7 @@ class KNNDatastore:
         metadata: dict[str, Any] | None = None,
         projection: dict[str, np.ndarray] | None = None,
         pq: dict[str, np.ndarray] | None = None,
+        _keys_checked: bool = False,
     ):
         if values is None:
             raise ValueError("values are required")
@@ -181,7 +182,7 @@ class KNNDatastore:
                     f"projection matrix {matrix.shape} / bias {bias.shape} do not map to key dim {self.key_dim}"
                 )
             self.projection = {"matrix": matrix, "bias": bias}
-        _validate_keys(self.keys, self.pq, self.projection)
+        _validate_keys(None if _keys_checked else self.keys, self.pq, self.projection)
         self.metadata = dict(metadata or {})
         self.metadata["num_entries"] = n
         self.metadata["key_dim"] = self.key_dim
@@ -282,12 +283,15 @@ class KNNDatastore:
         token: str | bool | None = None,
         load_index: bool = True,
         verify_hashes: bool = True,
+        _keys_checked: bool = False,
     ) -> KNNDatastore:
         """Loads a datastore from a local directory or a Hub repository (arrays memory-mapped by default).
 
         Every file is checked against the size and SHA-256 recorded at save (``verify_hashes=False``: sizes only, for
         a trusted multi-GB store; hashing streams at about 1.8 GB/s on one CPU core); files named outside the
-        directory, truncated, altered or unreadable files raise a `ValueError` naming the file."""
+        directory, truncated, altered or unreadable files raise a `ValueError` naming the file. The keys are then
+        scanned for NaN / inf (``_keys_checked``, private: a build loading the store it has just written and checked
+        row by row skips the scan)."""
         path, root = hub_io.resolve(
             path_or_repo_id, DATASTORE_KIND, repo_type=repo_type, revision=revision, token=token
         )
@@ -337,7 +341,7 @@ class KNNDatastore:
         counts = load("counts.npy", (n,), required=bool(meta.get("has_counts")))
         projection = load_npz("projection.npz", ("matrix", "bias")) if manifest.has("projection.npz") else None
         meta = {k: v for k, v in meta.items() if k not in ("files", "sha256")}  # the manifest is of the saved files
-        store = cls(keys, values, provenance, counts, meta, projection=projection, pq=pq)
+        store = cls(keys, values, provenance, counts, meta, projection=projection, pq=pq, _keys_checked=_keys_checked)
         if load_index and manifest.has("index.faiss"):
             faiss_file = manifest.check("index.faiss", verify_hash=False)
             try:
