@@ -87,21 +87,19 @@ class _NpyAppender:
         self._sha = hashlib.sha256() if expected_rows is not None else None
         self._unsynced = 0
         self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
-        self._header_bytes = self._write_header(expected_rows or 0)
+        header = self._write_header(expected_rows or 0)
+        self._header_bytes = len(header)
+        if self._sha is not None:
+            self._sha.update(header)
 
-    def _write_header(self, rows: int) -> int:
-        header = {
-            "descr": np.lib.format.dtype_to_descr(self.dtype),
-            "fortran_order": False,
-            "shape": (rows, *self.row_shape),
-        }
+    def _write_header(self, rows: int) -> bytes:
+        """Writes numpy's header for ``rows`` rows at the start of the file; returns its bytes."""
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False}
         buffer = io.BytesIO()
-        np.lib.format.write_array_header_1_0(buffer, header)
+        np.lib.format.write_array_header_1_0(buffer, {**header, "shape": (rows, *self.row_shape)})
         self._file.seek(0)
         self._file.write(buffer.getvalue())
-        if self._sha is not None and self.rows == 0:
-            self._sha.update(buffer.getvalue())
-        return len(buffer.getvalue())
+        return buffer.getvalue()
 
     @property
     def nbytes(self) -> int:
@@ -130,9 +128,8 @@ class _NpyAppender:
         self._file.flush()
         if self.expected_rows is not None and self.rows == self.expected_rows:
             self.digest = self._sha.hexdigest()  # the header written first was the right one
-        elif (
-            self._write_header(self.rows) != self._header_bytes
-        ):  # numpy's growth padding: impossible below 10^21 rows
+        elif len(self._write_header(self.rows)) != self._header_bytes:
+            # numpy pads the row count's room to GROWTH_AXIS_MAX_DIGITS: impossible below 10^21 rows
             raise RuntimeError(f"the .npy header of {self.path.name} changed length; the file is not valid")
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -146,6 +143,8 @@ class KNNDatastoreWriter:
     metadata (with the size and SHA-256 of every file) and swaps it into place (`hf_realm.hub_io`), so an interrupted
     build never leaves a half-written datastore behind (nor damages one already at ``save_directory``).
     ``save_directory`` must be new, empty or an earlier datastore save; anything else is refused at construction.
+    ``expected_rows``, the number of rows the writer will get if known in advance, lets it hash the files as it writes
+    them instead of reading them back at the commit (a hint: any other count is written and hashed correctly too).
 
     Example:
 
