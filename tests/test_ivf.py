@@ -216,8 +216,9 @@ def test_union_scan_on_cuda_reads_the_lists_in_place(metric, monkeypatch):
 
 
 def test_union_scan_read_in_place_equals_the_gathered_scan(monkeypatch):
-    """`read_in_place=True` hands the probed lists to `exact_topk` as row ranges instead of a gathered block; with the
-    fused kernel's eligibility forced on the CPU, `exact_topk` takes its torch path over those ranges: same answers."""
+    """`read_in_place=True` hands the probed lists to the exact search as row ranges instead of a gathered block; with
+    the fused kernel's eligibility forced on the CPU, the search takes its torch path over those ranges: same
+    answers."""
     from hf_realm.search import ivf
 
     keys, queries = data(n=3000, d=16, q=24, seed=6, spread=0.0)
@@ -226,9 +227,9 @@ def test_union_scan_read_in_place_equals_the_gathered_scan(monkeypatch):
         keys, metric="l2"
     )
     calls = []
-    real = ivf.exact_topk
+    real = ivf._auto_topk
     monkeypatch.setattr(ivf, "_triton_eligible", lambda *a: True)
-    monkeypatch.setattr(ivf, "exact_topk", lambda *a, **kw: calls.append(kw.get("row_ranges")) or real(*a, **kw))
+    monkeypatch.setattr(ivf, "_auto_topk", lambda *a: calls.append(a[5]) or real(*a))  # a[5]: the row ranges
     got = in_place.search(queries, 10)
     assert len(calls) == 1 and calls[0] is not None and len(calls[0][0]) <= 24 * 3
     want = gathered.search(queries, 10)

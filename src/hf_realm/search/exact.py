@@ -109,12 +109,7 @@ def exact_topk(
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
 
     if backend == "auto":
-        if _triton_eligible(queries, keys, k):
-            try:
-                return _triton_topk(queries, keys, k, key_bias, ranges=row_ranges, num_keys=num_keys)
-            except Exception as err:  # never let the fast path break a search that torch can do
-                _disable_triton(err)
-        return _torch_topk_ranges(queries, keys, k, key_bias, chunk_size, row_ranges, num_keys)
+        return _auto_topk(queries, keys, k, key_bias, chunk_size, row_ranges, num_keys)
     if backend == "triton":
         if not triton_available():
             raise ImportError("backend='triton' needs the `triton` package: `pip install triton`")
@@ -124,6 +119,17 @@ def exact_topk(
             raise TypeError(f"backend='triton' supports fp16, bf16 and fp32 keys, got {keys.dtype}")
         return _triton_topk(queries, keys, k, key_bias, ranges=row_ranges, num_keys=num_keys)
     return _torch_topk_ranges(queries, keys, k, key_bias, chunk_size, row_ranges, num_keys)
+
+
+def _auto_topk(queries, keys, k, key_bias, chunk_size, ranges, num_rows: int):
+    """`exact_topk`'s ``backend="auto"`` on checked arguments (``num_rows``: the rows searched). IVF calls it directly
+    with the ranges of its own lists, which need no bounds check (and so no host sync)."""
+    if _triton_eligible(queries, keys, k):
+        try:
+            return _triton_topk(queries, keys, k, key_bias, ranges=ranges, num_keys=num_rows)
+        except Exception as err:  # never let the fast path break a search that torch can do
+            _disable_triton(err)
+    return _torch_topk_ranges(queries, keys, k, key_bias, chunk_size, ranges, num_rows)
 
 
 def _check_row_ranges(row_ranges, keys: torch.Tensor) -> int:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .base import BackendConfig, as_tensor, check_metric, check_search_args, register_backend
-from .exact import _range_rows, _triton_eligible, exact_topk
+from .exact import _auto_topk, _range_rows, _triton_eligible, exact_topk
 from .kmeans import kmeans
 from .rescore import exact_scores, sort_best_first
 from .torch_backend import _lossless, check_key_matrix, device_and_dtype
@@ -273,10 +273,8 @@ class IVFBackend:
         if total == 0:
             return out_scores, out_ids
         ranges = (self.list_offsets[union], sizes)  # each probed list: a range of stored rows
-        if in_place:
-            _, positions = exact_topk(
-                q.to(self.keys.dtype), self.keys, take, key_bias=self.key_bias, row_ranges=ranges
-            )
+        if in_place:  # exact_topk(..., row_ranges=ranges) without its bounds check (a host sync): they are our lists
+            _, positions = _auto_topk(q.to(self.keys.dtype), self.keys, take, self.key_bias, 1 << 20, ranges, total)
         else:
             positions = _range_rows(*ranges, total)
             bias = self.key_bias[positions] if self.key_bias is not None else None
