@@ -352,10 +352,7 @@ def _pick_config(queries, keys, k, key_bias, ranges=None, num_keys: int | None =
     start = time.perf_counter()
     for cfg in candidates:
         try:
-            cut = None
-            if ranges is not None:
-                slots = triton_cdiv(num_keys, cfg["BLOCK_N"]) + len(ranges[1])
-                cut = _range_buckets(*ranges, cfg["BLOCK_N"], slots)
+            cut = None if ranges is None else _range_buckets(*ranges, cfg["BLOCK_N"], num_keys)
             _triton_topk_with(queries, keys, k, key_bias, cfg, cut)  # compile + warm up
             torch.cuda.synchronize(keys.device)
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -402,9 +399,11 @@ def _triton_topk(queries, keys, k, key_bias, config: dict | None = None, ranges=
         num_keys = keys.shape[0] if ranges is None else int(ranges[1].sum())
     config = config or _pick_config(queries, keys, k, key_bias, ranges, num_keys)
     # The bucket-max matrix is num_queries x num_buckets fp32: bound it by searching large batches in slices.
-    num_buckets = triton_cdiv(num_keys, config["BLOCK_N"]) + (0 if ranges is None else len(ranges[1]))
-    if ranges is not None:  # cut once, for every slice
-        ranges = _range_buckets(*ranges, config["BLOCK_N"], num_buckets)
+    if ranges is None:
+        num_buckets = triton_cdiv(num_keys, config["BLOCK_N"])
+    else:  # cut once, for every slice
+        ranges = _range_buckets(*ranges, config["BLOCK_N"], num_keys)
+        num_buckets = len(ranges[0])
     step = max(1, _MAX_BUCKET_MAX_BYTES // (4 * num_buckets))
     if queries.shape[0] <= step:
         return _triton_topk_with(queries, keys, k, key_bias, config, ranges)
@@ -415,10 +414,12 @@ def _triton_topk(queries, keys, k, key_bias, config: dict | None = None, ranges=
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def _range_buckets(starts, lengths, block_n: int, slots: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Each range cut into buckets of at most ``block_n`` rows, in ``slots`` bucket slots (at least the buckets there
-    are: ``ceil(rows / block_n) + len(ranges)`` always is, so no device sync is needed to count them). Returns every
-    slot's first row and length (0 for the slots past the last bucket, which then score ``-inf``) and ``block_n``."""
+def _range_buckets(starts, lengths, block_n: int, num_rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Each range cut into buckets of at most ``block_n`` rows (``num_rows``: the rows of all ranges), in
+    ``ceil(num_rows / block_n) + len(ranges)`` bucket slots: at least the buckets there are, counted without a device
+    sync. Returns every slot's first row and length (0 for the slots past the last bucket, which then score ``-inf``)
+    and ``block_n``."""
+    slots = triton_cdiv(num_rows, block_n) + len(starts)
     per_range = (lengths + block_n - 1) // block_n
     ends = per_range.cumsum(0)
     slot = torch.arange(slots, device=starts.device)
