@@ -20,6 +20,9 @@ only; what the compression keeps of the BLEU gain is measured on real data by `k
     python benchmarks/bench_knn.py --sizes 10000000,100000000 --key_dim 128 --configs "torch:rescore=0"
     python benchmarks/bench_knn.py --sizes 100000 --batch_size 4 --new_tokens 8 --device cpu   # a CPU smoke run
 
+Each row also gives the host time (Python and kernel launches) of one processor call during the timed kNN runs, and of
+one search alone: the base step is host-bound, so what the host spends in the kNN step adds to it.
+
 Prints a table last and writes `--output` (JSON). Targets (issue 6): >= 0.8x of base speed at 1M, >= 0.5x at 10M.
 """
 
@@ -35,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LogitsProcessorList, MarianConfig, MarianMTModel
+from transformers import LogitsProcessor, LogitsProcessorList, MarianConfig, MarianMTModel
 
 from hf_realm import KNNDatastore, KNNLogitsProcessor
 
@@ -113,6 +116,24 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+class HostTimed(LogitsProcessor):
+    """Forwards to ``processor`` and adds up the host seconds spent in its calls (kernel launches and Python; on a GPU
+    the processor does not wait for the device, apart from its finiteness check every ``check_finite_every`` steps)."""
+
+    def __init__(self, processor):
+        self.processor, self.seconds, self.calls = processor, 0.0, 0
+
+    def __call__(self, input_ids, scores):
+        t0 = time.perf_counter()
+        out = self.processor(input_ids, scores)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+    def host_ms(self) -> float | None:
+        return self.seconds / self.calls * 1000 if self.calls else None
+
+
 def _generate_seconds(model, inputs, args, device, processor=None) -> float:
     lp = LogitsProcessorList([processor]) if processor is not None else None
     kw = dict(num_beams=args.num_beams, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
@@ -138,12 +159,18 @@ def time_pairs(model, inputs, args, device, processor) -> dict:
     base / kNN."""
     _generate_seconds(model, inputs, args, device)
     _generate_seconds(model, inputs, args, device, processor)
+    timed = HostTimed(processor)
     base, knn = [], []
     for _ in range(args.repeats):
         base.append(_generate_seconds(model, inputs, args, device))
-        knn.append(_generate_seconds(model, inputs, args, device, processor))
+        knn.append(_generate_seconds(model, inputs, args, device, timed))
     ratios = [b / k for b, k in zip(base, knn, strict=True)]
-    return {"base_s": float(np.median(base)), "knn_s": float(np.median(knn)), "ratios": ratios}
+    return {
+        "base_s": float(np.median(base)),
+        "knn_s": float(np.median(knn)),
+        "ratios": ratios,
+        "processor_host_ms": timed.host_ms(),
+    }
 
 
 def hbm_bandwidth(device) -> float | None:
@@ -158,6 +185,10 @@ def hbm_bandwidth(device) -> float | None:
         y.copy_(x)
     sync(device)
     return 2 * x.numel() * 10 / (time.perf_counter() - t0)  # read + write
+
+
+def _ms(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def index_config(args, device):
@@ -294,6 +325,7 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             for _ in range(20):
                 store.search(queries, args.k)
+            search_host_ms = (time.perf_counter() - t0) / 20 * 1000  # launching (and any host sync inside)
             sync(device)
             search_ms = (time.perf_counter() - t0) / 20 * 1000
             key_bytes = n * key_dim * 2
@@ -316,6 +348,8 @@ def main(argv=None) -> dict:
                 "base_ms_per_step": base_s / args.new_tokens * 1000,
                 "knn_ms_per_step": knn_s / args.new_tokens * 1000,
                 "search_ms": search_ms,
+                "search_host_ms": search_host_ms,
+                "processor_host_ms": timed["processor_host_ms"],
                 "search_roofline_ms": roofline_ms,
                 # the roofline reads every key once; an IVF search reads only its probed lists, so the fraction
                 # would exceed 1 and mean nothing: its rows give the speed-up over that full read instead
@@ -359,8 +393,8 @@ def main(argv=None) -> dict:
     print(f"kNN-MT decoding speed on {device_name} (batch {args.batch_size}, beam {args.num_beams}, "
           f"{args.new_tokens} new tokens, k={args.k}, keys {key_dim}-d fp16, search on {device.type})")  # fmt: skip
     print("| entries | search config | base tok/s | kNN tok/s | kNN / base [pair range] | kNN / base (torch search) | ms/step base "
-          "| ms/step kNN | search ms | roofline ms | HBM fraction | recall vs exact |")  # fmt: skip
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| ms/step kNN | search ms | roofline ms | HBM fraction | recall vs exact | host ms: processor / search |")  # fmt: skip
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         roof = f"{r['search_roofline_ms']:.2f}" if r["search_roofline_ms"] else "-"
         frac = f"{r['hbm_fraction']:.2f}" if r["hbm_fraction"] else "-"
@@ -370,7 +404,7 @@ def main(argv=None) -> dict:
         rec = "-" if r["recall_vs_exact"] is None else f"{r['recall_vs_exact']:.3f}"
         print(f"| {r['entries']:,} | {r['config']} | {r['base_tokens_per_second']:.0f} | {r['knn_tokens_per_second']:.0f} | "
               f"{r['ratio']:.2f}x [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}] | {tr} | {r['base_ms_per_step']:.2f} | {r['knn_ms_per_step']:.2f} | "
-              f"{r['search_ms']:.2f} | {roof} | {frac} | {rec} |")  # fmt: skip
+              f"{r['search_ms']:.2f} | {roof} | {frac} | {rec} | {_ms(r['processor_host_ms'])} / {_ms(r['search_host_ms'])} |")  # fmt: skip
     print(f"JSON: {args.output}")
     return result
 
