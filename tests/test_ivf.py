@@ -1,12 +1,20 @@
 """The IVF backend (`"torch-ivf"`) against float64 brute force: all lists read = exact search; fewer lists = the exact
 top k of the keys in the probed lists (lists and probes recomputed here in float64 from the trained centroids)."""
 
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from hf_realm import KNNDatastore
-from hf_realm.search import BACKENDS, IVFSearchConfig, TorchSearchConfig, backend_config, ivf_recall
+from hf_realm.search import BACKENDS, IVFSearchConfig, TorchSearchConfig, backend_config, ivf_recall, triton_available
+
+from .conftest import subprocess_env
 
 
 def data(n=3000, d=24, q=40, seed=0, spread=3.0):
@@ -109,6 +117,22 @@ def test_a_datastore_searched_through_ivf():
     store.build_index("torch-ivf", device="cpu", nlist=200, nprobe=1)
     with pytest.raises(RuntimeError, match="IVFBackend index returned fewer than 40 neighbours.*nprobe \\(now 1\\)"):
         store.search(queries, 40)  # a wrong id (-1) would read the last entry's value: refused
+    _, ids = store.search(queries, 40, check_found=False)  # the processor's way on GPUs: -1 returned, flagged
+    assert bool((ids == -1).any())
+    from hf_realm import KNNLogitsProcessor
+
+    processor = KNNLogitsProcessor(store, k=40)
+    full = store.search(queries, 1)[1]  # every list holds a key: all found
+    processor._flag_missing(full)  # nothing missing in these: the check passes
+    processor._check_finite()
+    processor._flag_missing(ids)
+    processor._flag_missing(full)  # flags accumulate until the check
+    with pytest.raises(RuntimeError, match="IVFBackend index returned fewer than 40 neighbours.*nprobe \\(now 1\\)"):
+        processor._check_finite()
+    processor._check_finite()  # the flag was consumed
+    store.build_index("torch", device="cpu")
+    processor._flag_missing(ids)  # an exact index always finds k: nothing to flag
+    assert processor._missing is None
 
 
 @pytest.mark.parametrize("metric", ["l2", "inner_product"])
@@ -215,29 +239,71 @@ def test_union_scan_on_cuda_reads_the_lists_in_place(metric, monkeypatch):
     np.testing.assert_allclose(scores.cpu().numpy(), want_scores, rtol=1e-5, atol=1e-4)
 
 
-def test_union_scan_read_in_place_equals_the_gathered_scan(monkeypatch):
-    """`read_in_place=True` hands the probed lists to the exact search as row ranges instead of a gathered block; with
-    the fused kernel's eligibility forced on the CPU, the search takes its torch path over those ranges: same
-    answers."""
-    from hf_realm.search import ivf
+# The Triton interpreter must be on before triton is imported: the in-place cases run in a subprocess.
+_IN_PLACE_CASES = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from hf_realm.search import IVFSearchConfig, ivf
+    from tests.test_ivf import data
 
-    keys, queries = data(n=3000, d=16, q=24, seed=6, spread=0.0)
-    gathered = IVFSearchConfig(nlist=40, nprobe=3, device="cpu", scan="union").build(keys, metric="l2")
-    in_place = IVFSearchConfig(nlist=40, nprobe=3, device="cpu", scan="union", read_in_place=True).build(
-        keys, metric="l2"
-    )
+    ivf._triton_eligible = lambda *a: True  # the fused kernel on CPU tensors runs in Triton's interpreter
     calls = []
-    real = ivf._auto_topk
-    monkeypatch.setattr(ivf, "_triton_eligible", lambda *a: True)
-    monkeypatch.setattr(ivf, "_auto_topk", lambda *a: calls.append(a[5]) or real(*a))  # a[5]: the row ranges
-    got = in_place.search(queries, 10)
-    assert len(calls) == 1 and calls[0] is not None and len(calls[0][0]) <= 24 * 3
-    want = gathered.search(queries, 10)
-    np.testing.assert_array_equal(got[1].numpy(), want[1].numpy())
-    np.testing.assert_array_equal(got[0].numpy(), want[0].numpy())
-    # and both are the float64 brute force over the keys of the batch's lists
-    allowed = torch.isin(_stored_lists(gathered), gathered.probe(queries).flatten()).expand(len(queries), -1)
-    np.testing.assert_array_equal(want[1].numpy(), brute_force(keys, queries, 10, "l2", allowed)[1])
+    real = ivf.IVFBackend._search_union_in_place
+    ivf.IVFBackend._search_union_in_place = lambda self, *a: calls.append(1) or real(self, *a)
+    ivf._disable_triton = lambda err: (_ for _ in ()).throw(err)  # a failure of the fast path must not hide here
+    out = []
+    for case in json.loads(sys.argv[1]):
+        keys, queries = data(n=case["n"], d=16, q=case["q"], seed=case["seed"], spread=0.0)
+        backend = IVFSearchConfig(nlist=case["nlist"], nprobe=case["nprobe"], device="cpu", scan="union",
+                                  read_in_place=True).build(keys, metric=case["metric"])
+        before = len(calls)
+        scores, ids = backend.search(queries, case["k"])
+        out.append({"scores": scores.tolist(), "ids": ids.tolist(), "ran": len(calls) - before})
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_union_scan_read_in_place_without_host_sync_against_float64():
+    """`read_in_place=True` (CUDA, here the same kernel in Triton's interpreter): the probed lists, repeats included,
+    go to the fused kernel as row ranges sized by the largest lists (no ``unique``, no size read back). Same answers as
+    the gathered union scan, and both are the float64 brute force over the keys of the batch's lists; a union with
+    fewer rows than the re-ranked candidates pads with id -1, as the gathered scan does."""
+    cases = [
+        # many queries probing the same lists (repeats become empty ranges), lists of several 128/256-row buckets
+        {"seed": 6, "n": 3000, "q": 24, "nlist": 6, "nprobe": 2, "k": 10, "metric": "l2"},
+        {"seed": 7, "n": 3000, "q": 9, "nlist": 40, "nprobe": 3, "k": 5, "metric": "inner_product"},
+        # one query, one list of a few rows: fewer rows than rerank * k (and than k): padded
+        {"seed": 8, "n": 300, "q": 1, "nlist": 100, "nprobe": 1, "k": 12, "metric": "l2"},
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", _IN_PLACE_CASES, json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(TRITON_INTERPRET="1"),
+        timeout=600,
+        cwd=str(Path(__file__).resolve().parents[1]),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for case, res in zip(cases, results, strict=True):
+        assert res["ran"] == 1, case  # the in-place path answered
+        keys, queries = data(n=case["n"], d=16, q=case["q"], seed=case["seed"], spread=0.0)
+        gathered = IVFSearchConfig(nlist=case["nlist"], nprobe=case["nprobe"], device="cpu", scan="union").build(
+            keys, metric=case["metric"]
+        )
+        want_scores, want_ids = gathered.search(queries, case["k"])
+        np.testing.assert_array_equal(np.array(res["ids"]), want_ids.numpy(), err_msg=str(case))
+        np.testing.assert_allclose(np.array(res["scores"]), want_scores.numpy(), rtol=1e-6, err_msg=str(case))
+        allowed = torch.isin(_stored_lists(gathered), gathered.probe(queries).flatten()).expand(len(queries), -1)
+        ref_scores, ref_ids = brute_force(keys, queries, case["k"], case["metric"], allowed)
+        rows = int(allowed[0].sum())
+        if rows < case["k"]:  # the padded case: the brute force's -inf tail is the -1 tail
+            assert (want_ids.numpy()[:, rows:] == -1).all(), case
+            ref_ids, ref_scores = ref_ids[:, :rows], ref_scores[:, :rows]
+        np.testing.assert_array_equal(want_ids.numpy()[:, : ref_ids.shape[1]], ref_ids, err_msg=str(case))
 
 
 def _stored_lists(backend) -> torch.Tensor:

@@ -594,7 +594,12 @@ class KNNDatastore:
         return queries
 
     def search(
-        self, queries: torch.Tensor, k: int, projected: bool = False, check_finite: bool = True
+        self,
+        queries: torch.Tensor,
+        k: int,
+        projected: bool = False,
+        check_finite: bool = True,
+        check_found: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` nearest entries of every query, by squared L2 distance.
 
@@ -608,6 +613,10 @@ class KNNDatastore:
             check_finite (`bool`, *optional*, defaults to `True`):
                 Raise on NaN/inf queries (a host sync on GPUs). [`KNNLogitsProcessor`] turns it off: it flags them on
                 the device and checks every few steps.
+            check_found (`bool`, *optional*, defaults to `True`):
+                Raise when an approximate index finds fewer than ``k`` entries for a query (a host sync on GPUs).
+                With `False` such slots hold id `-1`: [`KNNLogitsProcessor`] flags them on the device and raises at its
+                next check.
 
         Returns:
             `tuple(torch.Tensor, torch.Tensor)`: squared distances (float32, ascending) and entry ids (int64), each
@@ -632,15 +641,23 @@ class KNNDatastore:
             raise ValueError(f"query dim {q.shape[-1]} != datastore key dim {self.key_dim}")
         backend = self._search_backend(_as_device(q.device))
         sqdist, ids = backend.search(q, int(k))
-        if not isinstance(backend, (TorchBackend, PQBackend)) and bool((ids < 0).any()):  # approximate backends
-            nprobe = getattr(backend, "nprobe", None)
-            if nprobe is None:
-                nprobe = (getattr(backend.config, "search_params", None) or {}).get("nprobe")
-            raise RuntimeError(
-                f"the {type(backend).__name__} index returned fewer than {k} neighbours for some queries; raise nprobe "
-                f"(now {nprobe}) or lower k"
-            )
+        if check_found and _may_miss(backend) and bool((ids < 0).any()):
+            raise self._missing_error(q.device, k)
         return sqdist.to(q.device), ids.to(q.device)
+
+    def _may_miss(self, device: torch.device) -> bool:
+        """Whether the index searched on ``device`` is approximate (may find fewer than ``k`` entries)."""
+        return _may_miss(self._search_backend(_as_device(device)))
+
+    def _missing_error(self, device: torch.device, k: int) -> RuntimeError:
+        backend = self._search_backend(_as_device(device))
+        nprobe = getattr(backend, "nprobe", None)
+        if nprobe is None:
+            nprobe = (getattr(backend.config, "search_params", None) or {}).get("nprobe")
+        return RuntimeError(
+            f"the {type(backend).__name__} index returned fewer than {k} neighbours for some queries; raise nprobe "
+            f"(now {nprobe}) or lower k"
+        )
 
     # -- building ------------------------------------------------------------------------------------------------------
 
@@ -728,6 +745,10 @@ class KNNDatastore:
             projection=self.projection,
             pq=pq,
         )
+
+
+def _may_miss(backend) -> bool:
+    return not isinstance(backend, (TorchBackend, PQBackend))  # exact backends always find k
 
 
 def _as_device(device) -> torch.device:

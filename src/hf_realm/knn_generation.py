@@ -94,8 +94,9 @@ class KNNLogitsProcessor(LogitsProcessor):
         skip_metric (`str`, *optional*, defaults to `"max_prob"`):
             `"max_prob"` or `"entropy"`.
         check_finite_every (`int`, *optional*, defaults to 16):
-            On GPUs, NaN/inf queries are flagged on the device and checked (a host sync) every this many steps and on
-            detach; on the CPU every step.
+            On GPUs, NaN/inf queries, and neighbours an approximate index did not find (id -1), are flagged on the
+            device and checked (one host sync) every this many steps and on detach, so that the search overlaps the
+            rest of the step; on the CPU every step. Either raises.
 
     Example:
 
@@ -155,6 +156,8 @@ class KNNLogitsProcessor(LogitsProcessor):
         self._last_len: int | None = None
         self._steps = 0
         self._nonfinite: torch.Tensor | None = None
+        self._missing: torch.Tensor | None = None
+        self._missing_device: torch.device | None = None
         self._steps_at_attach = 0
 
     # -- attach / detach -----------------------------------------------------------------------------------------------
@@ -216,9 +219,25 @@ class KNNLogitsProcessor(LogitsProcessor):
             )
 
     def _check_finite(self) -> None:
-        flag, self._nonfinite = self._nonfinite, None
-        if flag is not None and bool(flag):
+        """Reads the flags raised on the device since the last check (NaN/inf queries, neighbours an approximate index
+        did not find), in one host sync."""
+        nonfinite, self._nonfinite = self._nonfinite, None
+        missing, self._missing = self._missing, None
+        pending = [f for f in (nonfinite, missing) if f is not None]
+        if not pending:
+            return
+        values = torch.stack([f.to(pending[0].device) for f in pending]).tolist()
+        if nonfinite is not None and values[0]:
             raise ValueError("the model produced NaN/inf hidden states as kNN queries; the kNN output is invalid")
+        if missing is not None and values[-1]:
+            raise self.datastore._missing_error(self._missing_device, self.k)
+
+    def _flag_missing(self, ids: torch.Tensor) -> None:
+        """Approximate indexes may find fewer than k entries (id -1): flagged on the device, raised at the next check."""
+        if self.datastore._may_miss(ids.device):
+            flag = (ids < 0).any()
+            self._missing = flag if self._missing is None else self._missing | flag
+            self._missing_device = ids.device
 
     # -- the step ------------------------------------------------------------------------------------------------------
 
@@ -266,7 +285,10 @@ class KNNLogitsProcessor(LogitsProcessor):
             self._check_finite()
 
         if self.skip_threshold is None:
-            sqdist, ids = self.datastore.search(queries, self.k, check_finite=False)
+            on_cpu = scores.device.type == "cpu"  # checked at once; on GPUs flagged, checked with the NaN flag
+            sqdist, ids = self.datastore.search(queries, self.k, check_finite=False, check_found=on_cpu)
+            if not on_cpu:
+                self._flag_missing(ids)
             self.num_searches += scores.shape[0]
             knn_logp = knn_log_probs(sqdist, ids, values, vocab, self.temperature, log_counts)
             return mix_log_probs(scores, knn_logp, self.lmbda).to(scores.dtype)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .base import BackendConfig, as_tensor, check_metric, check_search_args, register_backend
-from .exact import _auto_topk, _range_rows, _triton_eligible, exact_topk
+from .exact import _disable_triton, _range_rows, _triton_eligible, _triton_topk, exact_topk
 from .kmeans import kmeans
 from .rescore import exact_scores, sort_best_first
 from .torch_backend import _lossless, check_key_matrix, device_and_dtype
@@ -145,6 +145,7 @@ class IVFBackend:
         order = torch.argsort(assign, stable=True)
         sizes = torch.bincount(assign, minlength=nlist)
         self.list_sizes = sizes
+        self._largest_rows = np.cumsum(np.sort(sizes.cpu().numpy())[::-1])  # rows of the i + 1 largest lists
         self.list_offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
         self.ids = order  # the key id at each stored position
         self.keys = torch.empty(n, d, dtype=self.dtype, device=self.device)
@@ -257,14 +258,17 @@ class IVFBackend:
 
     def _search_union(self, q: torch.Tensor, lists: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch ``q`` over the keys of the union of its probed ``lists`` (see ``scan="union"``)."""
+        if self.config.read_in_place and _triton_eligible(q, self.keys, self._rerank_count(k)):
+            try:
+                return self._search_union_in_place(q, lists, k)
+            except Exception as err:  # never let the fast path break a search that torch can do
+                _disable_triton(err)
         union = torch.unique(lists)  # sorted list numbers
         sizes = self.list_sizes[union]
         total = int(sizes.sum())
         take = min(self._rerank_count(k), total)
-        # the fused kernel reads the lists where they are stored; any other path gathers their keys (bounded)
-        in_place = self.config.read_in_place and _triton_eligible(q, self.keys, take)
         too_big = total * self.dim * self.keys.element_size() > self.config.max_gather_bytes
-        if too_big and not in_place and q.shape[0] > 1:
+        if too_big and q.shape[0] > 1:
             half = q.shape[0] // 2
             top = self._search_union(q[:half], lists[:half], k)
             bottom = self._search_union(q[half:], lists[half:], k)
@@ -272,19 +276,46 @@ class IVFBackend:
         out_scores, out_ids = self._padding(q.shape[0], k)
         if total == 0:
             return out_scores, out_ids
-        ranges = (self.list_offsets[union], sizes)  # each probed list: a range of stored rows
-        if in_place:  # exact_topk(..., row_ranges=ranges) without its bounds check (a host sync): they are our lists
-            _, positions = _auto_topk(q.to(self.keys.dtype), self.keys, take, self.key_bias, 1 << 20, ranges, total)
-        else:
-            positions = _range_rows(*ranges, total)
-            bias = self.key_bias[positions] if self.key_bias is not None else None
-            _, local = exact_topk(q.to(self.keys.dtype), self.keys[positions], take, key_bias=bias)
-            positions = positions[local]
-        ids = self.ids[positions]
+        positions = _range_rows(self.list_offsets[union], sizes, total)  # the stored rows of the probed lists
+        bias = self.key_bias[positions] if self.key_bias is not None else None
+        _, local = exact_topk(q.to(self.keys.dtype), self.keys[positions], take, key_bias=bias)
+        ids = self.ids[positions[local]]
         exact, ids = sort_best_first(exact_scores(q, ids, self.source_rows, self.metric), ids, self.metric)
         found = min(k, total)
         out_scores[:, :found] = exact[:, :found].float()
         out_ids[:, :found] = ids[:, :found]
+        return out_scores, out_ids
+
+    def _union_bound(self, num_probes: int) -> int:
+        """The most rows that ``num_probes`` probed lists can hold (those of the largest lists): sizes the in-place scan
+        without reading the union's size back from the device."""
+        return int(self._largest_rows[min(num_probes, self.nlist) - 1])
+
+    def _search_union_in_place(self, q: torch.Tensor, lists: torch.Tensor, k: int):
+        """``scan="union"`` with the fused kernel reading the probed lists where they are stored, and no host sync: the
+        probed list numbers are sorted and each repeat becomes an empty range (no ``unique``), and the kernel's bucket
+        slots are sized by [`_union_bound`] (no ``sum`` read back); slots past the union's rows score ``-inf``. The GPU
+        search then runs while the host goes on queueing work (e.g. the rest of a decoding step)."""
+        flat = lists.reshape(-1).sort().values
+        first = torch.ones_like(flat, dtype=torch.bool)
+        first[1:] = flat[1:] != flat[:-1]
+        ranges = (self.list_offsets[flat], torch.where(first, self.list_sizes[flat], 0))
+        bound = self._union_bound(flat.numel())
+        take = min(self._rerank_count(k), bound)
+        fast, positions = _triton_topk(
+            q.to(self.keys.dtype), self.keys, take, self.key_bias, ranges=ranges, num_keys=bound
+        )
+        found = fast > float("-inf")  # fewer rows in the union than `take`: the rest are empty slots
+        ids = self.ids[torch.where(found, positions, 0)]
+        worst = float("-inf") if self.metric == "inner_product" else float("inf")
+        exact = exact_scores(q, ids, self.source_rows, self.metric).masked_fill(~found, worst)
+        # best first (ties by id), the empty slots last (sentinel id num_keys, then -1)
+        exact, ids = sort_best_first(exact, torch.where(found, ids, self.num_keys), self.metric)
+        ids = ids.masked_fill(ids == self.num_keys, -1)
+        out_scores, out_ids = self._padding(q.shape[0], k)
+        found_k = min(k, take)
+        out_scores[:, :found_k] = exact[:, :found_k].float()
+        out_ids[:, :found_k] = ids[:, :found_k]
         return out_scores, out_ids
 
     def add(self, keys) -> None:
