@@ -72,6 +72,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--key_dim", type=int, default=None, help="PCA layout: keys of this dim + a d_model x key_dim projection"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the keys, values and projection")
+    p.add_argument("--cuda_graph", type=int, default=0, choices=[0, 1, 2],
+                   help="KNNLogitsProcessor(cuda_graph=...): 0 off, 1 on, 2 each config timed both ways")  # fmt: skip
     p.add_argument("--device", default=None)
     p.add_argument("--output", default="outputs/bench_knn.json")
     return p
@@ -268,6 +270,7 @@ def main(argv=None) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
     configs = parse_configs(args.configs, device) if args.configs else [index_config(args, device)]
+    graph_modes = {0: [False], 1: [True], 2: [False, True]}[args.cuda_graph]
     model = marian(args, device, dtype)
     gen = torch.Generator().manual_seed(1)
     input_ids = torch.randint(1, args.vocab_size - 1, (args.batch_size, args.source_length), generator=gen)
@@ -293,77 +296,86 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             store.build_index(config, device=device)
             build_s = time.perf_counter() - t0
-            processor = KNNLogitsProcessor(store, k=args.k, temperature=10.0, lmbda=0.5)
-            with processor.attach(model, check_weights=False):
-                timed = time_pairs(model, inputs, args, device, processor)
-            base_s, knn_s, ratios = timed["base_s"], timed["knn_s"], timed["ratios"]
-            torch_s = None
-            if args.compare_torch_search and device.type == "cuda" and config.name == "torch":
-                # the same run with exact_topk's chunked torch path (no fused Triton kernel)
-                os.environ["HF_REALM_DISABLE_TRITON"] = "1"
-                try:
-                    with processor.attach(model, check_weights=False):
-                        torch_s = time_generate(model, inputs, args, device, processor)
-                finally:
-                    os.environ.pop("HF_REALM_DISABLE_TRITON", None)
-            _, ids = store.search(queries, args.k)
-            if exact_ids is None and config.name == "torch" and config.rescore:
-                exact_ids = ids
-            recall = None
-            if config.name == "torch-ivf":  # against an exact search of the same keys, same queries
-                from hf_realm.search import TorchSearchConfig, ivf_recall
+            config_recall = {}  # the same for every graph mode
+            for graph in graph_modes:
+                processor = KNNLogitsProcessor(store, k=args.k, temperature=10.0, lmbda=0.5, cuda_graph=graph)
+                row_label = label + (" +graph" if graph else "")
+                with processor.attach(model, check_weights=False):
+                    timed = time_pairs(model, inputs, args, device, processor)
+                base_s, knn_s, ratios = timed["base_s"], timed["knn_s"], timed["ratios"]
+                torch_s = None
+                if args.compare_torch_search and device.type == "cuda" and config.name == "torch":
+                    # the same run with exact_topk's chunked torch path (no fused Triton kernel)
+                    os.environ["HF_REALM_DISABLE_TRITON"] = "1"
+                    try:
+                        with processor.attach(model, check_weights=False):
+                            torch_s = time_generate(model, inputs, args, device, processor)
+                    finally:
+                        os.environ.pop("HF_REALM_DISABLE_TRITON", None)
+                _, ids = store.search(queries, args.k)
+                if exact_ids is None and config.name == "torch" and config.rescore:
+                    exact_ids = ids
+                recall = config_recall.get("recall")
+                if recall is not None:
+                    pass
+                elif config.name == "torch-ivf":  # against an exact search of the same keys, same queries
+                    from hf_realm.search import TorchSearchConfig, ivf_recall
 
-                exact = TorchSearchConfig(device=device).build(store.keys, metric="l2")
-                recall = ivf_recall(store._search_backend(device), exact, store.project(queries), args.k)
-                del exact
-            elif exact_ids is not None:
-                hits = [
-                    len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids.cpu(), exact_ids.cpu(), strict=True)
-                ]
-                recall = sum(hits) / ids.numel()
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(20):
-                store.search(queries, args.k)
-            search_host_ms = (time.perf_counter() - t0) / 20 * 1000  # launching (and any host sync inside)
-            sync(device)
-            search_ms = (time.perf_counter() - t0) / 20 * 1000
-            key_bytes = n * key_dim * 2
-            roofline_ms = key_bytes / bandwidth * 1000 if bandwidth else None
-            row = {
-                "entries": n,
-                "key_dim": key_dim,
-                "key_bytes": key_bytes,
-                "config": label,
-                "index_config": config.to_dict(),
-                "build_index_seconds": build_s,
-                "base_tokens_per_second": new_tokens / base_s,
-                "knn_tokens_per_second": new_tokens / knn_s,
-                "ratio": float(np.median(ratios)),
-                "ratio_min": min(ratios),
-                "ratio_max": max(ratios),
-                "ratios": ratios,
-                "knn_torch_search_tokens_per_second": new_tokens / torch_s if torch_s else None,
-                "ratio_torch_search": base_s / torch_s if torch_s else None,
-                "base_ms_per_step": base_s / args.new_tokens * 1000,
-                "knn_ms_per_step": knn_s / args.new_tokens * 1000,
-                "search_ms": search_ms,
-                "search_host_ms": search_host_ms,
-                "processor_host_ms": timed["processor_host_ms"],
-                "search_roofline_ms": roofline_ms,
-                # the roofline reads every key once; an IVF search reads only its probed lists, so the fraction
-                # would exceed 1 and mean nothing: its rows give the speed-up over that full read instead
-                "hbm_fraction": roofline_ms / search_ms if roofline_ms and config.name != "torch-ivf" else None,
-                "full_read_speedup": roofline_ms / search_ms if roofline_ms and config.name == "torch-ivf" else None,
-                "index": config.name,
-                "recall_vs_exact": recall,
-            }
-            rows.append(row)
-            recall_text = f"; recall@{args.k} vs exact {recall:.3f}" if recall is not None else ""
-            print(f"  {label}: kNN generate {knn_s * 1000:.1f} ms vs base {base_s * 1000:.1f} ms "
-                  f"({row['ratio']:.2f}x, pairs {row['ratio_min']:.2f}-{row['ratio_max']:.2f}); one search "
-                  f"{search_ms:.2f} ms{recall_text}", flush=True)  # fmt: skip
-            del processor
+                    exact = TorchSearchConfig(device=device).build(store.keys, metric="l2")
+                    recall = ivf_recall(store._search_backend(device), exact, store.project(queries), args.k)
+                    del exact
+                elif exact_ids is not None:
+                    hits = [
+                        len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids.cpu(), exact_ids.cpu(), strict=True)
+                    ]
+                    recall = sum(hits) / ids.numel()
+                config_recall["recall"] = recall
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    store.search(queries, args.k)
+                search_host_ms = (time.perf_counter() - t0) / 20 * 1000  # launching (and any host sync inside)
+                sync(device)
+                search_ms = (time.perf_counter() - t0) / 20 * 1000
+                key_bytes = n * key_dim * 2
+                roofline_ms = key_bytes / bandwidth * 1000 if bandwidth else None
+                row = {
+                    "entries": n,
+                    "key_dim": key_dim,
+                    "key_bytes": key_bytes,
+                    "config": row_label,
+                    "cuda_graph": graph,
+                    "index_config": config.to_dict(),
+                    "build_index_seconds": build_s,
+                    "base_tokens_per_second": new_tokens / base_s,
+                    "knn_tokens_per_second": new_tokens / knn_s,
+                    "ratio": float(np.median(ratios)),
+                    "ratio_min": min(ratios),
+                    "ratio_max": max(ratios),
+                    "ratios": ratios,
+                    "knn_torch_search_tokens_per_second": new_tokens / torch_s if torch_s else None,
+                    "ratio_torch_search": base_s / torch_s if torch_s else None,
+                    "base_ms_per_step": base_s / args.new_tokens * 1000,
+                    "knn_ms_per_step": knn_s / args.new_tokens * 1000,
+                    "search_ms": search_ms,
+                    "search_host_ms": search_host_ms,
+                    "processor_host_ms": timed["processor_host_ms"],
+                    "search_roofline_ms": roofline_ms,
+                    # the roofline reads every key once; an IVF search reads only its probed lists, so the fraction
+                    # would exceed 1 and mean nothing: its rows give the speed-up over that full read instead
+                    "hbm_fraction": roofline_ms / search_ms if roofline_ms and config.name != "torch-ivf" else None,
+                    "full_read_speedup": roofline_ms / search_ms
+                    if roofline_ms and config.name == "torch-ivf"
+                    else None,
+                    "index": config.name,
+                    "recall_vs_exact": recall,
+                }
+                rows.append(row)
+                recall_text = f"; recall@{args.k} vs exact {recall:.3f}" if recall is not None else ""
+                print(f"  {row_label}: kNN generate {knn_s * 1000:.1f} ms vs base {base_s * 1000:.1f} ms "
+                      f"({row['ratio']:.2f}x, pairs {row['ratio_min']:.2f}-{row['ratio_max']:.2f}); one search "
+                      f"{search_ms:.2f} ms{recall_text}", flush=True)  # fmt: skip
+                del processor
         del store, exact_ids
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -97,6 +97,13 @@ class KNNLogitsProcessor(LogitsProcessor):
             On GPUs, NaN/inf queries, and neighbours an approximate index did not find (id -1), are flagged on the
             device and checked (one host sync) every this many steps and on detach, so that the search overlaps the
             rest of the step; on the CPU every step. Either raises.
+        cuda_graph (`bool`, *optional*, defaults to `False`):
+            On CUDA (without `skip_threshold`), capture the step's search and mixing in a CUDA graph at the second
+            step of each shape and replay it after: the host launches one graph instead of a few dozen kernels, and
+            decoding is host-bound. Needs a search without host syncs: the exact index with `rescore=False`, or IVF
+            with `scan="union", read_in_place=True`; where the capture fails (e.g. the exact index's default bound
+            check syncs) the step runs as without it, with a warning. Graphs are dropped on attach/detach and when the
+            index or tables change.
 
     Example:
 
@@ -124,6 +131,7 @@ class KNNLogitsProcessor(LogitsProcessor):
         skip_threshold: float | None = None,
         skip_metric: str = "max_prob",
         check_finite_every: int = 16,
+        cuda_graph: bool = False,
     ):
         if not isinstance(datastore, KNNDatastore):
             raise TypeError(f"datastore must be a KNNDatastore, got {type(datastore).__name__}")
@@ -149,6 +157,10 @@ class KNNLogitsProcessor(LogitsProcessor):
         self.skip_threshold = skip_threshold
         self.skip_metric = skip_metric
         self.check_finite_every = check_finite_every
+        self.cuda_graph = bool(cuda_graph)
+        self._graphs: dict[tuple, _StepGraph] = {}
+        self._graph_seen: set[tuple] = set()
+        self._graph_failed: set[tuple] = set()
         self.hook: KNNQueryHook | None = None
         self.num_searches = 0
         self.num_skipped = 0
@@ -174,6 +186,7 @@ class KNNLogitsProcessor(LogitsProcessor):
         device = hook.module.weight.device if hasattr(hook.module, "weight") else next(model.parameters()).device
         self.datastore.to(device)
         self.reset()
+        self._drop_graphs()
         self._steps_at_attach = self._steps
         return self
 
@@ -182,6 +195,7 @@ class KNNLogitsProcessor(LogitsProcessor):
         if self.hook is not None:
             hook, self.hook = self.hook, None
             hook.detach()
+            self._drop_graphs()
             self._check_finite()
             self._warn_if_unused(hook)
 
@@ -201,6 +215,7 @@ class KNNLogitsProcessor(LogitsProcessor):
         hook, self.hook = self.hook, None
         if hook is not None:
             hook.detach()
+        self._drop_graphs()
         if exc_type is None:
             self._check_finite()
             if hook is not None:
@@ -278,9 +293,16 @@ class KNNLogitsProcessor(LogitsProcessor):
         if max_value >= vocab:
             raise ValueError(f"datastore holds token id {max_value} but the scores have {vocab} columns")
         queries = state.to(scores.device)
+        self._steps += 1
+        if self.skip_threshold is None and self.cuda_graph and scores.is_cuda:
+            out = self._graph_step(queries, scores, values, log_counts)
+            if out is not None:
+                self.num_searches += scores.shape[0]
+                if self._steps % self.check_finite_every == 0:
+                    self._check_finite()
+                return out
         flag = ~torch.isfinite(queries).all()
         self._nonfinite = flag if self._nonfinite is None else self._nonfinite | flag
-        self._steps += 1
         if scores.device.type == "cpu" or self._steps % self.check_finite_every == 0:
             self._check_finite()
 
@@ -309,6 +331,78 @@ class KNNLogitsProcessor(LogitsProcessor):
         knn_logp = knn_log_probs(sqdist, ids, values, vocab, self.temperature, log_counts)
         out = out.index_copy(0, rows, mix_log_probs(scores[rows], knn_logp, self.lmbda))
         return out.to(scores.dtype)
+
+    # -- CUDA graphs ---------------------------------------------------------------------------------------------------
+
+    def _mixed(self, queries, scores, values, log_counts):
+        """The search and mixing of one step without host syncs (what a graph captures): the mixed scores and the
+        device flags (NaN/inf queries; neighbours not found, `None` for exact indexes)."""
+        nonfinite = ~torch.isfinite(queries).all()
+        sqdist, ids = self.datastore.search(queries, self.k, check_finite=False, check_found=False)
+        missing = (ids < 0).any() if self.datastore._may_miss(ids.device) else None
+        knn_logp = knn_log_probs(sqdist, ids, values, scores.shape[-1], self.temperature, log_counts)
+        return mix_log_probs(scores, knn_logp, self.lmbda).to(scores.dtype), nonfinite, missing
+
+    def _drop_graphs(self) -> None:
+        self._graphs.clear()
+        self._graph_seen.clear()
+
+    def _graph_step(self, queries, scores, values, log_counts) -> torch.Tensor | None:
+        """The step replayed from a CUDA graph; `None` where it runs eagerly (the first step of a shape compiles and
+        tunes the kernels; a failed capture is not retried)."""
+        key = (tuple(queries.shape), queries.dtype, tuple(scores.shape), scores.dtype, scores.device)
+        backend = self.datastore._search_backend(scores.device)
+        tables = self.datastore._tables
+        entry = self._graphs.get(key)
+        if entry is not None and (entry.backend is not backend or entry.tables is not tables):
+            del self._graphs[key]  # the index or the tables changed: the graph reads freed memory
+            entry = None
+        if entry is None:
+            if key in self._graph_failed:
+                return None
+            if key not in self._graph_seen:
+                self._graph_seen.add(key)
+                return None
+            try:
+                entry = _StepGraph.capture(self, queries, scores, values, log_counts, backend, tables)
+            except Exception as err:
+                self._graph_failed.add(key)
+                warnings.warn(
+                    f"KNNLogitsProcessor(cuda_graph=True): capturing the kNN step failed ({type(err).__name__}: "
+                    f"{str(err)[:200]}); it runs without a graph. The search must not synchronise with the host: use "
+                    "the exact index with rescore=False or IVF with scan='union', read_in_place=True",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                return None
+            self._graphs[key] = entry
+        entry.queries.copy_(queries)
+        entry.scores.copy_(scores)
+        entry.graph.replay()
+        self._nonfinite = entry.nonfinite.clone() if self._nonfinite is None else self._nonfinite | entry.nonfinite
+        if entry.missing is not None:
+            self._missing = entry.missing.clone() if self._missing is None else self._missing | entry.missing
+            self._missing_device = scores.device
+        return entry.out.clone()  # the graph's output is overwritten by the next replay
+
+
+class _StepGraph:
+    """A captured kNN step: static inputs, the graph, its outputs, and what it read (to know when it goes stale)."""
+
+    @classmethod
+    def capture(cls, processor, queries, scores, values, log_counts, backend, tables) -> _StepGraph:
+        self = cls()
+        self.backend, self.tables = backend, tables
+        self.queries, self.scores = queries.clone(), scores.clone()
+        side = torch.cuda.Stream(device=scores.device)
+        side.wait_stream(torch.cuda.current_stream(scores.device))
+        with torch.cuda.stream(side):  # warm-up off the capture, as torch's docs advise
+            processor._mixed(self.queries, self.scores, values, log_counts)
+        torch.cuda.current_stream(scores.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out, self.nonfinite, self.missing = processor._mixed(self.queries, self.scores, values, log_counts)
+        return self
 
 
 # ----------------------------------------------------------------------------------------------------------------------
