@@ -368,9 +368,9 @@ class KNNLogitsProcessor(LogitsProcessor):
             except Exception as err:
                 self._graph_failed.add(key)
                 warnings.warn(
-                    f"KNNLogitsProcessor(cuda_graph=True): capturing the kNN step failed ({type(err).__name__}: "
-                    f"{str(err)[:200]}); it runs without a graph. The search must not synchronise with the host: use "
-                    "the exact index with rescore=False or IVF with scan='union', read_in_place=True",
+                    f"KNNLogitsProcessor(cuda_graph=True): the kNN step cannot be captured in a CUDA graph "
+                    f"({type(err).__name__}: {str(err)[:200]}); it runs without one. The search must not synchronise "
+                    "with the host: use the exact index with rescore=False or IVF with scan='union', read_in_place=True",
                     RuntimeWarning,
                     stacklevel=3,
                 )
@@ -396,8 +396,15 @@ class _StepGraph:
         self.queries, self.scores = queries.clone(), scores.clone()
         side = torch.cuda.Stream(device=scores.device)
         side.wait_stream(torch.cuda.current_stream(scores.device))
-        with torch.cuda.stream(side):  # warm-up off the capture, as torch's docs advise
-            processor._mixed(self.queries, self.scores, values, log_counts)
+        # Warm-up off the capture (as torch's docs advise), with host syncs turned into errors: a search that syncs
+        # must fail here, not during the capture, which would leave CUDA's random generator unusable.
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.cuda.stream(side):
+                processor._mixed(self.queries, self.scores, values, log_counts)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
         torch.cuda.current_stream(scores.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
