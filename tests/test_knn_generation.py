@@ -421,11 +421,38 @@ def test_build_hashes_each_file_once_and_syncs_while_it_writes(tmp_path, monkeyp
         out = _NpyAppender(tmp_path / "a.npy", np.float32, (125,), sync_bytes=2500, expected_rows=expected)
         for start in range(0, 10, 2):
             out.append(rows[start : start + 2])  # 1,000 bytes each: synced after the 3rd append (3,000 bytes unsynced)
+        out.close()  # waits for the flush started on the helper thread
         assert len(syncs) == 1
-        out.close()
         assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes(), expected
         assert out.digest == (real_hash(tmp_path / "b.npy") if expected == 10 else None), expected
         assert out.nbytes == (tmp_path / "b.npy").stat().st_size
+
+
+def test_appender_flushes_on_a_helper_thread_and_reports_its_errors(tmp_path, monkeypatch):
+    """The periodic `fdatasync` runs beside the writes (on a helper thread), one at a time; close waits for it, and a
+    failed flush raises there: a datastore whose rows may not have reached the disk is never committed."""
+    import threading
+
+    from hf_realm.knn_build import _NpyAppender
+
+    threads = []
+    monkeypatch.setattr(os, "fdatasync", lambda fd: threads.append(threading.current_thread().name))
+    rows = np.ones((4, 250), dtype=np.float32)  # 1,000 bytes a row
+    out = _NpyAppender(tmp_path / "a.npy", np.float32, (250,), sync_bytes=1000)
+    for _ in range(3):
+        out.append(rows)
+    out.close()
+    assert threads and all(name.startswith("knn-datastore-flush") for name in threads)
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.ones((12, 250), dtype=np.float32))
+
+    def failing(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    out = _NpyAppender(tmp_path / "b.npy", np.float32, (250,), sync_bytes=1000)
+    out.append(rows)
+    with pytest.raises(OSError, match="No space left"):
+        out.close()
 
 
 def test_expected_rows_counts_what_the_build_stores(tmp_path):

@@ -61,8 +61,8 @@ class _NpyAppender:
     The header is numpy's own (`np.lib.format.write_array_header_1_0`), written for 0 rows first and rewritten with the
     final count on close: numpy pads the row count's room to `GROWTH_AXIS_MAX_DIGITS` digits, so the header keeps its
     length and the rows written after it stay in place (no copy of a multi-GB file at the end). Every `sync_bytes`
-    written, the rows so far are flushed to disk (`os.fdatasync`): a build's writer thread does that while the model
-    runs, so the fsync on close, before the datastore is swapped in, has at most `sync_bytes` left to write.
+    written, the rows so far are flushed to disk (`os.fdatasync`) on a helper thread while the next rows are hashed
+    and written, so the fsync on close, before the datastore is swapped in, has little left to write.
 
     With `expected_rows` (a count known in advance) the header is written for it at once and the file's SHA-256 is
     computed over the bytes as they are written: when the count comes true, `digest` holds it on close and the file
@@ -86,6 +86,8 @@ class _NpyAppender:
         self.digest: str | None = None
         self._sha = hashlib.sha256() if expected_rows is not None else None
         self._unsynced = 0
+        self._flusher = None
+        self._flushing = None
         self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
         header = self._write_header(expected_rows or 0)
         self._header_bytes = len(header)
@@ -118,13 +120,48 @@ class _NpyAppender:
         self.rows += array.shape[0]
         self._unsynced += array.nbytes
         if self._unsynced >= self.sync_bytes:
-            self._file.flush()
-            os.fdatasync(self._file.fileno())
-            self._unsynced = 0
+            self._flush_in_background()
+
+    def _flush_in_background(self) -> None:
+        """Starts an `os.fdatasync` of what is written so far on a helper thread, so that hashing and writing the next
+        rows overlap the disk's work; one at a time (while one runs, the next is left to a later append or close)."""
+        if self._flushing is not None and not self._flushing.done():
+            return
+        if self._flushing is not None:
+            self._flushing.result()  # raises an error of the previous flush here
+        if self._flusher is None:
+            from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+            self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="knn-datastore-flush")
+        self._file.flush()
+        self._flushing = self._flusher.submit(os.fdatasync, self._file.fileno())
+        self._unsynced = 0
+
+    def _wait_flush(self) -> None:
+        if self._flusher is not None:
+            flushing, self._flushing = self._flushing, None
+            self._flusher.shutdown(wait=True)
+            self._flusher = None
+            if flushing is not None:
+                flushing.result()
+
+    def discard(self) -> None:
+        """Closes the file without finishing it (an aborted build): waits for a flush in flight, ignoring its error."""
+        try:
+            self._wait_flush()
+        except OSError:
+            pass
+        finally:
+            self._file.close()
 
     def close(self) -> None:
         if self._file.closed:
             return
+        try:
+            self._wait_flush()
+        except BaseException:
+            self._file.close()
+            raise
         self._file.flush()
         if self.expected_rows is not None and self.rows == self.expected_rows:
             self.digest = self._sha.hexdigest()  # the header written first was the right one
@@ -239,7 +276,7 @@ class KNNDatastoreWriter:
         """Drops everything written so far."""
         for appender in (self._keys, self._values, self._provenance, self._counts):
             if appender is not None and not appender._file.closed:
-                appender._file.close()
+                appender.discard()
         self._staging.abort()
         self._closed = True
 
