@@ -20,6 +20,9 @@ only; what the compression keeps of the BLEU gain is measured on real data by `k
     python benchmarks/bench_knn.py --sizes 10000000,100000000 --key_dim 128 --configs "torch:rescore=0"
     python benchmarks/bench_knn.py --sizes 100000 --batch_size 4 --new_tokens 8 --device cpu   # a CPU smoke run
 
+`--cuda_graph 1` runs the processor with `cuda_graph=True` (the step's search and mixing replayed as one CUDA graph;
+configs whose search syncs with the host fall back with a warning); `--cuda_graph 2` times every config both ways.
+
 Each row also gives the host time (Python and kernel launches) of one processor call during the timed kNN runs, and of
 one search alone: the base step is host-bound, so what the host spends in the kNN step adds to it.
 
