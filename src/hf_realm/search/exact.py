@@ -122,8 +122,7 @@ def exact_topk(
 
 
 def _auto_topk(queries, keys, k, key_bias, chunk_size, ranges, num_rows: int):
-    """`exact_topk`'s ``backend="auto"`` on checked arguments (``num_rows``: the rows searched). IVF calls it directly
-    with the ranges of its own lists, which need no bounds check (and so no host sync)."""
+    """`exact_topk`'s ``backend="auto"`` on checked arguments (``num_rows``: the rows searched)."""
     if _triton_eligible(queries, keys, k):
         try:
             return _triton_topk(queries, keys, k, key_bias, ranges=ranges, num_keys=num_rows)

@@ -13,7 +13,8 @@ Two ways to read the lists (``scan``):
   query does not depend on the other queries of the batch.
 - ``"union"``: the whole batch is searched over the keys of every list that some query of the batch probes, with the
   exact search of [`exact_topk`]: their keys are gathered into one block first, or, with ``read_in_place=True`` on a
-  GPU (fp16 / bf16 keys), the fused Triton kernel reads the lists where they are stored (``row_ranges``). Each query reads a superset of its own lists, so its recall is at least that of ``"query"``, and a batch of
+  GPU (fp16 / bf16 keys), the fused Triton kernel reads the lists where they are stored (``row_ranges``), without a
+  host sync. Each query reads a superset of its own lists, so its recall is at least that of ``"query"``, and a batch of
   queries that probe the same lists (the beams of one sentence, the sentences of one domain) reads each key once. A
   query's answer can depend on the batch it comes in (more lists read, never fewer).
 
