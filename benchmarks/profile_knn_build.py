@@ -10,7 +10,9 @@ Same model and data as `bench_knn_build.py` (Marian size, random weights and ids
 
 For every pass: wall ms a batch, and the host ms a batch in each stage (``batch``: `_batch_tensors`; ``forward``: the
 model's forward call, i.e. its launches; ``submit``: handing the rows to the writer thread, waits included; on the
-writer thread: ``add``: `KNNDatastoreWriter.add`, ``append``: the file writes and hashing within it). Then one build
+writer thread: ``add``: `KNNDatastoreWriter.add`, ``append``: the file writes and hashing within it; ``rest``: the
+main thread's wall time outside ``batch``, ``forward`` and ``submit``: slicing the dataset, the gather and the wait at
+the end). Then one build
 and one forward-only pass run under `torch.profiler` over ``--profile_batches`` batches: device busy ms a batch and the
 operations by self host time.
 
@@ -138,7 +140,7 @@ def main(argv=None) -> str:
     forward_only(False, limit=4)  # warm-up
     build(limit=4)
     lines.append("\nms a batch: wall, then host time in each stage (add/append run on the writer thread)")
-    lines.append(f"{'pass':<14} {'wall':>7}" + "".join(f" {s:>8}" for s in STAGES))
+    lines.append(f"{'pass':<14} {'wall':>7}" + "".join(f" {s:>8}" for s in STAGES) + f" {'rest':>8}")
     for name, run in passes.items():
         with instrumented(nowrite=name == "build_nowrite"):
             spent.clear()
@@ -148,7 +150,8 @@ def main(argv=None) -> str:
             sync()
             wall = time.perf_counter() - start
         cells = "".join(f" {spent.get(s, 0.0) / batches * 1000:>8.2f}" for s in STAGES)
-        lines.append(f"{name:<14} {wall / batches * 1000:>7.2f}{cells}")
+        rest = wall - sum(spent.get(s, 0.0) for s in ("batch", "forward", "submit"))  # main thread, outside the stages
+        lines.append(f"{name:<14} {wall / batches * 1000:>7.2f}{cells} {rest / batches * 1000:>8.2f}")
         print(lines[-1], flush=True)
 
     activities = [torch.profiler.ProfilerActivity.CPU]
