@@ -72,8 +72,11 @@ def main(argv=None) -> str:
         1, args.vocab_size - 1, (args.num_examples, 2, args.length), generator=torch.Generator().manual_seed(0)
     )
     data = datasets.Dataset.from_dict(
-        {"input_ids": ids[:, 0].tolist(), "attention_mask": [[1] * args.length] * args.num_examples,
-         "labels": ids[:, 1].tolist()}  # fmt: skip
+        {
+            "input_ids": ids[:, 0].tolist(),
+            "attention_mask": [[1] * args.length] * args.num_examples,
+            "labels": ids[:, 1].tolist(),
+        }  # fmt: skip
     )
     batches = -(-args.num_examples // args.batch_size)
     spent: dict[str, float] = defaultdict(float)
