@@ -509,6 +509,55 @@ def test_row_writer_queues_batches_up_to_its_byte_budget():
     assert written == [0, 1, 2, 3]
 
 
+def test_row_writer_hands_over_only_copies_seen_complete_and_its_thread_makes_no_cuda_call():
+    """On CUDA the keys come back by an asynchronous copy: a batch goes to the writer thread only once its copy's event
+    reports complete (queried, never waited on, by the submitting thread), in order; `finish` waits for the rest.
+    The writer thread itself never touches an event (a thread blocked in a CUDA wait slowed the forward's launches)."""
+    import threading
+
+    from hf_realm.knn_build import _OrderedRowWriter
+
+    main, calls, written = threading.get_ident(), [], []
+
+    class FakeEvent:
+        def __init__(self):
+            self.complete = False
+
+        def query(self):
+            calls.append(("query", threading.get_ident()))
+            return self.complete
+
+        def synchronize(self):
+            calls.append(("synchronize", threading.get_ident()))
+            self.complete = True
+
+    class Writer:
+        def add(self, keys, values, provenance):
+            written.append(int(values[0]))
+
+    out = _OrderedRowWriter(Writer(), max_bytes_in_flight=10 * 128)
+    events = [FakeEvent() for _ in range(4)]
+    rows = lambda i: (torch.zeros(4, 8), torch.tensor(True), np.full(4, i), np.zeros((4, 2)), f"batch {i}")  # noqa: E731
+    for i in range(3):  # as submit does on CUDA, with the copies' events
+        out._copying.append((events[i], rows(i), 128))
+        out._bytes += 128
+        out._hand_over(wait=False)
+    assert len(out._pending) == 0 and len(out._copying) == 3  # no copy seen complete: nothing handed over
+    events[1].complete = True  # out of order: batch 1 waits behind batch 0
+    out._hand_over(wait=False)
+    assert len(out._pending) == 0
+    events[0].complete = True
+    out._hand_over(wait=False)
+    assert len(out._pending) == 2 and len(out._copying) == 1
+    out._copying.append((events[3], rows(3), 128))
+    out._bytes += 128
+    out.finish()  # waits for the copies of batches 2 and 3, then for the writes
+    out.close()
+    assert written == [0, 1, 2, 3]
+    assert {thread for _, thread in calls} == {main}
+    assert ("synchronize", main) in calls
+
+
 def test_build_gpt2_and_raw_text_with_tokenizer(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
