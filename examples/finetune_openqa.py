@@ -39,6 +39,7 @@ from hf_realm import (
     RealmForOpenQA,
     RealmRetriever,
     build_corpus,
+    init_retriever_projection,
 )
 from hf_realm.loading import ADAPTER_MARKER_NAME
 from hf_realm.openqa import DataCollatorForOpenQA, OpenQAEvalCallback, evaluate_open_qa
@@ -88,6 +89,20 @@ class ModelArguments:
     num_attention_heads: int = 4
     intermediate_size: int = 512
     retriever_proj_size: int = 128
+    retriever_pooling: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --bert_name_or_path: how the retriever pools a sequence, 'cls' (REALM) or 'mean'; default: "
+            "the encoder's own ('mean' for a sentence-transformers folder that pools so, such as minilm; else 'cls')."
+        },
+    )
+    init_projection: str = field(
+        default="pca",
+        metadata={
+            "help": "With --bert_name_or_path: start the retriever projection from the corpus ('pca': the principal "
+            "directions of the pooled blocks, which keeps the encoder's own similarities) or at random ('random')."
+        },
+    )
     searcher_beam_size: int = field(default=50, metadata={"help": "Blocks for the retriever loss (ORQA: 5000)."})
     reader_beam_size: int = field(default=5, metadata={"help": "Blocks the reader reads (ORQA: 5)."})
     reader_seq_len: int = 96
@@ -249,7 +264,19 @@ def main(argv=None) -> dict:
         config = RealmConfig(**{**doc_embedder.config.to_dict(), **qa_fields(model_args)})
     else:
         if bert is not None:
-            ict = RealmForInverseClozeTask.from_bert(bert, retriever_proj_size=model_args.retriever_proj_size)
+            pooling = {"retriever_pooling": model_args.retriever_pooling} if model_args.retriever_pooling else {}
+            ict = RealmForInverseClozeTask.from_bert(
+                bert, retriever_proj_size=model_args.retriever_proj_size, **pooling
+            )
+            if model_args.init_projection == "pca":
+                stats = init_retriever_projection(ict, corpus, seed=args.seed, device=args.device,
+                                                  show_progress=not args.disable_tqdm)  # fmt: skip
+                logger.info(
+                    f"retriever projection started from {stats['num_blocks']:,} blocks' principal directions "
+                    f"({ict.config.retriever_pooling} pooling; {stats['explained_variance']:.0%} of their variance)"
+                )
+            elif model_args.init_projection != "random":
+                raise ValueError(f"--init_projection: expected 'pca' or 'random', got {model_args.init_projection!r}")
         else:
             ict = RealmForInverseClozeTask(tiny_config(model_args, len(tokenizer)))
         if args.ict_steps > 0:
@@ -283,8 +310,9 @@ def main(argv=None) -> dict:
     retriever = RealmRetriever(np.array([t.encode() for t in corpus["text"]], dtype=object), tokenizer)
     if bert is not None and checkpoint is None:
         model = RealmForOpenQA.from_bert(
-            bert, retriever, retriever_proj_size=config.retriever_proj_size, **qa_fields(model_args)
-        )
+            bert, retriever, retriever_proj_size=config.retriever_proj_size,
+            retriever_pooling=config.retriever_pooling, **qa_fields(model_args),
+        )  # fmt: skip
     else:
         model = RealmForOpenQA(config, retriever=retriever)
     model.index = index

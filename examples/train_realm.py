@@ -63,6 +63,7 @@ from hf_realm import (
     build_corpus,
     build_pretraining_examples,
     evaluate_masked_lm,
+    init_retriever_projection,
     load_text_dataset,
     optimizer_grouped_parameters,
     realm_lr_scheduler,
@@ -148,6 +149,20 @@ class ModelArguments:
     num_attention_heads: int = 4
     intermediate_size: int = 512
     retriever_proj_size: int = 128
+    retriever_pooling: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --bert_name_or_path: how the retriever pools a sequence, 'cls' (REALM) or 'mean'; default: "
+            "the encoder's own ('mean' for a sentence-transformers folder that pools so, such as minilm; else 'cls')."
+        },
+    )
+    init_projection: str = field(
+        default="pca",
+        metadata={
+            "help": "With --bert_name_or_path: start the retriever projection from the corpus ('pca': the principal "
+            "directions of the pooled blocks, which keeps the encoder's own similarities) or at random ('random')."
+        },
+    )
     num_candidates: int = field(
         default=4,
         metadata={
@@ -319,10 +334,14 @@ def phase_args(args: RealmTrainingArguments, **overrides) -> TrainingArguments:
 
 def train_ict(model_args, args, config, corpus, tokenizer) -> RealmForInverseClozeTask:
     if model_args.bert_name_or_path:
-        model = RealmForInverseClozeTask.from_bert(model_args.bert_name_or_path, **_realm_fields(config))
+        model = RealmForInverseClozeTask.from_bert(model_args.bert_name_or_path, **_realm_fields(config, model_args))
     else:
         model = RealmForInverseClozeTask(config)
-    if args.ict_steps == 0 or args.resume_from_checkpoint:  # resuming: the checkpoint holds the trained weights
+    if args.resume_from_checkpoint:  # resuming: the checkpoint holds the trained weights
+        return model
+    if model_args.bert_name_or_path:
+        start_projection(model, model_args, args, corpus)
+    if args.ict_steps == 0:
         return model
     freeze_unused_parameters(model)
     ict_args = phase_args(
@@ -341,12 +360,31 @@ def train_ict(model_args, args, config, corpus, tokenizer) -> RealmForInverseClo
     return model
 
 
-def _realm_fields(config: RealmConfig) -> dict:
-    return {
+def _realm_fields(config: RealmConfig, model_args=None) -> dict:
+    fields = {
         "retriever_proj_size": config.retriever_proj_size,
         "num_candidates": config.num_candidates,
         "share_embedders": config.share_embedders,
     }
+    pooling = getattr(model_args, "retriever_pooling", None) if model_args is not None else config.retriever_pooling
+    if pooling is not None:  # else from_bert reads the encoder's own
+        fields["retriever_pooling"] = pooling
+    return fields
+
+
+def start_projection(model, model_args, args, corpus) -> None:
+    """The retriever projection of a model started from a BERT: from the corpus (`--init_projection pca`) or left as
+    drawn at random (`random`)."""
+    if model_args.init_projection == "random":
+        return
+    if model_args.init_projection != "pca":
+        raise ValueError(f"--init_projection: expected 'pca' or 'random', got {model_args.init_projection!r}")
+    stats = init_retriever_projection(model, corpus, seed=args.seed, device=args.device,
+                                      show_progress=not args.disable_tqdm)  # fmt: skip
+    logger.info(
+        f"retriever projection started from {stats['num_blocks']:,} blocks' principal directions "
+        f"({model.config.retriever_pooling} pooling; {stats['explained_variance']:.0%} of their variance kept)"
+    )
 
 
 def resolve_bert(name: str | None) -> str | None:
@@ -480,7 +518,7 @@ def own_data(data_args: DataArguments, model_args: ModelArguments, args) -> Pret
 
 def freeze_unused_parameters(model) -> list[str]:
     """Freeze the weights no pretraining forward (ICT or REALM) uses: the 4.x LM head every embedder keeps
-    (`cls.predictions`), the reader's pooler (the MLM head reads token states) and, when the reader's decoder is untied
+    (`cls.predictions`), an embedder's pooler under `retriever_pooling="mean"`, the reader's pooler (the MLM head reads token states) and, when the reader's decoder is untied
     (`tie_word_embeddings=False`), the head's own `bias` (the decoder adds its own). They get no gradient anyway;
     frozen, DDP can run with `find_unused_parameters=False` (no graph search each step) and leaves them out of the
     all-reduce. Returns the names frozen."""
@@ -488,6 +526,8 @@ def freeze_unused_parameters(model) -> list[str]:
     for prefix, module in model.named_modules():
         if isinstance(module, RealmEmbedder):
             unused.update({f"{prefix}.cls.predictions.{n}": p for n, p in module.cls.predictions.named_parameters()})
+            if module.config.retriever_pooling == "mean" and module.realm.pooler is not None:  # token states pooled
+                unused.update({f"{prefix}.realm.pooler.{n}": p for n, p in module.realm.pooler.named_parameters()})
         elif isinstance(module, RealmKnowledgeAugEncoder):
             pooler = module.realm.pooler
             unused.update({f"{prefix}.realm.pooler.{n}": p for n, p in (pooler.named_parameters() if pooler else ())})

@@ -20,7 +20,7 @@ from .configuration_realm import RealmConfig
 from .corpus import CorpusTokens, build_corpus
 from .corpus_index import RealmBlockIndex
 from .data_collator import DataCollatorForSalientSpanMasking
-from .embedding import embed_corpus
+from .embedding import embed_corpus, init_retriever_projection
 from .fingerprint import embedder_fingerprint
 from .knn_build import KNNDatastoreWriter, merge_datastores
 from .knn_datastore import KNNDatastore
@@ -97,6 +97,7 @@ __all__ = [
     "RealmBlockIndex",
     "build_corpus",
     "embed_corpus",
+    "init_retriever_projection",
     "embedder_fingerprint",
     "evaluate_masked_lm",
     "evaluate_open_qa",

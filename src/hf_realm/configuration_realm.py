@@ -5,6 +5,9 @@ from __future__ import annotations
 from transformers import PreTrainedConfig
 
 
+RETRIEVER_POOLINGS = ("cls", "mean")
+
+
 class RealmConfig(PreTrainedConfig):
     r"""
     Configuration of every REALM model: [`RealmEmbedder`], [`RealmScorer`], [`RealmKnowledgeAugEncoder`],
@@ -66,6 +69,12 @@ class RealmConfig(PreTrainedConfig):
             Whether [`RealmForMaskedLM`] / [`RealmForInverseClozeTask`] embed queries and documents with one
             embedder (as 4.x's `RealmScorer` does by default). Separate towers barely learn ICT from scratch on small
             data; not a 4.x field.
+        retriever_pooling (`str`, *optional*, defaults to `"cls"`):
+            How [`RealmEmbedder`] pools a sequence before its projection: `"cls"`, BERT's pooler over `[CLS]` (REALM,
+            every 4.x checkpoint), or `"mean"`, the mean of the token states under the attention mask, scaled to unit
+            length (how sentence-embedding encoders such as all-MiniLM-L6-v2 are trained to be used; their `[CLS]`
+            state and pooler were never trained for retrieval). [`RealmEmbedder.from_bert`] picks `"mean"` for a
+            sentence-transformers folder that pools that way. Not a 4.x field.
 
     Example:
 
@@ -103,6 +112,7 @@ class RealmConfig(PreTrainedConfig):
     searcher_beam_size: int = 5000
     position_embedding_type: str = "absolute"
     share_embedders: bool = True
+    retriever_pooling: str = "cls"
     # 4.x defaults, kept: `pad_token_id` is the `padding_idx` of the word embeddings (REALM's vocab pads with 0,
     # but 4.x checkpoints were trained with this value and old config.json files carry it).
     pad_token_id: int | None = 1
@@ -116,6 +126,10 @@ class RealmConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         check_position_embedding_type(self)
+        if self.retriever_pooling not in RETRIEVER_POOLINGS:
+            raise ValueError(
+                f"retriever_pooling: expected one of {list(RETRIEVER_POOLINGS)}, got {self.retriever_pooling!r}"
+            )
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "

@@ -384,6 +384,12 @@ class RealmPreTrainedModel(PreTrainedModel):
         source = AutoModel.from_pretrained(bert) if isinstance(bert, (str, os.PathLike)) else bert
         source = getattr(source, "base_model", source)
         bert_config = source.config
+        if "retriever_pooling" not in config_overrides:
+            where = bert if isinstance(bert, (str, os.PathLike)) else getattr(source, "name_or_path", None)
+            pooling = sentence_transformers_pooling(where) if where else None
+            if pooling is not None:
+                logger.info(f"{where}: a sentence-transformers encoder pooling by {pooling!r}; retriever_pooling set")
+                config_overrides["retriever_pooling"] = pooling
         fields = {
             name: getattr(bert_config, name)
             for name in (
@@ -406,10 +412,17 @@ class RealmPreTrainedModel(PreTrainedModel):
         fields.update(config_overrides)
         model = cls(RealmConfig(**fields), *model_args)
         state = source.state_dict()
+        embedder_berts = {f"{n}.realm".lstrip(".") for n, m in model.named_modules() if isinstance(m, RealmEmbedder)}
         for name, module in model.named_modules():
             if isinstance(module, BertModel):
                 missing, unexpected = module.load_state_dict(state, strict=False)
+                no_pooler = [k for k in missing if k.startswith("pooler.")]
                 missing = [k for k in missing if not k.startswith("pooler.")]
+                if no_pooler and model.config.retriever_pooling == "cls" and name in embedder_berts:
+                    logger.warning_once(
+                        f"{type(source).__name__} has no pooler weights: the retriever's [CLS] pooler starts "
+                        "random (retriever_pooling='mean' pools the token states instead)"
+                    )
                 if missing or unexpected:
                     raise ValueError(
                         f"{type(source).__name__} does not fit the BERT at {name or cls.__name__}: missing {missing}, "
@@ -485,6 +498,61 @@ def _bert(config: RealmConfig) -> BertModel:
     return bert
 
 
+def sentence_transformers_pooling(name_or_path: str | os.PathLike) -> str | None:
+    """The `retriever_pooling` a sentence-transformers encoder was trained with (``"mean"`` or ``"cls"``), read from
+    its `modules.json` and pooling config (in a local folder, or a Hub repository's files already in the local cache:
+    nothing is downloaded); ``None`` for a plain BERT checkpoint, or one whose files are not at hand."""
+    import json
+
+    from huggingface_hub import try_to_load_from_cache
+
+    name = os.fspath(name_or_path)
+
+    def read(filename):
+        if os.path.isdir(name):
+            path = os.path.join(name, filename)
+        else:
+            try:
+                path = try_to_load_from_cache(name, filename)
+            except ValueError:  # not a repository id
+                return None
+        if not isinstance(path, str) or not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    modules = read("modules.json")
+    if not isinstance(modules, list):
+        return None
+    pooling = next((m for m in modules if str(m.get("type", "")).endswith(".Pooling")), None)
+    if pooling is None:
+        return None
+    folder = pooling.get("path") or ""
+    config = read(f"{folder}/config.json" if folder else "config.json") or {}
+    modes = {k for k, v in config.items() if k.startswith("pooling_mode_") and v is True}
+    if modes == {"pooling_mode_mean_tokens"}:
+        return "mean"
+    if modes == {"pooling_mode_cls_token"}:
+        return "cls"
+    logger.warning(
+        f"{name_or_path}: sentence-transformers pooling {sorted(modes)} has no retriever_pooling; 'cls' kept"
+    )
+    return None
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean of ``hidden`` `(batch, seq, dim)` over the positions ``attention_mask`` keeps (all without one), scaled
+    to unit length: the sentence embedding of encoders trained with mean pooling (`retriever_pooling="mean"`).
+    Summed in float32; returned in ``hidden``'s dtype."""
+    states = hidden.float()
+    if attention_mask is None:
+        pooled = states.mean(dim=1)
+    else:
+        mask = attention_mask.to(torch.float32).unsqueeze(-1)
+        pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+    return nn.functional.normalize(pooled, dim=-1).to(hidden.dtype)
+
+
 def _return(output: ModelOutput, return_dict: bool | None, config: RealmConfig):
     return_dict = return_dict if return_dict is not None else config.return_dict
     return output if return_dict else output.to_tuple()
@@ -492,8 +560,9 @@ def _return(output: ModelOutput, return_dict: bool | None, config: RealmConfig):
 
 class RealmEmbedder(RealmPreTrainedModel):
     """
-    The embedder of REALM: BERT's pooled `[CLS]` output projected to `config.retriever_proj_size` dimensions, used to
-    score the relevance of a document to a query by inner product.
+    The embedder of REALM: BERT's pooled `[CLS]` output (or, with `config.retriever_pooling="mean"`, the unit-length
+    mean of its token states) projected to `config.retriever_proj_size` dimensions, used to score the relevance of a
+    document to a query by inner product.
 
     Example:
 
@@ -552,7 +621,11 @@ class RealmEmbedder(RealmPreTrainedModel):
             output_attentions,
             output_hidden_states,
         )
-        projected_score = self.cls(outputs.pooler_output)
+        if self.config.retriever_pooling == "mean":
+            pooled = mean_pool(outputs.last_hidden_state, attention_mask)
+        else:
+            pooled = outputs.pooler_output
+        projected_score = self.cls(pooled)
         output = RealmEmbedderOutput(
             projected_score=projected_score, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
