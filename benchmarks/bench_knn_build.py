@@ -4,7 +4,8 @@ to disk) against a forward-only pass of the same model over the same batches, sa
 Marian-size model (6+6 layers, d_model 512, 8 heads, FFN 2048, vocabulary 58,101; random weights), a pre-tokenised
 dataset of random source / target ids (``--num_examples`` pairs of ``--length`` tokens each), ``--batch_size`` pairs a
 batch. The forward-only pass does what the build does up to the forward (the same batch tensors, the same decoder
-inputs), and nothing after it; both end with a device synchronisation.
+inputs, the same asynchronous copies to the device: blocking ones would make the baseline ~10% slower, see
+`profile_knn_build.py`), and nothing after it; both end with a device synchronisation.
 
     python benchmarks/bench_knn_build.py                                          # GPU
     python benchmarks/bench_knn_build.py --num_examples 64 --batch_size 16 --device cpu --dtype float32   # smoke run
@@ -126,8 +127,9 @@ def main(argv=None) -> dict:
         for lo in range(0, args.num_examples, args.batch_size):
             batch = data[lo : lo + args.batch_size]
             inputs, targets = _batch_tensors(batch, None, True, True, None, None, None, None, config.pad_token_id)
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            model(**inputs, decoder_input_ids=_decoder_inputs(model, targets.to(device)), use_cache=False)
+            inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}  # as the build copies them
+            dec = _decoder_inputs(model, targets.to(device, non_blocking=True))
+            model(**inputs, decoder_input_ids=dec, use_cache=False)
         sync(device)
         return time.perf_counter() - start
 
