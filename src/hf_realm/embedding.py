@@ -311,8 +311,14 @@ def _init_projection(embedder, tokens, max_blocks, batch_size, seed, device, sho
         tokens = CorpusTokens(values=np.concatenate(pieces), offsets=offsets,
                               token_type_start=tokens.token_type_start[ids])  # fmt: skip
     pooled_embedder = _Pooled(embedder).train(embedder.training)  # embed_corpus restores this mode on the embedder
-    pooled = embed_corpus(pooled_embedder, tokens, batch_size=batch_size, device=device, shard=False,
-                          show_progress=show_progress)  # fmt: skip
+    home = _module_device(embedder)
+    if device is not None and torch.device(device) != home:
+        embedder.to(device)  # for the fit only
+    try:
+        pooled = embed_corpus(pooled_embedder, tokens, batch_size=batch_size, device=device, shard=False,
+                              show_progress=show_progress)  # fmt: skip
+    finally:
+        embedder.to(home)
     x = pooled.to(torch.float64)
     mean = x.mean(dim=0)
     _, singular, vt = torch.linalg.svd(x - mean, full_matrices=False)
