@@ -36,7 +36,9 @@ def recall(queries: torch.Tensor, blocks: torch.Tensor, gold: np.ndarray, answer
     top = (queries @ blocks.T).topk(20, dim=1).indices.numpy()
     out = {f"recall@{k}": float(np.mean([g in row[:k] for g, row in zip(gold, top, strict=True)])) for k in (1, 5, 20)}
     out["answer_recall@5"] = float(
-        np.mean([any(a.lower() in texts[i] for i in row[:5] for a in ans) for ans, row in zip(answers, top, strict=True)])
+        np.mean(
+            [any(a.lower() in texts[i] for i in row[:5] for a in ans) for ans, row in zip(answers, top, strict=True)]
+        )
     )
     return out
 
