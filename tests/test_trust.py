@@ -295,6 +295,43 @@ def test_the_fingerprint_follows_in_place_changes():
     assert not _fingerprints_match(before, after)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("max_host_bytes", [1 << 31, 0])  # hashed on a helper thread, or at once (a large model)
+def test_fingerprint_started_beside_a_build_equals_the_direct_one(dtype, max_host_bytes):
+    from hf_realm.fingerprint import _CACHE, start_model_fingerprint
+
+    model = tiny_gpt2().to(dtype)  # its output layer is tied to the input embedding
+    started = start_model_fingerprint(model, max_host_bytes=max_host_bytes)()
+    assert _CACHE[model][1] == started  # cached like model_fingerprint's
+    del _CACHE[model]
+    assert started == model_fingerprint(model)
+    assert started["sha256"] == reference_embedder_fingerprint(model).removeprefix("sha256:")
+    assert start_model_fingerprint(model)() == started  # from the cache
+
+
+def test_fingerprint_started_before_an_in_place_change_is_not_cached():
+    from hf_realm.fingerprint import _CACHE, start_model_fingerprint
+
+    model = tiny_gpt2()
+    result = start_model_fingerprint(model)
+    before = model_fingerprint(tiny_gpt2())  # the same weights, another model
+    unsampled_change(model)
+    assert result()["sha256"] == before["sha256"]  # the weights as they were when it started
+    assert model not in _CACHE
+    assert model_fingerprint(model)["sha256"] != before["sha256"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fingerprint_hashed_on_the_host_equals_the_one_hashed_on_the_device():
+    from hf_realm.fingerprint import _CACHE, start_model_fingerprint
+
+    for dtype in (torch.float16, torch.float32):
+        model = tiny_gpt2().to("cuda", dtype)
+        started = start_model_fingerprint(model)()  # bf16 cast and widening on the host
+        del _CACHE[model]
+        assert started == model_fingerprint(model)  # bf16 cast and widening on the device
+
+
 def test_datastores_with_the_old_sampled_fingerprint_still_load(tmp_path):
     model = tiny_gpt2()
     KNNDatastore(keys=random_keys(dim=32), values=np.arange(40)).save_pretrained(tmp_path / "old")

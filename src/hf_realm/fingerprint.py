@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,10 @@ def _floating_tensors(state: dict[str, Any]) -> Iterable[torch.Tensor]:
     return (t for t in state.values() if torch.is_tensor(t) and t.is_floating_point())
 
 
+def _view_key(tensor: torch.Tensor) -> tuple:
+    return (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+
+
 def _weights_digest(tensors: Iterable[torch.Tensor], cast: torch.dtype | None = None) -> str:
     """sha256 of the sorted set of per-tensor digests: names, order and weight tying (one tensor stored twice) do not
     count."""
@@ -56,7 +60,7 @@ def _weights_digest(tensors: Iterable[torch.Tensor], cast: torch.dtype | None = 
     for tensor in tensors:
         # A tied weight appears under two names as two views of one storage: hash it once (the set would also
         # merge the two equal digests, but only after hashing both).
-        view = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        view = _view_key(tensor)
         if tensor.numel() and view in seen:
             continue
         seen.add(view)
@@ -165,18 +169,69 @@ def model_fingerprint(model: nn.Module, samples_per_tensor: int = 16) -> dict[st
     if cached is not None and cached[0] == key:
         return dict(cached[1])
     state = model.state_dict()
+    hashes = _full_hashes(list(_floating_tensors(state)))
+    fingerprint = _assemble(model, state, samples_per_tensor, hashes)
+    _CACHE[model] = (key, fingerprint)
+    return dict(fingerprint)
+
+
+def _full_hashes(tensors: list[torch.Tensor]) -> dict[str, str]:
+    return {"sha256": _weights_digest(tensors), "bf16_sha256": _weights_digest(tensors, cast=torch.bfloat16)}
+
+
+def _assemble(model: nn.Module, state: dict, samples_per_tensor: int, hashes: dict[str, str]) -> dict[str, Any]:
     sample_sha, sample = _sampled_fingerprint(model, samples_per_tensor)
-    fingerprint = {
+    return {
         "scheme": FINGERPRINT_SCHEME,
-        "sha256": _weights_digest(_floating_tensors(state)),
-        "bf16_sha256": _weights_digest(_floating_tensors(state), cast=torch.bfloat16),
+        "sha256": hashes["sha256"],
+        "bf16_sha256": hashes["bf16_sha256"],
         "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in _floating_tensors(state)}),
         "sample_sha256": sample_sha,
         "values": sample.tolist(),
         "num_parameters": int(sum(p.numel() for p in model.parameters())),
     }
-    _CACHE[model] = (key, fingerprint)
-    return dict(fingerprint)
+
+
+def start_model_fingerprint(
+    model: nn.Module, samples_per_tensor: int = 16, max_host_bytes: int = 1 << 31
+) -> Callable[[], dict[str, Any]]:
+    """[`model_fingerprint`] started beside other work (a datastore build): returns a function that gives the result.
+
+    The weights are copied to the host at once (tied weights once) and the two hashes of every weight, the costly part
+    (0.6 s for a Marian-size model), run on a helper thread over that copy, which makes no CUDA call; the sampled part
+    runs on the calling thread. The result equals `model_fingerprint(model)` and is cached like it, as long as the
+    weights have not changed by the time it is asked for. A cached result is returned as it is; weights of more than
+    ``max_host_bytes`` (default 2 GiB) are fingerprinted at once, as [`model_fingerprint`] does (no host copy of a
+    large model)."""
+    key = _cache_key(model, samples_per_tensor)
+    cached = _CACHE.get(model)
+    if cached is not None and cached[0] == key:
+        result = dict(cached[1])
+        return lambda: dict(result)
+    state = model.state_dict()
+    floating = list(_floating_tensors(state))
+    copies: dict[tuple, torch.Tensor] = {}
+    for tensor in floating:
+        copies.setdefault(_view_key(tensor), tensor)
+    if sum(t.numel() * t.element_size() for t in copies.values()) > max_host_bytes:
+        result = model_fingerprint(model, samples_per_tensor)
+        return lambda: dict(result)
+    copies = {view: tensor.detach().to("cpu") for view, tensor in copies.items()}  # blocking: complete when used
+    host = [copies[_view_key(tensor)] for tensor in floating]  # a tied weight stays one tensor (hashed once)
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-fingerprint")
+    future = pool.submit(_full_hashes, host)
+    pool.shutdown(wait=False)
+    sampled = _assemble(model, state, samples_per_tensor, {"sha256": "", "bf16_sha256": ""})
+
+    def result() -> dict[str, Any]:
+        fingerprint = {**sampled, **future.result()}
+        if _cache_key(model, samples_per_tensor) == key:
+            _CACHE[model] = (key, fingerprint)
+        return dict(fingerprint)
+
+    return result
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
