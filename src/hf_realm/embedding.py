@@ -259,6 +259,9 @@ def init_retriever_projection(
         max_blocks (`int`, *optional*, defaults to 8192): Blocks sampled (without replacement, ``seed``) to fit on.
         batch_size, device, show_progress: As in [`embed_corpus`].
 
+    Under an initialised `torch.distributed` (e.g. `accelerate launch`) every process fits the projection and process
+    0's result is broadcast to all, so every process's tower starts the same.
+
     Returns:
         `dict` with `num_blocks` (fitted on) and `explained_variance` (share of the pooled vectors' variance the
         projection keeps).
@@ -328,5 +331,20 @@ def _init_projection(embedder, tokens, max_blocks, batch_size, seed, device, sho
     norm = embedder.cls.LayerNorm
     norm.weight.fill_(1.0)
     norm.bias.zero_()
+    _broadcast_from_main([dense.weight, dense.bias, norm.weight, norm.bias])
     variance = singular.square()
     return {"num_blocks": len(ids), "explained_variance": float(variance[:dim].sum() / variance.sum())}
+
+
+def _broadcast_from_main(tensors: list[torch.Tensor]) -> None:
+    """Under an initialised `torch.distributed` with several processes, gives every process process 0's values (each
+    process fits the projection itself; floating-point differences between devices must not start towers apart)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    for tensor in tensors:
+        buffer = tensor.detach().to(device).contiguous()
+        dist.broadcast(buffer, src=0)
+        tensor.copy_(buffer.to(tensor))
