@@ -88,13 +88,26 @@ class WaitingModel(torch.nn.Module):
         return self.lm_head(self._states)
 
 
+def random_pairs(num_examples: int, length: int, vocab_size: int):
+    """The benchmark's pre-tokenised data: ``num_examples`` pairs of random source / target ids, ``length`` each."""
+    import datasets
+
+    ids = torch.randint(1, vocab_size - 1, (num_examples, 2, length), generator=torch.Generator().manual_seed(0))
+    return datasets.Dataset.from_dict(
+        {
+            "input_ids": ids[:, 0].tolist(),
+            "attention_mask": [[1] * length] * num_examples,
+            "labels": ids[:, 1].tolist(),
+        }
+    )
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def main(argv=None) -> dict:
-    import datasets
     from bench_knn import marian
 
     from hf_realm import KNNDatastore, hub_io
@@ -108,16 +121,7 @@ def main(argv=None) -> dict:
     else:
         model = marian(args, device, dtype)  # the decoding benchmark's model
     config = model.config
-    ids = torch.randint(
-        1, args.vocab_size - 1, (args.num_examples, 2, args.length), generator=torch.Generator().manual_seed(0)
-    )
-    data = datasets.Dataset.from_dict(
-        {
-            "input_ids": ids[:, 0].tolist(),
-            "attention_mask": [[1] * args.length] * args.num_examples,
-            "labels": ids[:, 1].tolist(),
-        }  # fmt: skip
-    )
+    data = random_pairs(args.num_examples, args.length, args.vocab_size)
     tokens = args.num_examples * args.length  # target tokens = datastore entries
 
     @torch.no_grad()

@@ -47,8 +47,8 @@ STAGES = ("batch", "forward", "submit", "add", "append")
 
 
 def main(argv=None) -> str:
-    import datasets
     from bench_knn import marian
+    from bench_knn_build import random_pairs
 
     from hf_realm import KNNDatastore, knn_build
     from hf_realm.knn_build import _batch_tensors, _decoder_inputs
@@ -68,16 +68,7 @@ def main(argv=None) -> str:
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = marian(args, device, getattr(torch, args.dtype))
-    ids = torch.randint(
-        1, args.vocab_size - 1, (args.num_examples, 2, args.length), generator=torch.Generator().manual_seed(0)
-    )
-    data = datasets.Dataset.from_dict(
-        {
-            "input_ids": ids[:, 0].tolist(),
-            "attention_mask": [[1] * args.length] * args.num_examples,
-            "labels": ids[:, 1].tolist(),
-        }  # fmt: skip
-    )
+    data = random_pairs(args.num_examples, args.length, args.vocab_size)
     batches = -(-args.num_examples // args.batch_size)
     spent: dict[str, float] = defaultdict(float)
     lock = threading.Lock()
