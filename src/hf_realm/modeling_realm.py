@@ -359,7 +359,9 @@ class RealmPreTrainedModel(PreTrainedModel):
     def from_bert(cls, bert, *model_args, **config_overrides):
         r"""
         Start a REALM model from a BERT-family encoder: every BERT inside the model (embedder, reader, encoder)
-        gets the encoder's weights; the REALM heads are initialised fresh.
+        gets the encoder's weights; the REALM heads are initialised fresh. A sentence-transformers folder that pools by
+        the mean of the token states (all-MiniLM-L6-v2's, say) gives `retriever_pooling="mean"` unless set here. The
+        retriever projection starts at random, as REALM's; [`init_retriever_projection`] starts it from a corpus.
 
         Args:
             bert (`str`, `os.PathLike` or [`~transformers.PreTrainedModel`]):
