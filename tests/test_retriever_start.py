@@ -105,7 +105,7 @@ def test_sentence_transformers_pooling_read_from_the_folder(tmp_path, caplog):
     plain = tmp_path / "plain"
     bert.save_pretrained(plain)
     assert sentence_transformers_pooling(mean_dir) == "mean"
-    assert sentence_transformers_pooling(cls_dir) == "cls"
+    assert sentence_transformers_pooling(cls_dir) is None  # its [CLS] pooling is not BERT's pooler: REALM's stays
     assert sentence_transformers_pooling(plain) is None
     assert sentence_transformers_pooling("no-such/repository") is None  # nothing downloaded
     with caplog.at_level(logging.WARNING, logger="hf_realm"):
@@ -171,6 +171,9 @@ def test_projection_start_samples_blocks_and_refuses_too_few():
         init_retriever_projection(embedder, corpus(5), show_progress=False)
     with pytest.raises(ValueError, match="max_blocks must be > retriever_proj_size=6, got 6"):
         init_retriever_projection(embedder, data, max_blocks=6, show_progress=False)
+    wide = RealmEmbedder(RealmConfig(**TINY, retriever_proj_size=40))
+    with pytest.raises(ValueError, match=r"retriever_proj_size=40 is wider than the pooled vectors \(32\)"):
+        init_retriever_projection(wide, data, show_progress=False)
     with pytest.raises(TypeError, match="expected a RealmEmbedder or a model with an `embedder`, got Linear"):
         init_retriever_projection(torch.nn.Linear(2, 2), data, show_progress=False)
 

@@ -225,12 +225,8 @@ class _Pooled(torch.nn.Module):
         self.embedder, self.config = embedder, embedder.config
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None):
-        from .modeling_realm import mean_pool
-
         out = self.embedder.realm(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-        if self.config.retriever_pooling == "mean":
-            return mean_pool(out.last_hidden_state, attention_mask)
-        return out.pooler_output
+        return self.embedder.pooled_output(out, attention_mask)
 
 
 @torch.no_grad()
@@ -252,15 +248,15 @@ def init_retriever_projection(
     projection, for 66% with [CLS] pooling and this start, and for 78% with mean pooling and this start (82% for the
     encoder's own 384-d embeddings); see `benchmarks/retriever_start.py`. ICT and fine-tuning then start from there.
 
+    Under an initialised `torch.distributed` (e.g. `accelerate launch`) every process fits the projection and process
+    0's result is broadcast to all, so every process's tower starts the same.
+
     Args:
         embedder ([`RealmEmbedder`], or a model holding `embedder` / `query_embedder`): The tower(s) to start; the
             encoder and pooling (`config.retriever_pooling`) are used as they are.
         corpus (`datasets.Dataset` or [`CorpusTokens`]): Blocks from [`build_corpus`].
         max_blocks (`int`, *optional*, defaults to 8192): Blocks sampled (without replacement, ``seed``) to fit on.
         batch_size, device, show_progress: As in [`embed_corpus`].
-
-    Under an initialised `torch.distributed` (e.g. `accelerate launch`) every process fits the projection and process
-    0's result is broadcast to all, so every process's tower starts the same.
 
     Returns:
         `dict` with `num_blocks` (fitted on) and `explained_variance` (share of the pooled vectors' variance the
@@ -306,6 +302,11 @@ def _init_projection(embedder, tokens, max_blocks, batch_size, seed, device, sho
         )
     if max_blocks <= dim:
         raise ValueError(f"max_blocks must be > retriever_proj_size={dim}, got {max_blocks}")
+    if dense.in_features < dim:
+        raise ValueError(
+            f"retriever_proj_size={dim} is wider than the pooled vectors ({dense.in_features}): principal directions "
+            f"give at most {dense.in_features}; use --init_projection random or a smaller projection"
+        )
     ids = np.arange(len(tokens))
     if len(ids) > max_blocks:
         ids = np.sort(np.random.default_rng(seed).choice(len(ids), size=max_blocks, replace=False))

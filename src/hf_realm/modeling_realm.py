@@ -501,9 +501,10 @@ def _bert(config: RealmConfig) -> BertModel:
 
 
 def sentence_transformers_pooling(name_or_path: str | os.PathLike) -> str | None:
-    """The `retriever_pooling` a sentence-transformers encoder was trained with (``"mean"`` or ``"cls"``), read from
-    its `modules.json` and pooling config (in a local folder, or a Hub repository's files already in the local cache:
-    nothing is downloaded); ``None`` for a plain BERT checkpoint, or one whose files are not at hand."""
+    """``"mean"`` for a sentence-transformers encoder trained with mean pooling, read from its `modules.json` and
+    pooling config (in a local folder, or a Hub repository's files already in the local cache: nothing is downloaded);
+    ``None`` otherwise: a plain BERT checkpoint, one whose files are not at hand, or another pooling (its `[CLS]`
+    pooling reads the raw state, not BERT's pooler: REALM's `"cls"` stays, with a warning for other poolings)."""
     import json
 
     from huggingface_hub import try_to_load_from_cache
@@ -534,11 +535,10 @@ def sentence_transformers_pooling(name_or_path: str | os.PathLike) -> str | None
     modes = {k for k, v in config.items() if k.startswith("pooling_mode_") and v is True}
     if modes == {"pooling_mode_mean_tokens"}:
         return "mean"
-    if modes == {"pooling_mode_cls_token"}:
-        return "cls"
-    logger.warning(
-        f"{name_or_path}: sentence-transformers pooling {sorted(modes)} has no retriever_pooling; 'cls' kept"
-    )
+    if modes != {"pooling_mode_cls_token"}:
+        logger.warning(
+            f"{name_or_path}: sentence-transformers pooling {sorted(modes)} has no retriever_pooling; 'cls' kept"
+        )
     return None
 
 
@@ -593,6 +593,13 @@ class RealmEmbedder(RealmPreTrainedModel):
     def set_input_embeddings(self, value):
         self.realm.embeddings.word_embeddings = value
 
+    def pooled_output(self, outputs, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """What the projection reads from the BERT's ``outputs``: its pooler output (`retriever_pooling="cls"`) or the
+        unit-length mean of its token states under ``attention_mask`` (`"mean"`)."""
+        if self.config.retriever_pooling == "mean":
+            return mean_pool(outputs.last_hidden_state, attention_mask)
+        return outputs.pooler_output
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -623,11 +630,7 @@ class RealmEmbedder(RealmPreTrainedModel):
             output_attentions,
             output_hidden_states,
         )
-        if self.config.retriever_pooling == "mean":
-            pooled = mean_pool(outputs.last_hidden_state, attention_mask)
-        else:
-            pooled = outputs.pooler_output
-        projected_score = self.cls(pooled)
+        projected_score = self.cls(self.pooled_output(outputs, attention_mask))
         output = RealmEmbedderOutput(
             projected_score=projected_score, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
