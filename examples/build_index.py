@@ -87,6 +87,10 @@ class EmbedderArguments:
     batch_size: int = field(default=256, metadata={"help": "Blocks per forward."})
     seed: int = 0
 
+    def __post_init__(self):
+        if self.init_projection not in ("pca", "random"):
+            raise ValueError(f"--init_projection: expected 'pca' or 'random', got {self.init_projection!r}")
+
 
 @dataclass
 class IndexArguments:
@@ -211,9 +215,7 @@ def main(argv=None):
     logger.info(f"{len(docs)} documents -> {len(corpus)} blocks of <= {corpus_args.block_seq_len} wordpieces")
 
     embedder.to(device)
-    if new_projection and embed_args.init_projection != "random":
-        if embed_args.init_projection != "pca":
-            raise ValueError(f"--init_projection: expected 'pca' or 'random', got {embed_args.init_projection!r}")
+    if new_projection and embed_args.init_projection == "pca":
         stats = init_retriever_projection(embedder, corpus, seed=embed_args.seed, show_progress=state.is_main_process)
         results["projection_explained_variance"] = stats["explained_variance"]
         logger.info(f"projection started from {stats['num_blocks']:,} blocks' principal directions")

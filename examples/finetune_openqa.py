@@ -112,6 +112,12 @@ class ModelArguments:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
 
+    def __post_init__(self):
+        if self.init_projection not in ("pca", "random"):
+            raise ValueError(f"--init_projection: expected 'pca' or 'random', got {self.init_projection!r}")
+        if self.retriever_pooling not in (None, "cls", "mean"):
+            raise ValueError(f"--retriever_pooling: expected 'cls' or 'mean', got {self.retriever_pooling!r}")
+
 
 @dataclass
 class QATrainingArguments(TrainingArguments):
@@ -275,8 +281,6 @@ def main(argv=None) -> dict:
                     f"retriever projection started from {stats['num_blocks']:,} blocks' principal directions "
                     f"({ict.config.retriever_pooling} pooling; {stats['explained_variance']:.0%} of their variance)"
                 )
-            elif model_args.init_projection != "random":
-                raise ValueError(f"--init_projection: expected 'pca' or 'random', got {model_args.init_projection!r}")
         else:
             ict = RealmForInverseClozeTask(tiny_config(model_args, len(tokenizer)))
         if args.ict_steps > 0:

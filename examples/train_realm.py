@@ -193,6 +193,12 @@ class ModelArguments:
         metadata={"help": "Hidden and attention dropout (a 2-layer model learns to copy ~5x slower at 0.1)."},
     )
 
+    def __post_init__(self):
+        if self.init_projection not in ("pca", "random"):
+            raise ValueError(f"--init_projection: expected 'pca' or 'random', got {self.init_projection!r}")
+        if self.retriever_pooling not in (None, "cls", "mean"):
+            raise ValueError(f"--retriever_pooling: expected 'cls' or 'mean', got {self.retriever_pooling!r}")
+
 
 @dataclass
 class RealmTrainingArguments(TrainingArguments):
@@ -377,8 +383,6 @@ def start_projection(model, model_args, args, corpus) -> None:
     drawn at random (`random`)."""
     if model_args.init_projection == "random":
         return
-    if model_args.init_projection != "pca":
-        raise ValueError(f"--init_projection: expected 'pca' or 'random', got {model_args.init_projection!r}")
     stats = init_retriever_projection(model, corpus, seed=args.seed, device=args.device,
                                       show_progress=not args.disable_tqdm)  # fmt: skip
     logger.info(

@@ -219,29 +219,14 @@ def test_train_realm_ict_starts_from_the_folder_pooling_and_the_corpus(tmp_path)
     drawn = train_realm.train_ict(model_args, args, config, data, None)
     assert drawn.config.retriever_pooling == "cls"
     assert not torch.allclose(drawn.embedder.cls.dense.weight, model.embedder.cls.dense.weight)
-    model_args.init_projection = "svd"
+
+
+@pytest.mark.parametrize("name", ["train_realm", "finetune_openqa", "build_index"])
+def test_examples_refuse_an_unknown_start_when_parsing(name):
+    module = load_example(name)
+    parse = module.parse if name == "build_index" else module.parse_args
     with pytest.raises(ValueError, match="--init_projection: expected 'pca' or 'random', got 'svd'"):
-        train_realm.train_ict(model_args, args, config, data, None)
-
-
-def test_processes_start_from_process_zero_projection(tmp_path):
-    """Under torch.distributed every process fits the projection; process 0's result is broadcast to all (here each
-    process samples other blocks, so their own fits differ)."""
-    import subprocess
-
-    from .conftest import free_port, subprocess_env
-    from .scripts.projection_broadcast_worker import setup
-
-    worker = os.path.join(ROOT, "tests", "scripts", "projection_broadcast_worker.py")
-    result = subprocess.run([sys.executable, worker, str(free_port()), str(tmp_path)], env=subprocess_env(
-        OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    embedder, data = setup(0)
-    init_retriever_projection(embedder, data, max_blocks=20, seed=0, show_progress=False)  # process 0's fit, alone
-    other, _ = setup(0)
-    init_retriever_projection(other, data, max_blocks=20, seed=1, show_progress=False)  # process 1's own fit
-    assert not torch.allclose(other.cls.dense.weight, embedder.cls.dense.weight, atol=1e-3)
-    for state in got:
-        for name, value in embedder.cls.state_dict().items():
-            torch.testing.assert_close(state[name], value, rtol=0, atol=1e-6)
+        parse(["--init_projection", "svd"])
+    if name != "build_index":
+        with pytest.raises(ValueError, match="--retriever_pooling: expected 'cls' or 'mean', got 'max'"):
+            parse(["--retriever_pooling", "max"])
