@@ -230,3 +230,26 @@ def test_examples_refuse_an_unknown_start_when_parsing(name):
     if name != "build_index":
         with pytest.raises(ValueError, match="--retriever_pooling: expected 'cls' or 'mean', got 'max'"):
             parse(["--retriever_pooling", "max"])
+
+
+def test_processes_start_from_process_zero_projection(tmp_path):
+    """Under torch.distributed every process fits the projection; process 0's result is broadcast to all (here each
+    process samples other blocks, so their own fits differ)."""
+    import subprocess
+
+    from .conftest import free_port, subprocess_env
+    from .scripts.projection_broadcast_worker import setup
+
+    worker = os.path.join(ROOT, "tests", "scripts", "projection_broadcast_worker.py")
+    result = subprocess.run([sys.executable, worker, str(free_port()), str(tmp_path)], env=subprocess_env(
+        OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    embedder, data = setup(0)
+    init_retriever_projection(embedder, data, max_blocks=20, seed=0, show_progress=False)  # process 0's fit, alone
+    other, _ = setup(0)
+    init_retriever_projection(other, data, max_blocks=20, seed=1, show_progress=False)  # process 1's own fit
+    assert not torch.allclose(other.cls.dense.weight, embedder.cls.dense.weight, atol=1e-3)
+    for state in got:
+        for name, value in embedder.cls.state_dict().items():
+            torch.testing.assert_close(state[name], value, rtol=0, atol=1e-6)
