@@ -55,6 +55,7 @@ def main(argv=None) -> dict:
     p.add_argument("--bert", default="minilm", help="a BERT-family encoder (path), or minilm (the [minilm] extra)")
     p.add_argument("--retriever_proj_size", type=int, default=128)
     p.add_argument("--block_seq_len", type=int, default=288)
+    p.add_argument("--split", default="test", help="which questions: test, dev or train (<split>.jsonl)")
     p.add_argument("--max_questions", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=64)
@@ -70,7 +71,7 @@ def main(argv=None) -> dict:
     documents = datasets.load_dataset("json", data_files=os.path.join(args.data, "corpus.jsonl"), split="train")
     corpus = build_corpus(documents, tokenizer, block_seq_len=args.block_seq_len)
     texts = [t.lower() for t in corpus["text"]]
-    with open(os.path.join(args.data, "test.jsonl")) as f:
+    with open(os.path.join(args.data, f"{args.split}.jsonl")) as f:
         questions = [json.loads(line) for line in f][: args.max_questions]
     gold = np.array([q["gold_block_id"] for q in questions])
     answers = [q["answers"] for q in questions]
@@ -101,9 +102,9 @@ def main(argv=None) -> dict:
     report = {
         "command": "python benchmarks/retriever_start.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"), "device": platform.processor() or "cpu", "torch": torch.__version__,
-        "blocks": len(corpus), "questions": len(questions), "seconds": time.time() - start, "rows": rows,
+        "blocks": len(corpus), "split": args.split, "questions": len(questions), "seconds": time.time() - start, "rows": rows,
     }  # fmt: skip
-    print(f"{len(corpus)} blocks, {len(questions)} test questions; encoder {args.bert}")
+    print(f"{len(corpus)} blocks, {len(questions)} {args.split} questions; encoder {args.bert}")
     print(f"{'pooling':<8} {'projection':<14} {'R@1':>6} {'R@5':>6} {'R@20':>6} {'answer R@5':>11}")
     for r in rows:
         print(
