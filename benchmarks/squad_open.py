@@ -50,6 +50,11 @@ def parse_args(argv=None):
     p.add_argument("--searcher_beam_size", type=int, default=20)
     p.add_argument("--reader_beam_size", type=int, default=5)
     p.add_argument("--reader_seq_len", type=int, default=320)
+    p.add_argument(
+        "--retriever_proj_size", type=int, default=128,
+        help="Retriever projection width of (a) and REALM pretraining ((b) and (c) read theirs from the checkpoint); "
+        "the encoder's width (384 for MiniLM) keeps all it has.",
+    )  # fmt: skip
     p.add_argument("--ict_steps", type=int, default=200)
     p.add_argument("--ict_batch_size", type=int, default=64)
     p.add_argument("--ict_learning_rate", type=float, default=5e-5)
@@ -106,6 +111,7 @@ def stage_commands(args, data: str, work: str) -> dict[str, list[str]]:
     common_ft += shlex.split(args.finetune_args)
     ict = ["--ict_steps", str(args.ict_steps), "--ict_batch_size", str(args.ict_batch_size)]
     ict += ["--ict_learning_rate", str(args.ict_learning_rate)]
+    ict += ["--retriever_proj_size", str(args.retriever_proj_size)]
     finetune = [py, os.path.join(ROOT, "examples", "finetune_openqa.py")]
     pretrain = f"{work}/b_pretrain"
     commands = {
