@@ -197,6 +197,37 @@ def exact_matches(path: str) -> np.ndarray:
     return np.array([exact_match(r["prediction"], r["answers"]) for r in rows], dtype=np.float64)
 
 
+def em_by_gold_rank(predictions_path: str, questions_path: str) -> dict | None:
+    """Exact match by where the gold paragraph ranks among the blocks the reader read: first, among the others, or
+    absent. Separates the reader's limit (EM with the gold block first) from the retriever's. None when the
+    predictions or questions carry no ranks (`retrieved`, `gold_block_id`)."""
+    from hf_realm.metrics import exact_match
+
+    with open(predictions_path) as f:
+        predictions = [json.loads(line) for line in f]
+    with open(questions_path) as f:
+        questions = [json.loads(line) for line in f if line.strip()]
+    if len(predictions) > len(questions):
+        raise ValueError(f"{predictions_path}: {len(predictions)} predictions for {len(questions)} questions")
+    if not predictions or "retrieved" not in predictions[0] or "gold_block_id" not in questions[0]:
+        return None
+    bins = {}
+    for p, q in zip(predictions, questions[: len(predictions)], strict=True):
+        if p["question"] != q["question"]:
+            raise ValueError(
+                f"{predictions_path}: prediction for {p['question']!r} against question {q['question']!r}"
+            )
+        retrieved = list(p["retrieved"])
+        rank = retrieved.index(q["gold_block_id"]) if q["gold_block_id"] in retrieved else None
+        name = "first" if rank == 0 else (f"2-{len(retrieved)}" if rank is not None else "absent")
+        hits = bins.setdefault(name, [])
+        hits.append(exact_match(p["prediction"], p["answers"]))
+    return {
+        name: {"questions": len(bins[name]), "exact_match": float(np.mean(bins[name]))}
+        for name in sorted(bins, key=lambda n: {"first": 0, "absent": 2}.get(n, 1))
+    }
+
+
 def paired_bootstrap(first: np.ndarray, second: np.ndarray, samples: int, seed: int = 0) -> dict:
     """Mean of `second - first` (per question, in EM points) and its 95% percentile interval over `samples`
     resamples of the questions (the same questions for both systems)."""
@@ -247,6 +278,12 @@ def main(argv=None) -> dict:
                 "eval_recall@8", "monitor", "realm_seconds", "steady_steps_per_second", "wall_seconds")  # fmt: skip
         summary["b_pretrain"] = {k: r[k] for k in keys if k in r}
     em = {n: exact_matches(os.path.join(args.out, f"{n}_predictions.jsonl")) for n in summary["runs"]}
+    for name in summary["runs"]:
+        by_rank = em_by_gold_rank(
+            os.path.join(args.out, f"{name}_predictions.jsonl"), os.path.join(data, "test.jsonl")
+        )
+        if by_rank is not None:
+            summary["runs"][name]["exact_match_by_gold_rank"] = by_rank
     for x, y in (("a", "b"), ("b", "c"), ("a", "c")):
         if x in em and y in em:
             summary["comparisons"][f"{y}-{x}"] = paired_bootstrap(em[x], em[y], args.bootstrap_samples, args.seed)
@@ -261,6 +298,10 @@ def main(argv=None) -> dict:
             f"{100 * r.get('eval_answer_recall@5', float('nan')):7.1f} "
             f"{100 * r.get('eval_closed_book_exact_match', float('nan')):7.1f} {r.get('eval_num_examples', 0):5d}"
         )
+    for name, r in summary["runs"].items():
+        ranks = r.get("exact_match_by_gold_rank", {})
+        shown = ", ".join(f"{k} {100 * v['exact_match']:.1f} ({v['questions']})" for k, v in ranks.items())
+        print(f"{name}: EM by the gold paragraph's rank among the blocks read (questions): {shown}")
     for key, c in summary["comparisons"].items():
         print(f"EM {key}: {c['difference']:+.2f} points, 95% CI [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]")
     return summary

@@ -134,6 +134,33 @@ def test_paired_bootstrap():
         squad_open.paired_bootstrap(first, second[:-1], samples=10)
 
 
+def test_em_by_gold_rank(tmp_path):
+    rows = [  # (gold block, blocks read, prediction, answers)
+        (3, [3, 1, 2], "Paris", ["paris"]),
+        (3, [3, 1, 2], "Lyon", ["Paris"]),
+        (4, [0, 4, 1], "the Seine", ["Seine"]),
+        (5, [0, 1, 2], "x", ["y"]),
+        (6, [0, 1, 2], "Rome", ["Rome", "Roma"]),
+        (7, [9, 8, 7], "z", ["w"]),
+    ]
+    questions = [{"question": f"q{i}", "answers": r[3], "gold_block_id": r[0]} for i, r in enumerate(rows)]
+    predictions = [{"question": f"q{i}", "prediction": r[2], "answers": r[3], "retrieved": r[1]} for i, r in
+                   enumerate(rows)]  # fmt: skip
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions + [questions[0]]))
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    got = squad_open.em_by_gold_rank(str(tmp_path / "p.jsonl"), str(tmp_path / "q.jsonl"))
+    assert list(got) == ["first", "2-3", "absent"]
+    assert got["first"] == {"questions": 2, "exact_match": 0.5}
+    assert got["2-3"]["questions"] == 2 and got["2-3"]["exact_match"] == pytest.approx(0.5)  # "the Seine" matches
+    assert got["absent"] == {"questions": 2, "exact_match": 0.5}
+    predictions[1]["question"] = "q9"  # out of step with the questions file: refused, not miscounted
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    with pytest.raises(ValueError, match="q9"):
+        squad_open.em_by_gold_rank(str(tmp_path / "p.jsonl"), str(tmp_path / "q.jsonl"))
+    (tmp_path / "p.jsonl").write_text(json.dumps({"question": "q0", "prediction": "a", "answers": ["a"]}) + "\n")
+    assert squad_open.em_by_gold_rank(str(tmp_path / "p.jsonl"), str(tmp_path / "q.jsonl")) is None
+
+
 def test_eval_callback_records_what_evaluate_open_qa_gives(tokenizer, tmp_path):
     _, model = models(tokenizer)
     model.train()
@@ -174,7 +201,8 @@ def test_stage_commands_give_orqa_and_realm_the_same_warm_start_and_fine_tuning(
         return {command[i]: command[i + 1] for i in flags if i + 1 < len(command)}
 
     a, pretrain, b, c = (options(commands[n]) for n in ("a", "b_pretrain", "b", "c"))
-    for flag in ("--ict_steps", "--ict_batch_size", "--ict_learning_rate", "--seed", "--bert_name_or_path"):
+    warm_start = ("--ict_steps", "--ict_batch_size", "--ict_learning_rate", "--retriever_proj_size", "--seed")
+    for flag in warm_start + ("--bert_name_or_path",):
         assert a[flag] == pretrain[flag], flag
     assert a["--max_steps"] == b["--max_steps"] == c["--max_steps"] == "40"  # 2 epochs of 320 questions, 16 a step
     fine_tuning = ("--searcher_beam_size", "--reader_beam_size", "--reader_seq_len", "--learning_rate", "--bf16")
