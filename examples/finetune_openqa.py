@@ -15,8 +15,9 @@ from a short Inverse Cloze Task warm start.
     python examples/finetune_openqa.py --corpus_file data/squad/corpus.jsonl --train_file data/squad/train.jsonl \\
         --eval_file data/squad/test.jsonl --bert_name_or_path minilm --output_dir outputs/squad
 
-Writes `<output_dir>/all_results.json`, `<output_dir>/predictions.jsonl`, the model, its index (`index/`) and block
-records + tokenizer (`RealmRetriever.from_pretrained(output_dir)`).
+Writes the model, its index (`index/`) and block records + tokenizer (`RealmRetriever.from_pretrained(output_dir)`)
+as soon as training ends, so an interrupted evaluation keeps them; then `<output_dir>/all_results.json` and
+`<output_dir>/predictions.jsonl`.
 """
 
 from __future__ import annotations
@@ -226,6 +227,25 @@ def qa_fields(model_args: ModelArguments) -> dict:
     }
 
 
+def save_trained(model, index: RealmBlockIndex, output_dir: str) -> RealmForOpenQA:
+    """Save the fine-tuned model, its block records + tokenizer and its index to `output_dir`; with LoRA the adapter
+    alone goes to `adapter/` and the merged model to `output_dir`. Returns the model as saved (merged), to evaluate."""
+    os.makedirs(output_dir, exist_ok=True)
+    if hasattr(model, "merge_and_unload"):  # peft: the adapter on its own, the merged model beside it
+        adapter_dir = os.path.join(output_dir, "adapter")
+        model.save_pretrained(adapter_dir)
+        with open(os.path.join(adapter_dir, ADAPTER_MARKER_NAME), "w") as f:  # Auto classes refuse other classes
+            hint = (f"The merged model is {output_dir} (RealmForOpenQA.from_pretrained); to use the adapter, "
+                    "build the RealmForOpenQA as this example does and call PeftModel.from_pretrained(model, "
+                    f"{adapter_dir!r}).")  # fmt: skip
+            json.dump({"model_class": "RealmForOpenQA", "hint": hint}, f, indent=2)
+        model = model.merge_and_unload()
+    model.save_pretrained(output_dir)
+    model.retriever.save_pretrained(output_dir)
+    index.save_pretrained(os.path.join(output_dir, "index"))
+    return model
+
+
 def main(argv=None) -> dict:
     data_args, model_args, args = parse_args(argv)
     check_extras(model_args, args)
@@ -376,9 +396,10 @@ def main(argv=None) -> dict:
     if callbacks:
         results["dev_history"] = callbacks[0].history
 
-    # 4. Evaluate: EM with retrieval, the same reader closed book, retrieval recall.
+    # 4. Save the trained model first (an evaluation that is interrupted keeps it), then evaluate what was saved: EM
+    # with retrieval, the same reader closed book, retrieval recall.
     if args.process_index == 0:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = save_trained(model, index, args.output_dir)
         metrics, predictions = evaluate_open_qa(
             base,
             test,
@@ -400,24 +421,11 @@ def main(argv=None) -> dict:
         results.update({f"eval_{k}": v for k, v in metrics.items()})
         results["eval_closed_book_exact_match"] = closed["exact_match"]
         results["total_seconds"] = time.time() - start
-        os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "predictions.jsonl"), "w") as f:
             for record in predictions:
                 f.write(json.dumps(record) + "\n")
         with open(os.path.join(args.output_dir, "all_results.json"), "w") as f:
             json.dump(results, f, indent=2)
-        if hasattr(model, "merge_and_unload"):  # peft: the adapter on its own, the merged model beside it
-            adapter_dir = os.path.join(args.output_dir, "adapter")
-            model.save_pretrained(adapter_dir)
-            with open(os.path.join(adapter_dir, ADAPTER_MARKER_NAME), "w") as f:  # Auto classes refuse other classes
-                hint = (f"The merged model is {args.output_dir} (RealmForOpenQA.from_pretrained); to use the adapter, "
-                        "build the RealmForOpenQA as this example does and call PeftModel.from_pretrained(model, "
-                        f"{adapter_dir!r}).")  # fmt: skip
-                json.dump({"model_class": "RealmForOpenQA", "hint": hint}, f, indent=2)
-            base = model.merge_and_unload()
-        base.save_pretrained(args.output_dir)
-        base.retriever.save_pretrained(args.output_dir)
-        index.save_pretrained(os.path.join(args.output_dir, "index"))
         logger.info("results:\n" + json.dumps(results, indent=2))
         if args.push_to_hub:
             repo = args.hub_model_id or os.path.basename(args.output_dir.rstrip("/"))

@@ -280,3 +280,34 @@ def test_an_openqa_lora_adapter_is_refused_by_other_classes(tmp_path):
     with pytest.raises(ValueError, match=r"trained on RealmForOpenQA, not RealmEmbedder"):
         RealmEmbedder.from_pretrained(adapter)
     assert sorted(p.name for p in adapter.iterdir()) == sorted([*before, ADAPTER_MARKER_NAME])
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_finetune_openqa_saves_the_model_before_evaluating_it(tmp_path, monkeypatch, lora):
+    """finetune_openqa.py saves the trained model (merged, with LoRA), its retriever and its index before the test
+    evaluation, and evaluates exactly what it saved: an evaluation that fails or is killed keeps the trained model."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))
+    import finetune_openqa
+
+    evaluated = {}
+
+    def failing_evaluation(model, *args, **kwargs):
+        evaluated.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        raise RuntimeError("evaluation interrupted")
+
+    monkeypatch.setattr(finetune_openqa, "evaluate_open_qa", failing_evaluation)
+    out = tmp_path / "finetune"
+    argv = ["--num_entities", "40", "--max_steps", "2", "--per_device_train_batch_size", "4", "--ict_steps", "2",
+            "--ict_batch_size", "8", "--searcher_beam_size", "6", "--reader_beam_size", "2", "--hidden_size", "32",
+            "--intermediate_size", "37", "--retriever_proj_size", "16", "--output_dir", str(out), "--use_cpu", "true",
+            "--disable_tqdm", "true", "--realm_checkpoint", str(tmp_path / "none")]  # fmt: skip
+    if lora:
+        argv += ["--lora_r", "2"]
+    with pytest.raises(RuntimeError, match="evaluation interrupted"):
+        finetune_openqa.main(argv)
+    assert not (out / "all_results.json").exists()
+    saved = AutoModelForQuestionAnswering.from_pretrained(out)
+    assert type(saved) is RealmForOpenQA and len(saved.index) == 40 and len(saved.retriever.block_records) == 40
+    state = saved.state_dict()
+    assert evaluated.keys() == state.keys() and all(torch.equal(evaluated[k], state[k]) for k in state)
+    assert (out / "adapter" / "adapter_config.json").exists() == lora
