@@ -130,6 +130,78 @@ def test_evaluation_numbers_against_hand_computed(tokenizer):
     assert [r["prediction"] for r in records] == [answers[q["question"]] for q in QUESTIONS]
 
 
+def test_predicted_answer_spans_give_the_answer_as_its_block_writes_it(tokenizer):
+    """`predicted_answer_spans` point at the predicted ids among the block's own tokens, in the block the reader
+    chose; `evaluate_open_qa` reads the answer from the block's text there. The blocks are written capitalised and
+    the tokenizer is uncased: the same ids, so the predictions are the decoded ids with the block's case."""
+    legacy, modern = models(tokenizer)
+    written = [" ".join(w.capitalize() for w in b.split()) for b in BLOCKS]
+    for model in (legacy, modern):
+        model.retriever = RealmRetriever(np.array([b.encode() for b in written], dtype=object), tokenizer)
+        batch = DataCollatorForOpenQA(tokenizer, with_answers=False)(QUESTIONS)
+        with torch.no_grad():
+            out = model(**batch)
+            retrieved, _ = model.search_blocks(model.embedder(**batch, return_dict=True).projected_score)
+        assert len(out.predicted_answer_spans) == len(QUESTIONS)
+        for i, (block_id, first, last) in enumerate(out.predicted_answer_spans):
+            assert block_id == int(retrieved[i][out.reader_output.block_idx[i]])
+            block_ids = tokenizer(BLOCKS[block_id], add_special_tokens=False).input_ids
+            assert block_ids[first : last + 1] == out.predicted_answer_ids[i].tolist()
+        with torch.no_grad():
+            one = model(**{k: v[:1] for k, v in batch.items()})  # 4.x shapes for one question, spans the same
+        assert one.predicted_answer_spans == out.predicted_answer_spans[:1]
+        _, records = evaluate_open_qa(model, datasets.Dataset.from_list(QUESTIONS), tokenizer, batch_size=3)
+        predicted = zip(records, out.predicted_answer_ids, out.predicted_answer_spans, strict=True)
+        for record, ids, (block_id, _, _) in predicted:
+            decoded = tokenizer.decode(ids, skip_special_tokens=True)
+            assert record["prediction"] == " ".join(w.capitalize() for w in decoded.split())
+            assert record["prediction"] in written[block_id]
+
+
+def test_span_text_keeps_punctuation_accents_and_refuses_what_it_cannot_check(tokenizer):
+    from hf_realm import RealmTokenizer
+
+    vocab = "[PAD] [UNK] [CLS] [SEP] [MASK] in the at levi ' s stadium , 30 000 fans krasinski garden".split()
+    tok = RealmTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+    text = "In the Krasiński Garden, at Levi's Stadium: 30,000 fans"
+    retriever = RealmRetriever(np.array([text.encode()], dtype=object), tok)
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert tok.decode(ids[2:4]) == "krasinski garden" and tok.decode(ids[11:14]) == "30, 000"
+    assert retriever.span_text(0, 2, 3) == "Krasiński Garden"
+    assert retriever.span_text(0, 6, 9, expected_ids=ids[6:10]) == "Levi's Stadium"
+    assert retriever.span_text(0, 11, 14) == "30,000 fans"
+    assert retriever.span_text(0, 11, len(ids)) is None  # past the block's last token
+    assert retriever.span_text(0, 3, 2) is None and retriever.span_text(0, -1, 2) is None
+    assert retriever.span_text(0, 6, 9, expected_ids=ids[5:9]) is None  # not the ids the reader read
+    slow = RealmRetriever(retriever.block_records, types.SimpleNamespace(is_fast=False))
+    assert slow.span_text(0, 2, 3) is None
+
+    class Fake(torch.nn.Module):  # predicts "levi ' s stadium" in block 0
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.retriever, self.index, self.config = retriever, None, types.SimpleNamespace(max_span_width=3)
+            self.block_emb = torch.zeros(1, 2)
+
+        def forward(self, input_ids, **kwargs):
+            n = len(input_ids)
+            return types.SimpleNamespace(
+                predicted_answer_ids=[torch.tensor(ids[6:10])] * n, predicted_answer_spans=[(0, 6, 9)] * n
+            )
+
+        def embedder(self, input_ids, **kwargs):
+            return types.SimpleNamespace(projected_score=input_ids)
+
+        def search_blocks(self, q, k):
+            return torch.zeros(len(q), k, dtype=torch.long), None
+
+    questions = datasets.Dataset.from_list([{"question": "at the stadium ?", "answers": ["Levi's Stadium"]}])
+    metrics, records = evaluate_open_qa(Fake(), questions, tok, recall_ks=(1,))
+    assert records[0]["prediction"] == "Levi's Stadium" and metrics["exact_match"] == 1.0
+    closed, records = evaluate_open_qa(Fake(), questions, tok, recall_ks=(), closed_book=True)
+    assert records[0]["prediction"] == "levi ' s stadium" and closed["exact_match"] == 0.0  # no block: the ids
+
+
 def test_lora_adapters_train_alone_and_round_trip(tokenizer, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 

@@ -192,11 +192,17 @@ class RealmForOpenQAOutput(ModelOutput):
             Reader output.
         predicted_answer_ids (`torch.LongTensor` of shape `(answer_sequence_length,)`):
             Predicted answer ids; with a batch of `B > 1` questions, a list of `B` such tensors.
+        predicted_answer_spans (`list[tuple[int, int, int]]`):
+            Where each question's predicted answer lies (not in 4.x): `(block_id, first_token, last_token)`, the
+            block's row in the retriever's records and the answer's first and last token among the block's own
+            tokens. [`RealmRetriever.span_text`] turns it into the answer as the block's text has it (case, accents
+            and spacing kept), where `tokenizer.decode(predicted_answer_ids)` gives the tokenizer's normalised form.
     """
 
     loss: torch.FloatTensor | None = None
     reader_output: RealmReaderOutput | None = None
     predicted_answer_ids: torch.LongTensor | list[torch.LongTensor] | None = None
+    predicted_answer_spans: list[tuple[int, int, int]] | None = None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -1356,7 +1362,7 @@ class RealmForOpenQA(RealmPreTrainedModel):
         }
         sequence_output = self.reader.encode(**joint).last_hidden_state
 
-        outputs, predicted = [], []
+        outputs, predicted, spans = [], [], []
         for b, (concat, block_mask, relevance, has_answers, start_pos, end_pos) in enumerate(per_question):
             length = concat.input_ids.shape[1]
             if has_answers is not None:
@@ -1373,6 +1379,9 @@ class RealmForOpenQA(RealmPreTrainedModel):
             )
             block = concat.input_ids[out.block_idx]
             predicted.append(block[out.start_pos : out.end_pos + 1])
+            first_block_token = int(block_mask[out.block_idx].to(torch.int8).argmax())  # spans lie in the block
+            spans.append((int(retrieved_block_ids[b][out.block_idx]), int(out.start_pos) - first_block_token,
+                          int(out.end_pos) - first_block_token))  # fmt: skip
             outputs.append(out)
 
         if batch_size == 1:
@@ -1382,7 +1391,10 @@ class RealmForOpenQA(RealmPreTrainedModel):
         if not return_dict:
             return reader_output, predicted_answer_ids
         return RealmForOpenQAOutput(
-            loss=reader_output.loss, reader_output=reader_output, predicted_answer_ids=predicted_answer_ids
+            loss=reader_output.loss,
+            reader_output=reader_output,
+            predicted_answer_ids=predicted_answer_ids,
+            predicted_answer_spans=spans,
         )
 
 

@@ -157,7 +157,13 @@ def evaluate_open_qa(
             answer_ids = out.predicted_answer_ids
             if isinstance(answer_ids, torch.Tensor):
                 answer_ids = [answer_ids]
-            predictions.extend(tokenizer.decode(ids, skip_special_tokens=True) for ids in answer_ids)
+            spans = getattr(out, "predicted_answer_spans", None) or [None] * len(answer_ids)
+            for ids, span in zip(answer_ids, spans, strict=True):
+                # the answer as its block has it; the decoded ids where that cannot be read (or with no blocks)
+                text = None
+                if span is not None and not closed_book:
+                    text = model.retriever.span_text(*span, expected_ids=ids.tolist())
+                predictions.append(text if text is not None else tokenizer.decode(ids, skip_special_tokens=True))
             query = model.embedder(**batch, return_dict=True).projected_score
             ids, _ = model.search_blocks(query, k=max_k)
             retrieved_all.extend(ids.cpu().numpy().tolist())

@@ -192,6 +192,38 @@ class RealmRetriever:
     def _text(record) -> str:
         return record.decode() if isinstance(record, bytes) else str(record)
 
+    def span_text(self, block_id: int, first_token: int, last_token: int, expected_ids=None) -> str | None:
+        """The text of tokens `first_token..last_token` of block `block_id` as the block has it: case, accents,
+        punctuation and spacing kept (`"Levi's Stadium"`, `"30,000"`, where decoding the uncased ids gives
+        `"levi ' s stadium"` and `"30, 000"`). Takes a [`RealmForOpenQA`] output's `predicted_answer_spans` entry.
+
+        Returns None when it cannot say for sure, so that the caller decodes the ids instead: the tokenizer gives no
+        character offsets, the span is outside the block, or the block's tokens there are not `expected_ids` (the
+        answer ids the reader read).
+
+        Example:
+
+        ```python
+        >>> import numpy as np
+        >>> from hf_realm import RealmRetriever, RealmTokenizer
+        >>> vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "at", "levi", "'", "s", "stadium", ","]
+        >>> tokenizer = RealmTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+        >>> retriever = RealmRetriever(np.array([b"At Levi's Stadium,"], dtype=object), tokenizer)
+        >>> retriever.span_text(0, 1, 4), tokenizer.decode([6, 7, 8, 9])
+        ("Levi's Stadium", "levi ' s stadium")
+        ```
+        """
+        if not getattr(self.tokenizer, "is_fast", False) or first_token < 0 or last_token < first_token:
+            return None
+        text = self._text(self.block_records[int(block_id)])
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+        if last_token >= len(ids):
+            return None
+        if expected_ids is not None and list(ids[first_token : last_token + 1]) != [int(i) for i in expected_ids]:
+            return None
+        return text[offsets[first_token][0] : offsets[last_token][1]]
+
     def _assemble_pairs(self, ids: np.ndarray, question: str, max_length: int | None):
         """The reader inputs built from ids, or None when the tokenizer's truncation would cut the question too
         (longest-first truncation of a question longer than half the room: left to the tokenizer)."""
