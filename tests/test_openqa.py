@@ -158,21 +158,22 @@ def test_predicted_answer_spans_give_the_answer_as_its_block_writes_it(tokenizer
             assert record["prediction"] in written[block_id]
 
 
-def assert_open_qa_device_matches_cpu(tokenizer, device):
-    """RealmForOpenQA on `device` (both index paths, with and without answers) against the same weights on the
-    CPU: the same blocks, answer ids and `predicted_answer_spans`, losses within float32 noise; and the same
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_open_qa_on_cuda_gives_the_cpu_answers_spans_and_losses(tokenizer):
+    """RealmForOpenQA on CUDA (both index paths, with and without answers) against the same weights on the CPU: the
+    same blocks, answer ids and `predicted_answer_spans`, losses within float32 noise; and the same
     `evaluate_open_qa` records, read from the blocks' text."""
     questions = datasets.Dataset.from_list(QUESTIONS)
     for cpu_model, moved in zip(models(tokenizer), models(tokenizer), strict=True):
-        moved.to(device)
+        moved.to("cuda")
         for with_answers in (False, True):
             batch = DataCollatorForOpenQA(tokenizer, with_answers=with_answers)(QUESTIONS)
             with torch.no_grad():
                 want = cpu_model(**batch)
-                got = moved(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+                got = moved(**{k: v.to("cuda") if torch.is_tensor(v) else v for k, v in batch.items()})
             assert got.predicted_answer_spans == want.predicted_answer_spans
             for g, w in zip(got.predicted_answer_ids, want.predicted_answer_ids, strict=True):
-                assert g.device.type == torch.device(device).type and g.cpu().tolist() == w.tolist()
+                assert g.device.type == "cuda" and g.cpu().tolist() == w.tolist()
             for name in ("block_idx", "start_pos", "end_pos"):
                 assert getattr(got.reader_output, name).cpu().tolist() == getattr(want.reader_output, name).tolist()
             if with_answers:
@@ -185,11 +186,6 @@ def assert_open_qa_device_matches_cpu(tokenizer, device):
         got_metrics, got_records = evaluate_open_qa(moved, questions, tokenizer, batch_size=3)
         assert [r["prediction"] for r in got_records] == [r["prediction"] for r in want_records]
         assert got_metrics == pytest.approx(want_metrics)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_open_qa_on_cuda_gives_the_cpu_answers_spans_and_losses(tokenizer):
-    assert_open_qa_device_matches_cpu(tokenizer, "cuda")
 
 
 def test_span_text_keeps_punctuation_accents_and_refuses_what_it_cannot_check(tokenizer):
