@@ -395,6 +395,24 @@ def test_missing_faiss_names_the_package():
             np.testing.assert_array_equal(index.search(queries, 3)[1], brute_force(queries, emb, 3)[1])
 
 
+@needs_faiss
+def test_faiss_hidden_once_is_not_refused_for_good():
+    """A first faiss check made while the module is hidden (a test, or a notebook before `pip install`) must not stick:
+    transformers' `is_faiss_available` caches its answer for the process, so it does not decide."""
+    from transformers.utils import is_faiss_available
+
+    corpus, emb, queries = random_index_inputs(n=20, d=4)
+    is_faiss_available.cache_clear()
+    try:
+        with mock.patch.dict(sys.modules, {"faiss": None}):
+            with pytest.raises(ImportError, match="pip install faiss-cpu"):
+                RealmBlockIndex(corpus, emb, backend="faiss")
+        index = RealmBlockIndex(corpus, emb, backend="faiss")
+        np.testing.assert_array_equal(index.search(queries, 3)[1], brute_force(queries, emb, 3)[1])
+    finally:
+        is_faiss_available.cache_clear()
+
+
 def test_update_embeddings_swaps_and_failure_keeps_old():
     corpus, emb, queries = random_index_inputs(n=50, d=4)
     index = RealmBlockIndex(corpus, emb, backend="torch")

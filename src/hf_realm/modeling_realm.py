@@ -1378,7 +1378,7 @@ class RealmForOpenQA(RealmPreTrainedModel):
                 has_answers,
             )
             block = concat.input_ids[out.block_idx]
-            predicted.append(block[out.start_pos : out.end_pos + 1])
+            predicted.append(block[out.start_pos : out.end_pos + 1].to(device))  # on the reader's device, as in 4.x
             first_block_token = int(block_mask[out.block_idx].to(torch.int8).argmax())  # spans lie in the block
             spans.append((int(retrieved_block_ids[b][out.block_idx]), int(out.start_pos) - first_block_token,
                           int(out.end_pos) - first_block_token))  # fmt: skip

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from transformers.utils import is_faiss_available
-
 
 @contextlib.contextmanager
 def quiet_faiss_loader():
@@ -29,10 +27,8 @@ _INSTALL_HINT = (
 
 def import_faiss():
     """The `faiss` module; an `ImportError` that names the package to install when it is missing."""
-    # transformers' cached check first (no import); the import itself can still fail (a broken install, or a test
-    # that hides the module).
-    if not is_faiss_available():
-        raise ImportError(_INSTALL_HINT)
+    # The import itself decides, not transformers' `is_faiss_available`: that answer is cached for the process, so one
+    # call while faiss was hidden or not yet installed would refuse faiss for good (a missing faiss fails fast anyway).
     try:
         with quiet_faiss_loader():
             import faiss
