@@ -223,6 +223,57 @@ def test_monitor_warns_when_utility_stays_non_positive(monkeypatch, caplog):
                                   "closed_book_span_accuracy": 0.05, "recall@1": 0.5}  # fmt: skip
 
 
+def test_monitor_warns_once_when_retrieval_gets_worse(monkeypatch, caplog):
+    """The answer recall of REALM pretraining on SQuAD-open's corpus (H100, 2026-12-07): below 80% of its start at
+    steps 600 and 800, so the warning comes at 800, once; gold-block recall decides over answer recall when present."""
+    import hf_realm.pretraining as pretraining
+
+    answer_recall = [0.3516, 0.293, 0.3164, 0.2734, 0.1641, 0.1719, 0.1]
+    utility = [0.1936, 0.1262, 0.0936, 0.0728, 0.0386, 0.0387, 0.03]
+    rows = iter(
+        {
+            "retrieval_utility": u,
+            "masked_span_accuracy": 0.05,
+            "closed_book_span_accuracy": 0.04,
+            "answer_recall@5": r / 2,
+            "answer_recall@8": r,
+        }  # fmt: skip
+        for u, r in zip(utility, answer_recall, strict=True)
+    )
+    monkeypatch.setattr(pretraining, "evaluate_masked_lm", lambda *a, **k: next(rows))
+    monitor = RetrievalMonitorCallback([], None, eval_steps=200, patience=2)
+    with caplog.at_level(logging.WARNING, logger="hf_realm.pretraining"):
+        for step in range(0, 1400, 200):
+            monitor.check(None, step)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "retrieval is getting worse" in warned[0]
+    assert "answer_recall@8 fell from 0.352 at step 0 to 0.164 at step 800" in warned[0]
+    assert "retrieval_utility 0.194 -> 0.039" in warned[0]
+
+    # Gold-block recall holds steady while answer recall falls: no warning; then gold recall falls for 2 checks.
+    gold = iter([0.9, 0.85, 0.88, 0.7, 0.71])
+    monkeypatch.setattr(
+        pretraining,
+        "evaluate_masked_lm",
+        lambda *a, **k: {
+            "retrieval_utility": 0.1,
+            "masked_span_accuracy": 0.1,
+            "closed_book_span_accuracy": 0.1,
+            "recall@8": next(gold),
+            "answer_recall@8": 0.01,
+        },  # fmt: skip
+    )
+    monitor = RetrievalMonitorCallback([], None, eval_steps=10, patience=2)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_realm.pretraining"):
+        for step in range(0, 50, 10):
+            monitor.check(None, step)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "recall@8 fell from 0.900 at step 0 to 0.710 at step 40" in warned[0]
+    with pytest.raises(ValueError, match="0 < decline < 1"):
+        RetrievalMonitorCallback([], None, eval_steps=10, decline=1.0)
+
+
 def test_library_path_end_to_end_from_files(tmp_path, tokenizer):
     """Files on disk -> corpus, examples, index -> a few `Trainer` steps of `RealmForMaskedLM`: the own blocks of the
     corpus's sentences are never candidates, and the trained model is evaluated on held-out rows."""

@@ -441,14 +441,20 @@ class RetrievalMonitorCallback(TrainerCallback):
     `retrieval_utility` (the log-likelihood the retrieved blocks add over the null document alone), gold-block
     `recall@k` (when the examples carry `gold_block_id`), `answer_recall@k` and `masked_span_accuracy`, prefixed
     `monitor_`. When the utility stays <= 0 for `patience` checks in a row it warns that the reader is not using
-    what the retriever finds.
+    what the retriever finds. When recall at the largest cut-off (gold-block `recall@k` if the examples have gold
+    blocks, else `answer_recall@k`) stays more than `decline` (a share) below its value at the first check for
+    `patience` checks in a row, it warns that retrieval is getting worse: REALM's gradient is moving the retriever away
+    from the blocks that hold the answers, as on a corpus whose other blocks rarely restate a masked fact.
 
     Args:
         eval_dataset: Held-out examples for `data_collator` (a sample of `max_examples` is used).
         data_collator: The masking collator (a seeded one gives the same spans at each check).
         eval_steps (`int`): Check every this many steps (0: never; use the refresh period).
         max_examples (`int`, *optional*, defaults to 256): Examples per check.
-        patience (`int`, *optional*, defaults to 2): Checks with utility <= 0 in a row before warning.
+        patience (`int`, *optional*, defaults to 2): Checks with utility <= 0 (or recall below the decline
+            threshold) in a row before warning.
+        decline (`float`, *optional*, defaults to 0.2): Relative fall of recall from the first check that counts as
+            retrieval getting worse (0.2: below 80% of the starting recall).
         recall_ks (`Sequence[int]`, *optional*, defaults to `(1, 5, 8)`): Recall cut-offs.
 
     Example:
@@ -470,18 +476,22 @@ class RetrievalMonitorCallback(TrainerCallback):
         patience: int = 2,
         recall_ks: Sequence[int] = (1, 5, 8),
         batch_size: int = 64,
+        decline: float = 0.2,
     ):
-        if eval_steps < 0 or patience < 1 or max_examples < 1:
+        if eval_steps < 0 or patience < 1 or max_examples < 1 or not 0 < decline < 1:
             raise ValueError(
-                f"need eval_steps >= 0, patience >= 1 and max_examples >= 1, got {eval_steps}, {patience}, "
-                f"{max_examples}"
+                f"need eval_steps >= 0, patience >= 1, max_examples >= 1 and 0 < decline < 1, got {eval_steps}, "
+                f"{patience}, {max_examples}, {decline}"
             )
         if hasattr(eval_dataset, "select") and len(eval_dataset) > max_examples:
             eval_dataset = eval_dataset.select(range(max_examples))
         self.eval_dataset, self.data_collator = eval_dataset, data_collator
         self.eval_steps, self.patience, self.recall_ks, self.batch_size = eval_steps, patience, recall_ks, batch_size
+        self.decline = decline
         self.history: list[dict] = []
         self._bad_checks = 0
+        self._declining_checks = 0
+        self._warned_decline = False
 
     def check(self, model, step: int) -> dict[str, float]:
         """Evaluate now; log, record in `history` and warn as described above. Returns the metrics."""
@@ -501,7 +511,32 @@ class RetrievalMonitorCallback(TrainerCallback):
                 "recall@k / answer_recall@k (is the retriever finding the blocks?), then at the reader (learning rate, "
                 "steps, a warm start)."
             )
+        self._check_decline(record)
         return metrics
+
+    def _check_decline(self, record: dict) -> None:
+        """Warn once when recall at the largest cut-off has stayed below `(1 - decline)` of its first value."""
+        recalls = [k for k in record if k.startswith("recall@")] or [
+            k for k in record if k.startswith("answer_recall@")
+        ]
+        if not recalls or self._warned_decline:
+            return
+        key = max(recalls, key=lambda k: int(k.split("@")[1]))
+        start = self.history[0].get(key)
+        if not start:  # nothing found at the start: no fall to measure
+            return
+        falling = record[key] < (1 - self.decline) * start
+        self._declining_checks = self._declining_checks + 1 if falling else 0
+        if self._declining_checks == self.patience:
+            self._warned_decline = True
+            logger.warning(
+                f"retrieval is getting worse: {key} fell from {start:.3f} at step {self.history[0]['step']} to "
+                f"{record[key]:.3f} at step {record['step']} (below {1 - self.decline:.0%} of its start for "
+                f"{self.patience} checks; retrieval_utility {self.history[0]['retrieval_utility']:.3f} -> "
+                f"{record['retrieval_utility']:.3f}). REALM's gradient is moving the retriever away from the blocks "
+                "that hold the masked spans: check that other blocks of the corpus restate the facts being masked "
+                "(the own block is excluded), or lower the retriever's learning rate."
+            )
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.eval_steps and state.is_world_process_zero and not self.history:
