@@ -58,6 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--ict_steps", type=int, default=200)
     p.add_argument("--ict_batch_size", type=int, default=64)
     p.add_argument("--ict_learning_rate", type=float, default=5e-5)
+    p.add_argument(
+        "--ict_group_by", default=None,
+        help="Corpus column whose documents ICT batches keep whole (doc_id: hard in-batch negatives).",
+    )  # fmt: skip
     p.add_argument("--realm_steps", type=int, default=1000)
     p.add_argument("--realm_batch_size", type=int, default=32)
     p.add_argument("--realm_learning_rate", type=float, default=5e-5, help="Reader learning rate in REALM.")
@@ -112,6 +116,8 @@ def stage_commands(args, data: str, work: str) -> dict[str, list[str]]:
     ict = ["--ict_steps", str(args.ict_steps), "--ict_batch_size", str(args.ict_batch_size)]
     ict += ["--ict_learning_rate", str(args.ict_learning_rate)]
     ict += ["--retriever_proj_size", str(args.retriever_proj_size)]
+    if args.ict_group_by:
+        ict += ["--ict_group_by", args.ict_group_by]
     finetune = [py, os.path.join(ROOT, "examples", "finetune_openqa.py")]
     pretrain = f"{work}/b_pretrain"
     commands = {

@@ -135,6 +135,13 @@ class QATrainingArguments(TrainingArguments):
     ict_steps: int = field(default=800, metadata={"help": "ICT warm start when no REALM checkpoint is given."})
     ict_learning_rate: float = 1e-3
     ict_batch_size: int = 32
+    ict_group_by: str | None = field(
+        default=None,
+        metadata={
+            "help": "A corpus column (e.g. doc_id): ICT batches hold whole documents, so the in-batch negatives are "
+            "mostly the other passages of the query's own document (hard negatives)."
+        },
+    )
     eval_batch_size: int = 32
     index_backend: str = "auto"
 
@@ -319,7 +326,7 @@ def main(argv=None) -> dict:
                 disable_tqdm=args.disable_tqdm,
                 remove_unused_columns=False,
             )
-            train_inverse_cloze_task(ict, corpus, tokenizer, ict_args)
+            train_inverse_cloze_task(ict, corpus, tokenizer, ict_args, group_by=args.ict_group_by)
             ict_seconds = time.time() - ict_start
         doc_embedder = query_embedder = ict.embedder
         reader_bert = None

@@ -237,6 +237,13 @@ class RealmTrainingArguments(TrainingArguments):
             "instead of names."
         },
     )
+    ict_group_by: str | None = field(
+        default=None,
+        metadata={
+            "help": "A corpus column (e.g. doc_id): ICT batches hold whole documents, so the in-batch negatives are "
+            "mostly the other passages of the query's own document (hard negatives)."
+        },
+    )
     retriever_delay_steps: int = field(
         default=0,
         metadata={
@@ -361,7 +368,7 @@ def train_ict(model_args, args, config, corpus, tokenizer) -> RealmForInverseClo
         save_strategy="no",
         **ddp_defaults(args),
     )
-    result = train_inverse_cloze_task(model, corpus, tokenizer, ict_args)
+    result = train_inverse_cloze_task(model, corpus, tokenizer, ict_args, group_by=args.ict_group_by)
     logger.info(f"ICT: {result.metrics}")
     return model
 

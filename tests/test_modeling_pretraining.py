@@ -273,3 +273,55 @@ def test_reader_warm_start_teaches_the_reader_to_read_its_own_block(tmp_path):
     model.index = None
     with pytest.raises(ValueError, match="model's index"):
         train_reader_warm_start(model, corpus, tokenizer, args)
+
+
+def test_grouped_order_keeps_groups_whole_in_every_pass():
+    from hf_realm import grouped_order
+
+    groups = [i % 5 for i in range(23)]  # five groups of 4-5 rows, interleaved
+    order = grouped_order(groups, num_examples=50, seed=3)
+    assert len(order) == 69  # whole passes: 3 x 23 >= 50
+    for p in range(3):
+        one_pass = order[23 * p : 23 * (p + 1)]
+        assert sorted(one_pass) == list(range(23))
+        keys = [groups[i] for i in one_pass]
+        runs = [k for j, k in enumerate(keys) if j == 0 or keys[j - 1] != k]
+        assert sorted(runs) == [0, 1, 2, 3, 4]  # each group is one contiguous run
+    assert order[:23] != order[23:46]  # a fresh shuffle per pass
+    assert grouped_order(groups, 50, seed=3) == order
+    assert grouped_order(groups, 50, seed=4) != order
+    with pytest.raises(ValueError, match="no rows"):
+        grouped_order([], 1)
+
+
+def test_grouped_ict_batches_hold_whole_documents(tmp_path):
+    """With `group_by`, every ICT batch the model sees is the next cut of `grouped_order`: whole documents."""
+    import datasets
+
+    from hf_realm import grouped_order, train_inverse_cloze_task
+
+    from .conftest import WORDS, tiny_training_args, toy_tokenizer
+
+    tokenizer = toy_tokenizer()
+    words = [w for w in WORDS if w.isalpha()][:12]
+    rows = [{"doc_id": d, "title": words[d], "text": f"{words[d]} {words[j]} . {words[j + 1]} {words[d]} ."}
+            for d in range(4) for j in range(d + 2)]  # fmt: skip
+    corpus = datasets.Dataset.from_list(rows)
+    torch.manual_seed(0)
+    model = RealmForInverseClozeTask(config(vocab_size=len(tokenizer)))
+    seen = []
+    forward = model.forward
+
+    def recording_forward(query_input_ids, block_input_ids, **kw):
+        seen.append([tokenizer.decode(ids[1:2]) for ids in block_input_ids])  # the title after [CLS]
+        return forward(query_input_ids=query_input_ids, block_input_ids=block_input_ids, **kw)
+
+    model.forward = recording_forward
+    args = tiny_training_args(tmp_path, max_steps=5, per_device_train_batch_size=4, seed=7)
+    assert train_inverse_cloze_task(model, corpus, tokenizer, args, group_by="doc_id").global_step == 5
+    order = grouped_order(corpus["doc_id"], 5 * 4, seed=7)
+    assert seen == [[rows[i]["title"] for i in order[4 * s : 4 * s + 4]] for s in range(5)]
+    for bad in ("article", None):
+        args = tiny_training_args(tmp_path, max_steps=-1 if bad is None else 5, per_device_train_batch_size=4)
+        with pytest.raises(ValueError, match="expected a corpus column, got 'article'" if bad else "max_steps > 0"):
+            train_inverse_cloze_task(model, corpus, tokenizer, args, group_by=bad or "doc_id")

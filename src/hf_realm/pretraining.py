@@ -94,7 +94,52 @@ class DataCollatorForInverseClozeTask:
         return batch
 
 
-def train_inverse_cloze_task(model, corpus, tokenizer, training_args, *, query_max_length: int = 64, callbacks=None):
+def grouped_order(groups: Sequence, num_examples: int, seed: int = 0) -> list[int]:
+    """Row order that keeps each group's rows together, so a batch cut from it holds whole groups.
+
+    Each pass over the rows shuffles the groups and the rows inside each group (a fresh shuffle per pass, from
+    `seed`), and passes are repeated until the order holds `num_examples` rows. Cut into consecutive batches, it
+    gives ICT hard in-batch negatives: the other blocks of the same document.
+
+    Args:
+        groups (`Sequence`): One hashable group key per row (e.g. each block's `doc_id` or `title`).
+        num_examples (`int`): Rows the order must hold at least (steps x batch size x processes).
+        seed (`int`, *optional*, defaults to 0): Seed of the shuffles.
+
+    Returns:
+        `list[int]`: Row indices; every pass is a permutation of `range(len(groups))`.
+
+    Example:
+
+    ```python
+    >>> from hf_realm import grouped_order
+    >>> order = grouped_order(["a", "b", "a", "c", "b", "a"], num_examples=6, seed=0)
+    >>> sorted(order)
+    [0, 1, 2, 3, 4, 5]
+    >>> [["a", "b", "a", "c", "b", "a"][i] for i in order]
+    ['a', 'a', 'a', 'c', 'b', 'b']
+    ```
+    """
+    if len(groups) == 0:
+        raise ValueError("grouped_order: no rows to order")
+    members: dict = {}
+    for i, key in enumerate(groups):
+        members.setdefault(key, []).append(i)
+    rng = random.Random(seed)
+    keys = list(members)
+    order: list[int] = []
+    while len(order) < num_examples:
+        rng.shuffle(keys)
+        for key in keys:
+            rows = members[key][:]
+            rng.shuffle(rows)
+            order.extend(rows)
+    return order
+
+
+def train_inverse_cloze_task(
+    model, corpus, tokenizer, training_args, *, query_max_length: int = 64, group_by: str | None = None, callbacks=None
+):
     """Warm-start a retriever with the Inverse Cloze Task in `Trainer`.
 
     Args:
@@ -103,6 +148,11 @@ def train_inverse_cloze_task(model, corpus, tokenizer, training_args, *, query_m
         tokenizer: BERT-style tokenizer.
         training_args ([`~transformers.TrainingArguments`]): Steps, batch size (the in-batch negatives), learning
             rate. ICT at lr 1e-3 sits on a plateau (loss ~ log batch) for a few hundred steps, then drops.
+        query_max_length (`int`, *optional*, defaults to 64): Query truncation (special tokens included).
+        group_by (`str`, *optional*): A corpus column (e.g. `doc_id` or `title`). Given, batches are cut from
+            [`grouped_order`] instead of a random order, so a block's in-batch negatives are mostly the other blocks
+            of its own document: hard negatives, for a retriever that must tell a document's passages apart. Needs
+            `max_steps`.
 
     Returns:
         The `Trainer`'s `TrainOutput`.
@@ -110,21 +160,45 @@ def train_inverse_cloze_task(model, corpus, tokenizer, training_args, *, query_m
     from transformers import Trainer
 
     check_tokenizer_fits(tokenizer, model)
+    columns = [c for c in ("text", "title") if c in corpus.column_names]
+    trainer_class = Trainer
+    dataset = corpus.select_columns(columns)
+    if group_by is not None:
+        if group_by not in corpus.column_names:
+            raise ValueError(f"group_by: expected a corpus column, got {group_by!r} (columns: {corpus.column_names})")
+        if training_args.max_steps is None or training_args.max_steps <= 0:
+            raise ValueError(f"group_by needs training_args.max_steps > 0, got {training_args.max_steps}")
+        rows = training_args.max_steps * training_args.train_batch_size * training_args.world_size
+        rows *= training_args.gradient_accumulation_steps
+        dataset = dataset.select(grouped_order(corpus[group_by], rows, seed=training_args.seed))
+        trainer_class = _in_order_trainer()
     collator = DataCollatorForInverseClozeTask(
         tokenizer,
         query_max_length=query_max_length,
         block_max_length=model.config.max_position_embeddings,
         seed=training_args.seed,
     )
-    columns = [c for c in ("text", "title") if c in corpus.column_names]
-    trainer = Trainer(
+    trainer = trainer_class(
         model=model,
         args=training_args,
-        train_dataset=corpus.select_columns(columns),
+        train_dataset=dataset,
         data_collator=collator,
         callbacks=callbacks,
     )
     return trainer.train()
+
+
+def _in_order_trainer():
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer
+
+    class InOrderTrainer(Trainer):
+        """A `Trainer` that reads its training set in the given order (batches were laid out by the caller)."""
+
+        def _get_train_sampler(self, train_dataset=None):
+            return SequentialSampler(self.train_dataset if train_dataset is None else train_dataset)
+
+    return InOrderTrainer
 
 
 class _OwnBlockReader(torch.nn.Module):
