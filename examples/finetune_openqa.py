@@ -284,6 +284,11 @@ def main(argv=None) -> dict:
     if dev is not None and data_args.max_dev_examples:
         dev = dev.select(range(min(data_args.max_dev_examples, len(dev))))
     logger.info(f"{len(corpus)} blocks, {len(train)} training and {len(test)} evaluation questions")
+    if args.ict_group_by and checkpoint is None and args.ict_steps and args.ict_group_by not in corpus.column_names:
+        raise ValueError(
+            f"--ict_group_by: expected a column of the corpus's blocks, got {args.ict_group_by!r} "
+            f"(columns: {corpus.column_names})"
+        )
 
     # 1. The retriever: a REALM checkpoint's embedder, or a BERT / fresh model warm-started with ICT.
     ict_seconds = 0.0

@@ -644,6 +644,11 @@ def main(argv: list[str] | None = None) -> dict:
     with args.main_process_first(desc="load the data and tokenize the corpus"):
         data = own_data(data_args, model_args, args) if uses_own_data(data_args) else world_data(data_args, model_args)
     tokenizer, corpus = data.tokenizer, data.corpus
+    if args.ict_group_by and args.ict_steps and args.ict_group_by not in corpus.column_names:
+        raise ValueError(
+            f"--ict_group_by: expected a column of the corpus's blocks, got {args.ict_group_by!r} "
+            f"(columns: {corpus.column_names})"
+        )
     logger.info(
         f"{data.description}; {len(corpus)} blocks, {len(data.train)} training sentences, {len(data.test)} held out"
     )

@@ -311,3 +311,27 @@ def test_finetune_openqa_saves_the_model_before_evaluating_it(tmp_path, monkeypa
     state = saved.state_dict()
     assert evaluated.keys() == state.keys() and all(torch.equal(evaluated[k], state[k]) for k in state)
     assert (out / "adapter" / "adapter_config.json").exists() == lora
+
+
+def test_finetune_openqa_ict_group_by_reaches_ict_or_fails_before_it(tmp_path, monkeypatch):
+    """`--ict_group_by doc_id` is passed to the ICT trainer; a column the corpus lacks fails before any training."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))
+    import finetune_openqa
+
+    seen = []
+
+    def spy(model, corpus, tokenizer, training_args, **kwargs):
+        seen.append((kwargs.get("group_by"), len(set(corpus["doc_id"]))))
+        raise RuntimeError("stop after ICT is called")
+
+    monkeypatch.setattr(finetune_openqa, "train_inverse_cloze_task", spy)
+    out = tmp_path / "finetune"
+    argv = ["--num_entities", "40", "--max_steps", "1", "--ict_steps", "2", "--ict_batch_size", "8",
+            "--hidden_size", "32", "--intermediate_size", "37", "--retriever_proj_size", "16", "--output_dir", str(out),
+            "--use_cpu", "true", "--disable_tqdm", "true", "--realm_checkpoint", str(tmp_path / "none")]  # fmt: skip
+    with pytest.raises(ValueError, match=r"--ict_group_by: expected a column of the corpus's blocks, got 'article'"):
+        finetune_openqa.main([*argv, "--ict_group_by", "article"])
+    assert seen == [] and not out.exists()
+    with pytest.raises(RuntimeError, match="stop after ICT is called"):
+        finetune_openqa.main([*argv, "--ict_group_by", "doc_id"])
+    assert seen == [("doc_id", 40)]

@@ -127,6 +127,7 @@ def test_no_salient_span_warns_once_with_a_count(tokenizer):
         ("no_maskable_span", ValueError, r"validation file '.*validation\.jsonl', row 0: nothing to mask"),
         ("no_word", ValueError, r"train '.*train\.jsonl', row 1: nothing to mask in ', , \) \.': no word"),
         ("unknown_type", ValueError, r"corpus file '.*corpus\.xml': unknown type '\.xml'"),
+        ("ict_group_by", ValueError, r"--ict_group_by: expected a column of the corpus's blocks, got 'article'"),
     ],
 )
 def test_bad_data_fails_before_training(tmp_path, train_realm, monkeypatch, case, error, message):
@@ -150,6 +151,8 @@ def test_bad_data_fails_before_training(tmp_path, train_realm, monkeypatch, case
         write_jsonl(tmp_path / "train.jsonl", [TRAIN[0], {"text": ", , ) ."}])
     elif case == "no_maskable_span":
         write_jsonl(tmp_path / "validation.jsonl", [{"text": "she was born in the city"}])
+    elif case == "ict_group_by":
+        args["--ict_group_by"] = "article"
     elif case == "unknown_type":
         (tmp_path / "corpus.xml").write_text("<docs/>")
         args["--corpus_file"] = str(tmp_path / "corpus.xml")
@@ -331,6 +334,24 @@ def test_script_main_from_files_of_the_second_world(tmp_path, train_realm):
     again = evaluate_masked_lm(model, held_out, DataCollatorForSalientSpanMasking(tokenizer, max_length=64))
     for key in ("log_prob", "masked_span_accuracy", "recall@8", "answer_recall@1"):
         assert again[key] == pytest.approx(results[f"eval_fresh_index_{key}"], abs=1e-5), key
+
+
+def test_script_ict_batches_grouped_by_document(tmp_path, train_realm, monkeypatch):
+    """`--ict_group_by doc_id` reaches the ICT trainer, which then reads whole documents per batch."""
+    seen = []
+    real = train_realm.train_inverse_cloze_task
+
+    def spy(model, corpus, tokenizer, training_args, **kw):
+        seen.append((kw.get("group_by"), list(corpus["doc_id"])))
+        return real(model, corpus, tokenizer, training_args, **kw)
+
+    monkeypatch.setattr(train_realm, "train_inverse_cloze_task", spy)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", DOCS)
+    train = write_jsonl(tmp_path / "train.jsonl", TRAIN)
+    argv = ["--corpus_file", corpus, "--train_file", train, "--ict_group_by", "doc_id", *TINY_SCRIPT,
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    train_realm.main(argv)
+    assert seen == [("doc_id", list(range(len(DOCS))))]
 
 
 @pytest.mark.slow
