@@ -1341,15 +1341,20 @@ class RealmForOpenQA(RealmPreTrainedModel):
                 ids_b.cpu(), input_ids[b : b + 1], answers[b], max_length=self.config.reader_seq_len
             )
             block_mask = concat.special_tokens_mask.to(torch.bool).logical_not() & concat.token_type_ids.to(torch.bool)
+            # A short question whose blocks are all short (a one-word block) reads fewer than max_span_width tokens;
+            # the reader enumerates spans up to max_span_width, so such a question is read padded to that length
+            # (the padding is outside the block mask, so no span lies in it).
+            length = max(concat.input_ids.shape[1], self.config.max_span_width)
+            block_mask = nn.functional.pad(block_mask, (0, length - block_mask.shape[1]), value=False)
             relevance = (
                 question_projection[b]
                 @ block_embeddings[ids_b.to(block_embeddings.device)].to(question_projection.device).T
             )
-            per_question.append((concat, block_mask, relevance, has_answers, start_pos, end_pos))
+            per_question.append((concat, length, block_mask, relevance, has_answers, start_pos, end_pos))
 
         # One reader pass over every question's blocks, padded to the longest; each question's spans are then read
         # over its own length, so the answers equal those of one-by-one calls.
-        max_len = max(q[0].input_ids.shape[1] for q in per_question)
+        max_len = max(q[1] for q in per_question)
         pad_id = self.retriever.tokenizer.pad_token_id
 
         def pad(t, value):
@@ -1363,8 +1368,7 @@ class RealmForOpenQA(RealmPreTrainedModel):
         sequence_output = self.reader.encode(**joint).last_hidden_state
 
         outputs, predicted, spans = [], [], []
-        for b, (concat, block_mask, relevance, has_answers, start_pos, end_pos) in enumerate(per_question):
-            length = concat.input_ids.shape[1]
+        for b, (concat, length, block_mask, relevance, has_answers, start_pos, end_pos) in enumerate(per_question):
             if has_answers is not None:
                 has_answers = torch.tensor(has_answers, dtype=torch.bool, device=device)
                 start_pos = torch.tensor(start_pos, dtype=torch.long, device=device)
