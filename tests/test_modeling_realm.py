@@ -236,9 +236,9 @@ def test_open_qa_batch_equals_one_by_one(openqa, tokenizer):
 
 
 def test_open_qa_reads_questions_shorter_than_max_span_width(tokenizer):
-    # A one-word block and a short question make a read sequence ("[CLS] paris ? [SEP] rome [SEP]", 6 tokens) shorter
-    # than max_span_width; it once failed the reader's length check mid-training (a SQuAD-open run whose corpus holds
-    # one-word wikitext pieces). Padded, it must read exactly what a reader whose max_span_width fits the sequence
+    # One-word blocks and short questions make read sequences of at most 7 tokens ("[CLS] paris ? [SEP] city river
+    # [SEP]"), shorter than max_span_width; this once failed the reader's length check mid-training (a SQuAD-open run
+    # whose corpus holds one-word wikitext pieces). Padded, it must read exactly what a reader whose max_span_width fits the sequence
     # reads: every block here is one or two words, so both see the same spans.
     short_blocks = ["rome", "paris", "london", "city river"]
     answers = [["rome"], ["paris"], ["river"]]
