@@ -47,6 +47,10 @@ def parse_args(argv=None):
     p.add_argument("--learning_rate", type=float, default=1e-4, help="Reader learning rate in fine-tuning.")
     p.add_argument("--retriever_learning_rate", type=float, default=2e-5)
     p.add_argument("--lora_learning_rate", type=float, default=1e-3)
+    p.add_argument(
+        "--retriever_epochs", type=float, default=None,
+        help="Fine-tuning epochs the retriever trains for (then only the reader; default: all of --epochs).",
+    )  # fmt: skip
     p.add_argument("--searcher_beam_size", type=int, default=20)
     p.add_argument("--reader_beam_size", type=int, default=5)
     p.add_argument("--reader_seq_len", type=int, default=320)
@@ -106,6 +110,8 @@ def stage_commands(args, data: str, work: str) -> dict[str, list[str]]:
         "--per_device_train_batch_size", str(args.batch_size), "--seed", str(args.seed),
         "--disable_tqdm", "true", "--logging_steps", "50", "--warmup_steps", str(max(1, steps // 20)),
     ]  # fmt: skip
+    if args.retriever_epochs is not None:
+        common_ft += ["--retriever_max_steps", str(round(args.retriever_epochs * train_questions / args.batch_size))]
     if args.max_eval_examples:
         common_ft += ["--max_eval_examples", str(args.max_eval_examples)]
     if args.smoke:

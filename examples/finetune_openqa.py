@@ -34,6 +34,7 @@ import transformers
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from hf_realm import (
+    FreezeRetrieverCallback,
     RealmBlockIndex,
     RealmConfig,
     RealmForInverseClozeTask,
@@ -126,6 +127,13 @@ class QATrainingArguments(TrainingArguments):
     max_steps: int = 600
     learning_rate: float = 1e-3
     retriever_learning_rate: float = 1e-4
+    retriever_max_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Optimizer steps the retriever (query tower) trains for; after them only the reader trains "
+            "(FreezeRetrieverCallback). Default: the whole run."
+        },
+    )
     per_device_train_batch_size: int = 16
     warmup_steps: int = 20
     logging_steps: int = 50
@@ -155,7 +163,15 @@ def parse_args(argv=None):
 
 
 def check_extras(model_args: ModelArguments, args: QATrainingArguments) -> None:
-    """Fail before any work when this run needs an optional package that is missing."""
+    """Fail before any work when this run needs an optional package that is missing, or asks for what cannot be."""
+    if args.retriever_max_steps is not None:
+        if args.retriever_max_steps < 0:
+            raise ValueError(f"--retriever_max_steps: expected an int >= 0, got {args.retriever_max_steps}")
+        if not model_args.train_retriever:
+            raise ValueError(
+                "--retriever_max_steps: expected a retriever that trains, got --train_retriever false "
+                "(the retriever is frozen from the start)"
+            )
     check_dependencies(
         "examples/finetune_openqa.py",
         [
@@ -394,6 +410,8 @@ def main(argv=None) -> dict:
                 max_question_length=data_args.max_question_length,
             )
         )
+    if args.retriever_max_steps is not None:
+        callbacks.append(FreezeRetrieverCallback(args.retriever_max_steps))
     trainer = Trainer(
         model=model,
         args=args,
@@ -405,8 +423,11 @@ def main(argv=None) -> dict:
     train_start = time.time()
     train_result = trainer.train()
     results = {"ict_seconds": ict_seconds, "finetune_seconds": time.time() - train_start, **train_result.metrics}
-    if callbacks:
-        results["dev_history"] = callbacks[0].history
+    for callback in callbacks:
+        if isinstance(callback, OpenQAEvalCallback):
+            results["dev_history"] = callback.history
+        if isinstance(callback, FreezeRetrieverCallback):
+            results["retriever_frozen_at_step"] = callback.frozen_at_step
 
     # 4. Save the trained model first (an evaluation that is interrupted keeps it), then evaluate what was saved: EM
     # with retrieval, the same reader closed book, retrieval recall.

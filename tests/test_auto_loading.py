@@ -313,6 +313,39 @@ def test_finetune_openqa_saves_the_model_before_evaluating_it(tmp_path, monkeypa
     assert (out / "adapter" / "adapter_config.json").exists() == lora
 
 
+def test_finetune_openqa_retriever_max_steps_freezes_the_query_tower_after_them(tmp_path, monkeypatch):
+    """`--retriever_max_steps 1`: the saved query embedder is the one after step 1 (later steps train only the
+    reader); with `--train_retriever false` the option fails before any work."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))
+    import finetune_openqa
+
+    seen = {}
+
+    class Spy(finetune_openqa.FreezeRetrieverCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen[0] = {k: v.detach().clone() for k, v in model.embedder.state_dict().items()}
+            super().on_train_begin(args, state, control, model=model, **kwargs)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen[state.global_step] = {k: v.detach().clone() for k, v in model.embedder.state_dict().items()}
+
+    monkeypatch.setattr(finetune_openqa, "FreezeRetrieverCallback", Spy)
+    out = tmp_path / "finetune"
+    argv = ["--num_entities", "40", "--max_steps", "3", "--per_device_train_batch_size", "4", "--ict_steps", "2",
+            "--ict_batch_size", "8", "--searcher_beam_size", "6", "--reader_beam_size", "2", "--hidden_size", "32",
+            "--intermediate_size", "37", "--retriever_proj_size", "16", "--output_dir", str(out), "--use_cpu", "true",
+            "--disable_tqdm", "true", "--realm_checkpoint", str(tmp_path / "none"), "--max_eval_examples", "4",
+            "--warmup_steps", "0"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"--retriever_max_steps: expected a retriever that trains, got --train_r"):
+        finetune_openqa.main([*argv, "--retriever_max_steps", "1", "--train_retriever", "false"])
+    assert not out.exists()
+    results = finetune_openqa.main([*argv, "--retriever_max_steps", "1"])
+    assert results["retriever_frozen_at_step"] == 1 and sorted(seen) == [0, 1, 2, 3]
+    assert any(not torch.equal(v, seen[1][k]) for k, v in seen[0].items())  # step 1 trained the retriever
+    saved = AutoModelForQuestionAnswering.from_pretrained(out).embedder.state_dict()
+    assert all(torch.equal(saved[k], seen[1][k]) and torch.equal(seen[3][k], seen[1][k]) for k in saved)
+
+
 def test_finetune_openqa_ict_group_by_reaches_ict_or_fails_before_it(tmp_path, monkeypatch):
     """`--ict_group_by doc_id` is passed to the ICT trainer; a column the corpus lacks fails before any training."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))

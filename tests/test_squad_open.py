@@ -10,9 +10,9 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerState
 
-from hf_realm import OpenQAEvalCallback
+from hf_realm import FreezeRetrieverCallback, OpenQAEvalCallback, optimizer_grouped_parameters
 from hf_realm.openqa import DataCollatorForOpenQA, evaluate_open_qa
 
 from .conftest import tiny_training_args
@@ -186,6 +186,62 @@ def test_eval_callback_records_what_evaluate_open_qa_gives(tokenizer, tmp_path):
         OpenQAEvalCallback(dev, tokenizer, eval_steps=-1)
 
 
+def test_freeze_retriever_callback_stops_the_query_tower_and_nothing_else(tokenizer, tmp_path):
+    """With `FreezeRetrieverCallback(2)` the first two steps equal an unfrozen run's bit for bit; after them the query
+    embedder stays exactly as it was while the reader goes on training (and the unfrozen run's embedder moves)."""
+    from transformers import TrainerCallback
+
+    class Snapshots(TrainerCallback):
+        def __init__(self, model):
+            self.model, self.steps = model, {}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps[state.global_step] = {
+                tower: {k: v.detach().clone() for k, v in getattr(self.model, tower).state_dict().items()}
+                for tower in ("embedder", "reader")
+            }
+
+    def run(name, freeze):
+        model = models(tokenizer)[1].train()
+        snapshots = Snapshots(model)
+        optimizer = torch.optim.AdamW(optimizer_grouped_parameters(model, 1e-2, 1e-2))
+        callbacks = [snapshots] + ([FreezeRetrieverCallback(after_steps=2)] if freeze else [])
+        trainer = Trainer(
+            model=model,
+            args=tiny_training_args(tmp_path / name, max_steps=4, disable_tqdm=True),
+            train_dataset=datasets.Dataset.from_list(QUESTIONS),
+            data_collator=DataCollatorForOpenQA(tokenizer),
+            optimizers=(optimizer, None),
+            callbacks=callbacks,
+        )
+        trainer.train()
+        return snapshots.steps, callbacks[-1]
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    frozen, callback = run("frozen", freeze=True)
+    free, _ = run("free", freeze=False)
+    assert callback.frozen_at_step == 2
+    for step in (1, 2):
+        assert all(same(frozen[step][t], free[step][t]) for t in ("embedder", "reader")), step
+    assert not same(free[1]["embedder"], free[2]["embedder"])  # the retriever trains before the freeze
+    for step in (3, 4):
+        assert same(frozen[step]["embedder"], frozen[2]["embedder"]), step
+        assert not same(frozen[step]["reader"], frozen[step - 1]["reader"]), step
+        assert not same(free[step]["embedder"], free[step - 1]["embedder"]), step  # it would have moved
+
+
+def test_freeze_retriever_callback_refuses_what_it_cannot_freeze(tokenizer):
+    model = models(tokenizer)[1]
+    state = TrainerState()
+    with pytest.raises(ValueError, match=r"expected an optimizer with parameter groups marked 'retriever': True"):
+        FreezeRetrieverCallback(1).on_train_begin(None, state, None, optimizer=torch.optim.AdamW(model.parameters()))
+    for bad in (-1, 1.5, True, None):
+        with pytest.raises(ValueError, match=r"after_steps: expected an int >= 0, got"):
+            FreezeRetrieverCallback(bad)
+
+
 def test_stage_commands_give_orqa_and_realm_the_same_warm_start_and_fine_tuning(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -212,3 +268,7 @@ def test_stage_commands_give_orqa_and_realm_the_same_warm_start_and_fine_tuning(
     assert c["--lora_r"] == "16" and "--lora_r" not in b
     assert pretrain["--share_embedders"] == "false" and "--share_embedders" not in a
     assert a["--max_span_width"] == b["--max_span_width"] == c["--max_span_width"] == "12"
+    assert "--retriever_max_steps" not in a
+    args = squad_open.parse_args(["--out", str(tmp_path), "--epochs", "2", "--retriever_epochs", "0.5"])
+    commands = squad_open.stage_commands(args, str(data), str(tmp_path / "work"))
+    assert all(options(commands[n])["--retriever_max_steps"] == "10" for n in ("a", "b", "c"))  # 0.5 x 320 / 16

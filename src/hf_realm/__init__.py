@@ -15,7 +15,7 @@ from transformers import (
 )
 
 from . import metrics, modeling_realm
-from .callbacks import IndexRefreshCallback
+from .callbacks import FreezeRetrieverCallback, IndexRefreshCallback
 from .configuration_realm import RealmConfig
 from .corpus import CorpusTokens, build_corpus
 from .corpus_index import RealmBlockIndex
@@ -94,6 +94,7 @@ __all__ = [
     "random_prune",
     "CorpusTokens",
     "DataCollatorForOpenQA",
+    "FreezeRetrieverCallback",
     "IndexRefreshCallback",
     "RealmBlockIndex",
     "build_corpus",

@@ -1,5 +1,6 @@
 """`IndexRefreshCallback`: keep REALM's cached doc embeddings fresh while `Trainer` moves the doc encoder.
-`StepTimerCallback`: steady-state step times and the MFU of a training step."""
+`StepTimerCallback`: steady-state step times and the MFU of a training step.
+`FreezeRetrieverCallback`: stop training the retriever after a number of steps while the reader trains on."""
 
 from __future__ import annotations
 
@@ -327,6 +328,72 @@ class _RealmFlopsCounter:
     def remove(self):
         for handle in self._handles:
             handle.remove()
+
+
+class FreezeRetrieverCallback(TrainerCallback):
+    r"""
+    Trains the retriever for the first `after_steps` optimizer steps only; the reader trains on to the end.
+
+    In open-QA fine-tuning the retriever learns from weak supervision (any block that contains the answer string),
+    and what it gains comes early: on SQuAD-open the dev recall@5 of the gold paragraph peaks 1-2.5 epochs in, then
+    drifts down while the reader's exact match still rises. This callback sets the learning rate of the optimizer
+    groups marked `"retriever": True` (those of [`optimizer_grouped_parameters`]) to 0 before every optimizer step
+    from step `after_steps` on, so AdamW leaves those weights exactly as they were after that step (weight decay
+    included). The retriever's gradients are still computed (and count in `max_grad_norm` clipping): the towers
+    stay as they are in the graph, so DDP and accelerate see no change.
+
+    Args:
+        after_steps (`int`): Optimizer steps the retriever trains for (0: none).
+
+    Raises:
+        `ValueError` at the start of training when the optimizer has no group marked `"retriever": True`.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import TrainerState
+    >>> from hf_realm import FreezeRetrieverCallback, optimizer_grouped_parameters
+    >>> model = torch.nn.ModuleDict({"embedder": torch.nn.Linear(2, 2), "reader": torch.nn.Linear(2, 2)})
+    >>> optimizer = torch.optim.AdamW(optimizer_grouped_parameters(model, 1e-3, 1e-4))
+    >>> freeze, state = FreezeRetrieverCallback(after_steps=1), TrainerState()
+    >>> freeze.on_train_begin(None, state, None, optimizer=optimizer)
+    >>> for step in range(3):
+    ...     state.global_step = step
+    ...     freeze.on_pre_optimizer_step(None, state, None, optimizer=optimizer)
+    ...     print(step, sorted({g["lr"] for g in optimizer.param_groups if g["retriever"]}))
+    0 [0.0001]
+    1 [0.0]
+    2 [0.0]
+    ```
+    """
+
+    def __init__(self, after_steps: int):
+        if isinstance(after_steps, bool) or not isinstance(after_steps, int) or after_steps < 0:
+            raise ValueError(f"after_steps: expected an int >= 0, got {after_steps!r}")
+        self.after_steps = after_steps
+        self.frozen_at_step: int | None = None
+
+    @staticmethod
+    def _retriever_groups(optimizer) -> list[dict]:
+        return [g for g in getattr(optimizer, "param_groups", []) if g.get("retriever")]
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if not self._retriever_groups(optimizer):
+            keys = [sorted(k for k in g if k != "params") for g in getattr(optimizer, "param_groups", [])]
+            raise ValueError(
+                "FreezeRetrieverCallback: expected an optimizer with parameter groups marked 'retriever': True "
+                f"(built from optimizer_grouped_parameters), got groups with keys {keys}"
+            )
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if state.global_step < self.after_steps:
+            return
+        for group in self._retriever_groups(optimizer):
+            group["lr"] = 0.0
+        if self.frozen_at_step is None:
+            self.frozen_at_step = state.global_step
+            logger.info(f"retriever frozen after {state.global_step} optimizer steps; the reader trains on")
 
 
 class StepTimerCallback(TrainerCallback):
