@@ -335,8 +335,8 @@ class FreezeRetrieverCallback(TrainerCallback):
     Trains the retriever for the first `after_steps` optimizer steps only; the reader trains on to the end.
 
     In open-QA fine-tuning the retriever learns from weak supervision (any block that contains the answer string),
-    and what it gains comes early: on SQuAD-open the dev recall@5 of the gold paragraph peaks 1-2.5 epochs in, then
-    drifts down while the reader's exact match still rises. This callback sets the learning rate of the optimizer
+    and what it gains comes early: on SQuAD-open the dev recall@5 of the gold paragraph mostly peaks 1-2.5 epochs in,
+    then drifts down while the reader's exact match still rises. This callback sets the learning rate of the optimizer
     groups marked `"retriever": True` (those of [`optimizer_grouped_parameters`]) to 0 before every optimizer step
     from step `after_steps` on, so AdamW leaves those weights exactly as they were after that step (weight decay
     included). The retriever's gradients are still computed (and count in `max_grad_norm` clipping): the towers
