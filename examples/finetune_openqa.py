@@ -3,7 +3,9 @@
 
 The doc index is frozen (built once with the doc embedder); the query embedder and the reader train on
 (question, answers) pairs: a retriever loss over the top `searcher_beam_size` blocks and a span loss over the top
-`reader_beam_size` blocks. With `--lora_r 8` only LoRA adapters (and the new heads) train, through peft.
+`reader_beam_size` blocks. With `--lora_r 8` only LoRA adapters (and the new heads) train, through peft. With
+`--train_doc_embedder true` the doc tower trains too (REALM, not ORQA): the retrieved blocks are re-embedded with it
+at each step, and the index is re-embedded every `--index_refresh_steps` steps and once more at the end.
 
 With no arguments: the built-in generated world's questions over its corpus. The retriever starts from
 `--realm_checkpoint` (default `outputs/train_realm`, what `examples/train_realm.py` writes) when it exists, otherwise
@@ -22,6 +24,7 @@ as soon as training ends, so an interrupted evaluation keeps them; then `<output
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -35,6 +38,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from hf_realm import (
     FreezeRetrieverCallback,
+    IndexRefreshCallback,
     RealmBlockIndex,
     RealmConfig,
     RealmForInverseClozeTask,
@@ -110,6 +114,19 @@ class ModelArguments:
     reader_seq_len: int = 96
     max_span_width: int = 10
     train_retriever: bool = field(default=True, metadata={"help": "False keeps the query embedder frozen."})
+    train_doc_embedder: bool = field(
+        default=False,
+        metadata={
+            "help": "Train the doc tower too (a copy of the doc embedder, at the retriever's learning rate); the index "
+            "is refreshed with it every --index_refresh_steps steps and at the end. Default: frozen (ORQA)."
+        },
+    )
+    index_refresh_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "With --train_doc_embedder: steps between index refreshes (0: only at the end; default 200)."
+        },
+    )
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 = full fine-tuning."})
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -164,6 +181,22 @@ def parse_args(argv=None):
 
 def check_extras(model_args: ModelArguments, args: QATrainingArguments) -> None:
     """Fail before any work when this run needs an optional package that is missing, or asks for what cannot be."""
+    if model_args.index_refresh_steps is not None:
+        if not model_args.train_doc_embedder:
+            raise ValueError(
+                "--index_refresh_steps: expected --train_doc_embedder true (a frozen doc tower gives the same index "
+                "at every refresh), got --train_doc_embedder false"
+            )
+        if model_args.index_refresh_steps < 0:
+            raise ValueError(f"--index_refresh_steps: expected an int >= 0, got {model_args.index_refresh_steps}")
+    if model_args.train_doc_embedder:
+        if not model_args.train_retriever:
+            raise ValueError("--train_doc_embedder: expected a retriever that trains, got --train_retriever false")
+        if model_args.lora_r > 0:
+            raise ValueError(
+                f"--train_doc_embedder: expected full fine-tuning, got --lora_r {model_args.lora_r} (LoRA adapters on "
+                "the doc tower are not supported)"
+            )
     if args.retriever_max_steps is not None:
         if args.retriever_max_steps < 0:
             raise ValueError(f"--retriever_max_steps: expected an int >= 0, got {args.retriever_max_steps}")
@@ -369,6 +402,8 @@ def main(argv=None) -> dict:
         model = RealmForOpenQA(config, retriever=retriever)
     model.index = index
     model.embedder.load_state_dict(query_embedder.state_dict())
+    if model_args.train_doc_embedder:  # its own copy: ICT's towers may be one module, shared with the query side
+        model.doc_embedder = copy.deepcopy(doc_embedder).to(model.device).train()
     if reader_bert is not None:
         model.reader.realm.load_state_dict(reader_bert.state_dict())
     if not model_args.train_retriever:
@@ -412,6 +447,16 @@ def main(argv=None) -> dict:
         )
     if args.retriever_max_steps is not None:
         callbacks.append(FreezeRetrieverCallback(args.retriever_max_steps))
+    if model_args.train_doc_embedder:
+        refresh_steps = 200 if model_args.index_refresh_steps is None else model_args.index_refresh_steps
+        callbacks.append(
+            IndexRefreshCallback(
+                index,
+                refresh_steps,
+                embed_kwargs={"batch_size": 256, "show_progress": False},
+                refresh_at_train_end=True,
+            )
+        )
     trainer = Trainer(
         model=model,
         args=args,
@@ -428,6 +473,14 @@ def main(argv=None) -> dict:
             results["dev_history"] = callback.history
         if isinstance(callback, FreezeRetrieverCallback):
             results["retriever_frozen_at_step"] = callback.frozen_at_step
+        if isinstance(callback, IndexRefreshCallback):
+            results["index_refreshes"] = [
+                {"step": r["step"], "seconds": round(r["seconds"], 3)} for r in callback.refresh_history
+            ]
+            results["index_refresh_failures"] = callback.failures
+            if callback.failures:  # the index kept serving (and is saved with) the embeddings of the last good refresh
+                logger.warning(f"{callback.failures} index refresh(es) failed; the saved index is from step "
+                               f"{callback.built_at_step}, not from the saved doc tower")  # fmt: skip
 
     # 4. Save the trained model first (an evaluation that is interrupted keeps it), then evaluate what was saved: EM
     # with retrieval, the same reader closed book, retrieval recall.

@@ -28,7 +28,10 @@ REFRESH_STATE_FILE = "refresh_state.json"
 def _doc_embedder(model):
     # Trainer hands callbacks its model: unwrap DDP / DeepSpeed / torch.compile (accelerate) and peft wrappers.
     model = unwrap_peft_model(unwrap_model(model))
-    embedder = getattr(model, "embedder", None)
+    # RealmForOpenQA's `embedder` is its query tower; a trainable doc tower is `doc_embedder`
+    embedder = model._modules.get("doc_embedder")
+    if embedder is None:
+        embedder = getattr(model, "embedder", None)
     if embedder is None:
         raise ValueError(f"{type(model).__name__} has no `embedder` (the doc encoder) to refresh the index with")
     return embedder

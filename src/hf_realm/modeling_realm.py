@@ -354,12 +354,13 @@ class RealmPreTrainedModel(PreTrainedModel):
         # Attached objects are set after loading: transformers deep-copies keyword arguments while reading the config,
         # which would copy a whole corpus index (or fail on its lock).
         attached = {name: kwargs.pop(name) for name in ("index", "retriever") if name in kwargs}
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True`: (model, info)
         for name, value in attached.items():
             setattr(model, name, value)
         if pretrained_model_name_or_path is not None:
             restore_attachments(model, os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder"), attached)
-        return model
+        return loaded
 
     @classmethod
     def from_bert(cls, bert, *model_args, **config_overrides):
@@ -1132,6 +1133,14 @@ class RealmForOpenQA(RealmPreTrainedModel):
             embeddings are the frozen doc side (ORQA): gradients reach the query embedder only. Build the model with
             `num_block_records=0` to leave the buffer empty. Its blocks must be the retriever's block records, row for
             row (a different count is an error).
+        doc_embedder ([`RealmEmbedder`], *optional*):
+            A trainable doc tower (REALM trains it, ORQA keeps it frozen). In training mode the relevance scores of the
+            `searcher_beam_size` retrieved blocks are computed with it from the index's block tokens
+            (`index.block_inputs`), so the retriever loss reaches it; the search itself still runs over the index's
+            cached embeddings, which [`IndexRefreshCallback`] re-embeds with it (it picks `doc_embedder` over
+            `embedder`). In eval mode the index's embeddings are used as without it. Needs an index with
+            `block_inputs` (a [`RealmBlockIndex`]). `save_pretrained` also writes it to `doc_embedder/`; a
+            `RealmForOpenQA` loaded without one ignores its weights.
 
     Example:
 
@@ -1157,8 +1166,10 @@ class RealmForOpenQA(RealmPreTrainedModel):
         "embedder.cls.predictions.decoder.bias": "embedder.cls.predictions.bias",
         "reader.cls.predictions.decoder.bias": "reader.cls.predictions.bias",
     }
+    # a trainable doc tower is saved with the model (so Trainer resumes it) and in `doc_embedder/`
+    _keys_to_ignore_on_load_unexpected = RealmPreTrainedModel._keys_to_ignore_on_load_unexpected + [r"^doc_embedder\."]
 
-    def __init__(self, config: RealmConfig, retriever=None, index=None):
+    def __init__(self, config: RealmConfig, retriever=None, index=None, doc_embedder: RealmEmbedder | None = None):
         super().__init__(config)
         self.embedder = RealmEmbedder(config)
         self.reader = RealmReader(config)
@@ -1170,9 +1181,37 @@ class RealmForOpenQA(RealmPreTrainedModel):
                 device=torch.device("cpu"),
             ),
         )
+        if doc_embedder is not None:  # before post_init, which gathers its tied weights
+            self.doc_embedder = doc_embedder
         self.retriever = retriever
         self.index = index
         self.post_init()
+
+    @property
+    def trainable_doc_embedder(self) -> RealmEmbedder | None:
+        """The trainable doc tower (`doc_embedder` argument), or `None` (ORQA: the index's embeddings are frozen)."""
+        return self._modules.get("doc_embedder")
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save the model; with a trainable doc tower also that tower alone in `doc_embedder/` (a loadable
+        [`RealmEmbedder`], e.g. to re-embed the corpus with `build_index.py`)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        doc_embedder = self.trainable_doc_embedder
+        if doc_embedder is not None and kwargs.get("is_main_process", True):
+            doc_embedder.save_pretrained(os.path.join(str(save_directory), "doc_embedder"), safe_serialization=True)
+
+    def _fresh_block_embeddings(self, block_ids: torch.Tensor, device) -> torch.Tensor:
+        """`(batch, k, proj)` embeddings of the retrieved blocks by the trainable doc tower, with gradient."""
+        block_inputs = getattr(self.index, "block_inputs", None)
+        if block_inputs is None:
+            raise ValueError(
+                "a trainable doc_embedder re-embeds the retrieved blocks from the index's block tokens: expected an "
+                f"index with `block_inputs` (RealmBlockIndex), got {type(self.index).__name__}"
+            )
+        inputs = block_inputs(block_ids.cpu(), pad_token_id=self.retriever.tokenizer.pad_token_id, device=device)
+        flat = {k: v.reshape(-1, v.shape[-1]) for k, v in inputs.items()}
+        emb = self.trainable_doc_embedder(**flat, return_dict=True).projected_score
+        return emb.view(*block_ids.shape, -1)
 
     @property
     def searcher_beam_size(self) -> int:
@@ -1331,6 +1370,9 @@ class RealmForOpenQA(RealmPreTrainedModel):
             input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask, return_dict=True
         ).projected_score
         retrieved_block_ids, block_embeddings = self.search_blocks(question_projection)
+        fresh = None
+        if self.training and self.trainable_doc_embedder is not None:
+            fresh = self._fresh_block_embeddings(retrieved_block_ids, question_projection.device)
 
         device = self.reader.device
         reader_beam = min(self.config.reader_beam_size, self.searcher_beam_size)
@@ -1346,10 +1388,13 @@ class RealmForOpenQA(RealmPreTrainedModel):
             # (the padding is outside the block mask, so no span lies in it).
             length = max(concat.input_ids.shape[1], self.config.max_span_width)
             block_mask = nn.functional.pad(block_mask, (0, length - block_mask.shape[1]), value=False)
-            relevance = (
-                question_projection[b]
-                @ block_embeddings[ids_b.to(block_embeddings.device)].to(question_projection.device).T
-            )
+            if fresh is not None:
+                relevance = question_projection[b] @ fresh[b].to(question_projection.dtype).T
+            else:
+                relevance = (
+                    question_projection[b]
+                    @ block_embeddings[ids_b.to(block_embeddings.device)].to(question_projection.device).T
+                )
             per_question.append((concat, length, block_mask, relevance, has_answers, start_pos, end_pos))
 
         # One reader pass over every question's blocks, padded to the longest; each question's spans are then read
