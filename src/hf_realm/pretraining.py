@@ -309,9 +309,8 @@ def optimizer_grouped_parameters(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        is_retriever = name.startswith(("embedder.", "query_embedder.", "doc_embedder.")) or any(
-            f".{tower}." in name for tower in ("embedder", "query_embedder", "doc_embedder")
-        )
+        # a tower's parameters, at the top or inside a wrapper (peft's `base_model.model.`)
+        is_retriever = any(f".{tower}." in f".{name}" for tower in ("embedder", "query_embedder", "doc_embedder"))
         no_decay = name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name
         groups.setdefault((is_retriever, no_decay), []).append(param)
     return [
