@@ -147,8 +147,8 @@ class QATrainingArguments(TrainingArguments):
     retriever_max_steps: int | None = field(
         default=None,
         metadata={
-            "help": "Optimizer steps the retriever (query tower, and the doc tower with --train_doc_embedder) trains for; after them only the reader trains "
-            "(FreezeRetrieverCallback). Default: the whole run."
+            "help": "Optimizer steps the retriever (query tower, and the doc tower with --train_doc_embedder) trains "
+            "for; after them only the reader trains (FreezeRetrieverCallback). Default: the whole run."
         },
     )
     per_device_train_batch_size: int = 16
