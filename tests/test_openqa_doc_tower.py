@@ -174,3 +174,28 @@ def test_the_doc_tower_trains_at_the_retriever_learning_rate(tokenizer):
     assert all(lr[id(p)] == (1e-5, True) for p in model.doc_embedder.parameters())
     assert all(lr[id(p)] == (1e-5, True) for p in model.embedder.parameters())
     assert all(lr[id(p)] == (1e-3, False) for p in model.reader.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_doc_tower_training_on_cuda_gives_the_cpu_losses_and_gradient(tokenizer):
+    """The doc tower's training path on CUDA (block tokens moved to the GPU, re-embedded there) against the same
+    weights on the CPU: the same retrieved blocks, losses and doc-tower gradient within float32 noise."""
+    cpu_model, moved = with_doc_tower(tokenizer), with_doc_tower(tokenizer)
+    moved.to("cuda")
+    batch = DataCollatorForOpenQA(tokenizer)(QUESTIONS)
+    for model in (cpu_model, moved):
+        with torch.no_grad():
+            model.doc_embedder.cls.LayerNorm.weight.mul_(-2.0)  # the tower moved since the index was built
+        model.train()
+    want = cpu_model(**batch)
+    got = moved(**{k: v.to("cuda") if torch.is_tensor(v) else v for k, v in batch.items()})
+    assert got.reader_output.block_idx.cpu().tolist() == want.reader_output.block_idx.tolist()
+    for name in ("retriever_loss", "reader_loss"):
+        torch.testing.assert_close(
+            getattr(got.reader_output, name).cpu(), getattr(want.reader_output, name), rtol=1e-4, atol=1e-5
+        )
+    want.loss.backward()
+    got.loss.backward()
+    grad = moved.doc_embedder.cls.dense.weight.grad
+    assert grad.device.type == "cuda" and want.reader_output.retriever_correct.any()
+    torch.testing.assert_close(grad.cpu(), cpu_model.doc_embedder.cls.dense.weight.grad, rtol=1e-3, atol=1e-5)
