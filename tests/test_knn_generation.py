@@ -628,11 +628,19 @@ def test_multi_process_build_merges_shards_in_order(tmp_path):
     with mock.patch.object(KNNDatastore, "from_pretrained", side_effect=lambda p, **kw: p):
         KNNDatastore.build(model, pairs, tmp_path / "multi", batch_size=4, accelerator=FakeAccelerator(1, 2, log))
     assert (tmp_path / ".multi.shards" / "rank-00001" / "values.npy").is_file()
+    # Whole batches per rank: 9 rows in batches of 4 are 3 batches, rank 1 gets the last (row 8 alone), so every
+    # forward pass reads the rows the one-process build reads together and the keys agree to the bit.
+    shard_rows = np.load(tmp_path / ".multi.shards" / "rank-00001" / "provenance.npy")[:, 0]
+    assert sorted(set(shard_rows.tolist())) == [8]
     merged = KNNDatastore.build(model, pairs, tmp_path / "multi", batch_size=4, accelerator=FakeAccelerator(0, 2, log))
     assert np.array_equal(merged.values, single.values)
     assert np.array_equal(merged.provenance, single.provenance)
     np.testing.assert_array_equal(merged.keys, single.keys)
     assert not (tmp_path / ".multi.shards").exists()
+    for bad in (0, -4, 2.0, True):
+        with pytest.raises(ValueError, match=r"batch_size: expected an int >= 1, got"):
+            KNNDatastore.build(model, pairs, tmp_path / "bad", batch_size=bad, progress=False)
+    assert not (tmp_path / "bad").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

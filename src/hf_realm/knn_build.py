@@ -564,6 +564,8 @@ def build_datastore(cls, model: nn.Module, dataset, save_directory: str | os.Pat
                     source_column=None, target_column=None, text_column=None, batch_size: int = 32, max_length=None,
                     accelerator=None, model_name_or_path=None, progress: bool = True):  # fmt: skip
     """The body of [`KNNDatastore.build`] (``cls`` is the datastore class to load the result with)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     is_enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
     columns = set(dataset.column_names)
     pretokenized = "input_ids" in columns
@@ -586,7 +588,10 @@ def build_datastore(cls, model: nn.Module, dataset, save_directory: str | os.Pat
     rank, num_processes = process_layout(accelerator) if accelerator is not None else (0, 1)
     save_directory = Path(save_directory)
     n = len(dataset)
-    start, end = shard_range(n, rank, num_processes)
+    # Whole batches per rank: every forward pass then runs the rows the one-process build batches together, so
+    # the merged keys are that build's bit for bit (padding and matmul shapes, hence the rounding, are the same).
+    first_batch, end_batch = shard_range(-(-n // batch_size), rank, num_processes)
+    start, end = min(first_batch * batch_size, n), min(end_batch * batch_size, n)
     shard_root = save_directory.with_name(f".{save_directory.name}.shards")
     target_dir = save_directory if num_processes == 1 else shard_root / f"rank-{rank:05d}"
 

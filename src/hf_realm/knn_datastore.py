@@ -686,7 +686,8 @@ class KNNDatastore:
         no tokenizer.
 
         Under `accelerate` (``accelerator`` with several processes) every rank builds a contiguous shard of the
-        dataset into its own directory and the main process merges them in order; all ranks return the merged store.
+        dataset, whole batches of ``batch_size`` rows, into its own directory and the main process merges them in
+        order; all ranks return the merged store, the one-process build's to the bit.
 
         Args:
             model (`PreTrainedModel`): the model, in the dtype and on the device to run it.
