@@ -687,7 +687,8 @@ class KNNDatastore:
 
         Under `accelerate` (``accelerator`` with several processes) every rank builds a contiguous shard of the
         dataset, whole batches of ``batch_size`` rows, into its own directory and the main process merges them in
-        order; all ranks return the merged store, the one-process build's to the bit.
+        order; all ranks return the merged store. Each batch holds the rows the one-process build batches
+        together, so on the same device, dtype and thread count the keys are that build's to the bit.
 
         Args:
             model (`PreTrainedModel`): the model, in the dtype and on the device to run it.
